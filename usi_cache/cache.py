@@ -1,0 +1,278 @@
+"""Stage 1 driver: run the teacher over V views of every sample and fill the Zarr cache.
+
+Ranks take disjoint WebDataset shards and each writes whole Zarr shards, so no locks are
+needed. Within a rank, DataLoader workers each own whole shards: a worker decodes every image
+once, samples and replays its V views, and emits teacher batches made only of that shard's
+views, in tar order. Batch composition therefore depends on the shard alone, which keeps the
+cache bit-identical across world sizes, worker counts and resumes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from . import __version__, schema
+from .config import CacheConfig, ViewSpec, to_dict
+from .dist import World, all_gather_objects, barrier, broadcast_object, close_world, init_world
+from .randaugment import OP_NAMES
+from .shards import Manifest, ShardError, decode_image, load_manifest, read_shard
+from .teacher import load_teacher
+from .views import encode_ops, op_slots, replay_array, sample_view, view_rng
+
+FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class ViewJob:
+    """What a worker needs to turn one shard into teacher batches."""
+
+    root: str
+    shard_names: tuple[str, ...]
+    layout: schema.Layout
+    spec: ViewSpec
+    size: int  # teacher input size (square)
+    seed: int
+    batch_size: int
+
+
+def shard_batches(job: ViewJob, shard: int) -> Iterator[dict]:
+    """Yield teacher batches of one shard, then one `meta` record with its per-slot values."""
+    layout = job.layout
+    S, V, n = layout.slots_per_shard, layout.views, layout.op_slots
+    meta = schema.ShardBlock.empty(layout)
+    images, pos, views = [], [], []
+    path = Path(job.root) / job.shard_names[shard]
+
+    def batch():
+        out = {"kind": "batch", "shard": shard, "images": np.stack(images),
+               "pos": np.asarray(pos, np.int64), "view": np.asarray(views, np.int64)}
+        images.clear(), pos.clear(), views.clear()
+        return out
+
+    count = 0
+    for p, sample in enumerate(read_shard(path)):
+        if p >= S:
+            raise ShardError(f"{path}: holds more than the {S} samples per shard its manifest allows")
+        count += 1
+        meta.keys[p] = sample.key
+        try:
+            image = decode_image(sample.data)  # decoded once for all V views
+        except ValueError:
+            continue  # label stays -1 (INVALID); reported when the run completes
+        meta.labels[p] = sample.cls
+        for v in range(V):
+            params = sample_view(view_rng(job.seed, sample.key, v), image.height, image.width, job.spec)
+            meta.boxes[p, v] = params.box
+            meta.flips[p, v] = params.flip
+            meta.aug_ops[p, v], meta.aug_levels[p, v], meta.aug_resample[p, v] = encode_ops(params, n)
+            images.append(replay_array(image, params, job.size, job.spec))
+            pos.append(p), views.append(v)
+            if len(images) == job.batch_size:
+                yield batch()
+    if images:
+        yield batch()
+    yield {"kind": "meta", "shard": shard, "count": count, "block": meta}
+
+
+class ShardViews(IterableDataset):
+    """The batches of a list of shards; each DataLoader worker takes whole shards."""
+
+    def __init__(self, job: ViewJob, shards: list[int]):
+        self.job, self.shards = job, shards
+
+    def __iter__(self):
+        info = get_worker_info()
+        mine = self.shards if info is None else self.shards[info.id::info.num_workers]
+        for shard in mine:
+            yield from shard_batches(self.job, shard)
+
+
+def topk_targets(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k logits (float16, descending), their classes and the float32 log-sum-exp.
+
+    logits: (N, C) float32. Logits are clamped to the float16 range so none becomes inf.
+    """
+    logits = logits.float()
+    values, classes = torch.topk(logits, k, dim=1, largest=True, sorted=True)
+    lse = torch.logsumexp(logits, dim=1)
+    return (values.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).numpy(),
+            classes.numpy(), lse.numpy().astype(np.float32))
+
+
+@dataclass
+class StageTimes:
+    """Where the time of a rank went (seconds)."""
+
+    data_wait: float = 0.0  # waiting for decoded, augmented batches
+    teacher: float = 0.0
+    write: float = 0.0
+    views: int = 0
+    shards: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _prepare_store(cfg: CacheConfig, attrs: dict, layout: schema.Layout) -> str | None:
+    """Rank 0: create the cache, or check that the existing one matches. Returns an error."""
+    out = Path(cfg.out)
+    if cfg.overwrite or not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        schema.create(out, attrs, layout)
+        return None
+    try:
+        _, found = schema.open_cache(out)
+    except schema.CacheError as e:
+        return f"{e} (use --overwrite to replace it)"
+    diff = schema.attrs_difference(found, attrs)
+    if diff:
+        return f"{out}: existing cache differs in {diff}; use --overwrite to replace it"
+    return None
+
+
+def run_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
+    """Stage 1 end to end on this rank; returns the run summary (same on every rank)."""
+    world = init_world()
+    try:
+        return _run(cfg, world, progress)
+    finally:
+        close_world(world)
+
+
+def _run(cfg: CacheConfig, world: World, progress: bool) -> dict:
+    t_start = time.perf_counter()
+    manifest = load_manifest(cfg.shards)
+    C = len(manifest.classes)
+    if cfg.topk > C:
+        raise schema.CacheError(f"cache.topk: k = {cfg.topk} exceeds the dataset's {C} classes")
+    teacher, info = load_teacher(cfg.teacher, cfg.teacher_checkpoint, num_classes=C,
+                                 pretrained=cfg.pretrained, input_size=cfg.input_size,
+                                 mean=cfg.mean, std=cfg.std, device=world.device, compile=cfg.compile)
+    layout = schema.Layout(num_shards=len(manifest.shards), slots_per_shard=manifest.per_shard,
+                           views=cfg.views, topk=cfg.topk, num_classes=C, op_slots=op_slots(cfg.view))
+    attrs = schema.make_attrs(teacher=info.to_dict(), num_classes=C, topk=cfg.topk, views=cfg.views,
+                              view_spec=to_dict(cfg.view), op_names=list(OP_NAMES),
+                              op_slots=layout.op_slots, seed=cfg.seed, manifest=manifest.to_dict(),
+                              tool_version=__version__)
+    error = _prepare_store(cfg, attrs, layout) if world.is_main else None
+    error = broadcast_object(world, error)
+    if error:
+        raise schema.CacheError(error)
+    group, _ = schema.open_cache(cfg.out, mode="r+")
+    done = schema.completed_shards(group, layout)
+    pending = [i for i in range(layout.num_shards) if not done[i]]
+    barrier(world)  # every rank has read the same completion state before anyone writes
+    mine = pending[world.rank::world.size]
+    times = _compute(cfg, world, manifest, layout, group, teacher, info.input_size, mine, progress)
+    barrier(world)
+    all_times = all_gather_objects(world, times)
+    summary = None
+    if world.is_main:
+        summary = _finish(cfg, group, layout, manifest, all_times, len(pending),
+                          time.perf_counter() - t_start)
+    return broadcast_object(world, summary)
+
+
+def _compute(cfg, world, manifest: Manifest, layout, group, teacher, size, mine, progress) -> StageTimes:
+    times = StageTimes()
+    if not mine:
+        return times
+    job = ViewJob(manifest.root, tuple(s.name for s in manifest.shards), layout, cfg.view,
+                  size, cfg.seed, cfg.batch_size)
+    loader = DataLoader(ShardViews(job, mine), batch_size=None, num_workers=min(cfg.workers, len(mine)),
+                        prefetch_factor=4 if cfg.workers else None,
+                        persistent_workers=False)
+    blocks: dict[int, schema.ShardBlock] = {}
+    bar = None
+    if progress and world.is_main:
+        from tqdm import tqdm
+        expected = sum(manifest.shards[i].count for i in mine) * layout.views
+        bar = tqdm(total=expected, unit="view", desc=f"teacher views (rank 0 of {world.size})",
+                   dynamic_ncols=True)
+    t = time.perf_counter()
+    for msg in loader:
+        times.data_wait += time.perf_counter() - t
+        shard = msg["shard"]
+        block = blocks.setdefault(shard, schema.ShardBlock.empty(layout))
+        if msg["kind"] == "batch":
+            t = time.perf_counter()
+            images = torch.as_tensor(msg["images"])
+            logits = teacher(images)
+            values, classes, lse = topk_targets(logits, layout.topk)
+            p, v = np.asarray(msg["pos"]), np.asarray(msg["view"])
+            block.logits[p, v], block.classes[p, v], block.lse[p, v] = values, classes, lse
+            times.teacher += time.perf_counter() - t
+            times.views += len(p)
+            if bar is not None:
+                bar.update(len(p))
+        else:
+            t = time.perf_counter()
+            meta = msg["block"]
+            expected = manifest.shards[shard].count
+            if msg["count"] != expected:
+                raise ShardError(f"{manifest.path(shard)}: holds {msg['count']} samples, "
+                                 f"{Path(manifest.root) / 'dataset.json'} says {expected}")
+            for name in ("boxes", "flips", "aug_ops", "aug_levels", "aug_resample", "keys", "labels"):
+                setattr(block, name, getattr(meta, name))
+            schema.write_block(group, layout, shard, blocks.pop(shard))
+            times.write += time.perf_counter() - t
+            times.shards += 1
+        t = time.perf_counter()
+    if bar is not None:
+        bar.close()
+    return times
+
+
+def _finish(cfg, group, layout, manifest, all_times: list[StageTimes], pending: int, wall: float) -> dict:
+    """Rank 0, after all ranks finished: record invalid samples and build the summary."""
+    n = layout.slots
+    labels = schema.read_array(group, "labels", slice(0, n))
+    keys = schema.read_array(group, "keys", slice(0, n))
+    invalid = sorted(str(k) for k, lab in zip(keys, labels) if lab == schema.INVALID and k)
+    schema.set_invalid(group, invalid)
+    if invalid:
+        shown = ", ".join(invalid[:5]) + (" ..." if len(invalid) > 5 else "")
+        print(f"warning: {len(invalid)} undecodable sample(s) stored with label -1: {shown}")
+    complete = int(schema.completed_shards(group, layout).sum())
+    usage = schema.disk_usage(cfg.out)
+    views_total = manifest.num_samples * layout.views
+    computed = sum(t.views for t in all_times)
+    return {
+        "cache": str(cfg.out),
+        "shards": layout.num_shards,
+        "shards_complete": complete,
+        "shards_computed": sum(t.shards for t in all_times),
+        "shards_reused": layout.num_shards - pending,
+        "samples": manifest.num_samples,
+        "views": views_total,
+        "views_computed": computed,
+        "invalid_samples": len(invalid),
+        "bytes_on_disk": usage["total"],
+        "bytes_per_view": usage["total"] / max(views_total, 1),
+        "wall_s": wall,
+        "views_per_s": computed / wall if wall > 0 else 0.0,
+        "time_teacher_s": sum(t.teacher for t in all_times),
+        "time_data_wait_s": sum(t.data_wait for t in all_times),
+        "time_write_s": sum(t.write for t in all_times),
+    }
+
+
+def format_summary(s: dict) -> str:
+    rows = [
+        ("cache", s["cache"]),
+        ("shards", f"{s['shards_complete']}/{s['shards']} complete "
+                   f"({s['shards_computed']} computed now, {s['shards_reused']} reused)"),
+        ("samples", f"{s['samples']}"),
+        ("views", f"{s['views']} ({s['views_computed']} computed now)"),
+        ("invalid samples", f"{s['invalid_samples']}"),
+        ("size on disk", f"{s['bytes_on_disk'] / 1e6:.2f} MB"),
+        ("bytes per view", f"{s['bytes_per_view']:.1f}"),
+        ("wall time", f"{s['wall_s']:.1f} s ({s['views_per_s']:.0f} views/s)"),
+        ("time split", f"teacher {s['time_teacher_s']:.1f} s, waiting for data "
+                       f"{s['time_data_wait_s']:.1f} s, writing {s['time_write_s']:.1f} s"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

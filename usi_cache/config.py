@@ -1,0 +1,194 @@
+"""Frozen configs for each stage, loaded from YAML with strict checking.
+
+A YAML recipe has one section per concern (`view`, `cache`, `train`); each maps onto one
+frozen dataclass below. Unknown keys and wrong types are errors that name the key, and
+command-line options override YAML values (None = not given on the command line).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ViewSpec:
+    """How one augmented view is drawn. Stored in every cache; stage 2 replays with it."""
+
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction range
+    ratio: tuple[float, float] = (0.75, 4 / 3)  # RandomResizedCrop aspect-ratio range
+    hflip: float = 0.5  # probability of a horizontal flip
+    randaugment: str = "rand-m7-mstd0.5-inc1"  # timm RandAugment policy; "" disables
+    interpolation: str = "bicubic"  # filter for the crop -> input-size resize
+    fill: tuple[int, int, int] = (0, 0, 0)  # fill colour of geometric RandAugment ops
+
+    def validate(self) -> None:
+        lo, hi = self.scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"view.scale: expected 0 < min <= max <= 1, got {list(self.scale)}")
+        lo, hi = self.ratio
+        if not 0 < lo <= hi:
+            raise ConfigError(f"view.ratio: expected 0 < min <= max, got {list(self.ratio)}")
+        if not 0 <= self.hflip <= 1:
+            raise ConfigError(f"view.hflip: expected a probability in [0, 1], got {self.hflip}")
+        if self.interpolation not in ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"):
+            raise ConfigError(f"view.interpolation: unknown filter {self.interpolation!r}")
+        if any(not 0 <= c <= 255 for c in self.fill):
+            raise ConfigError(f"view.fill: expected three ints in [0, 255], got {list(self.fill)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    """Stage 1: run the teacher over V augmented views of every shard sample."""
+
+    shards: str = ""  # folder holding dataset.json and the WebDataset tars
+    out: str = ""  # the Zarr cache to create or resume
+    teacher: str = ""  # timm model name (USI aliases such as tresnet_l_v2 accepted)
+    teacher_checkpoint: str | None = None  # state_dict file; None = random or pretrained weights
+    pretrained: bool = False  # download timm's pretrained weights (needs the network)
+    views: int = 8  # V: augmented views per image
+    topk: int = 10  # k: logits kept per view
+    seed: int = 42  # view seed: views are a pure function of (seed, key, view index)
+    input_size: int | None = None  # teacher input size; None = the model's default
+    mean: tuple[float, float, float] | None = None  # None = from the model's pretrained config
+    std: tuple[float, float, float] | None = None
+    batch_size: int = 64  # teacher batch (views)
+    workers: int = 2  # decode/augment worker processes per rank
+    compile: bool = False  # torch.compile the teacher (CUDA only)
+    overwrite: bool = False  # replace an existing cache made with another config
+    view: ViewSpec = field(default_factory=ViewSpec)
+
+    def validate(self) -> None:
+        self.view.validate()
+        for name in ("views", "topk", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"cache.{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ConfigError(f"cache.workers: expected >= 0, got {self.workers}")
+        if self.input_size is not None and self.input_size < 1:
+            raise ConfigError(f"cache.input_size: expected a positive integer, got {self.input_size}")
+        if not self.shards:
+            raise ConfigError("cache.shards: required (the folder holding dataset.json)")
+        if not self.out:
+            raise ConfigError("cache.out: required (path of the Zarr cache)")
+        if not self.teacher:
+            raise ConfigError("cache.teacher: required (a timm model name)")
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    """Return `value` converted to `tp`, or raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    raise ConfigError(f"{where}: unsupported config type {tp}")
+
+
+def from_dict(cls: type, data: dict, where: str):
+    """Build dataclass `cls` from `data`; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def read_yaml(path: str | Path | None) -> dict:
+    """Read a recipe YAML (safe loader); None gives an empty recipe."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    unknown = sorted(set(data) - {"view", "cache", "train"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown section {unknown[0]!r} (known: cache, train, view)")
+    return data
+
+
+def load_stage_config(cls: type, section: str, path: str | Path | None, overrides: dict):
+    """Merge YAML section `section` (+ the shared `view` section) with CLI overrides.
+
+    Overrides whose value is None were not given and leave the YAML value in place.
+    """
+    recipe = read_yaml(path)
+    data = dict(recipe.get(section) or {})
+    if "view" in recipe and "view" in {f.name for f in dataclasses.fields(cls)}:
+        data["view"] = dict(recipe["view"] or {})
+    for key, value in overrides.items():
+        if value is not None:
+            data[key] = value
+    cfg = from_dict(cls, data, section)
+    cfg.validate()
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    """A JSON-ready dict of a config (tuples become lists)."""
+    return _jsonable(dataclasses.asdict(cfg))
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x

@@ -1,0 +1,283 @@
+"""THE cache schema: the only module that names Zarr arrays and attributes.
+
+Layout (Zarr v3, one group). Rows are *slots*: `slot = shard_index * slots_per_shard +
+position_in_shard`, so WebDataset shard i owns rows [i*S, (i+1)*S). Per-view arrays use the
+sharding codec with one Zarr shard per WebDataset shard (all V views) and inner chunks of one
+view; per-slot arrays have one chunk per WebDataset shard. Every chunk ends in a CRC32C
+checksum, so a corrupted chunk fails on read instead of returning garbage.
+
+| array          | shape         | dtype   | meaning                                            |
+|----------------|---------------|---------|----------------------------------------------------|
+| logits         | (slots, V, k) | float16 | teacher top-k logits, descending                   |
+| classes        | (slots, V, k) | uint16* | their class indices (*int32 when C > 65535)        |
+| lse            | (slots, V)    | float32 | log-sum-exp over all C logits                      |
+| boxes          | (slots, V, 4) | int32   | crop (top, left, height, width), decoded pixels    |
+| flips          | (slots, V)    | uint8   | 1 = horizontal flip applied                        |
+| aug_ops        | (slots, V, n) | int8    | RandAugment op ids (OP_NAMES in attrs), -1 = none  |
+| aug_levels     | (slots, V, n) | float16 | signed magnitude each op was applied with          |
+| aug_resample   | (slots, V, n) | uint8   | PIL resample filter of each op                     |
+| keys           | (slots,)      | string  | sample key; "" for a slot past the shard's end     |
+| labels         | (slots,)      | int32   | ground truth; -1 = empty/undecodable slot          |
+
+n is the RandAugment policy's number of ops (0 when RandAugment is off). `labels` is written
+last for each shard: it is the commit marker. Its fill value `NOT_WRITTEN` (-2) marks a shard
+that is incomplete; a complete shard has only labels >= -1.
+
+Root attribute `usi_cache`: see `make_attrs`.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+SCHEMA_VERSION = 1
+ATTR = "usi_cache"
+NOT_WRITTEN = -2  # labels fill value: the shard's block has not been committed
+INVALID = -1  # label of an empty or undecodable slot
+COMMIT_ARRAY = "labels"
+# Written in this order; the commit marker last.
+PER_VIEW = ("logits", "classes", "lse", "boxes", "flips", "aug_ops", "aug_levels", "aug_resample")
+PER_SLOT = ("keys", "labels")
+ARRAYS = PER_VIEW + PER_SLOT
+# Attribute fields that may legitimately differ between runs writing to the same cache.
+VOLATILE_ATTRS = ("created", "tool_version", "invalid")
+
+
+class CacheError(ValueError):
+    """The cache is missing, damaged, or does not match what it is used with."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    num_shards: int
+    slots_per_shard: int  # S = the dataset's samples per shard
+    views: int  # V
+    topk: int  # k
+    num_classes: int  # C
+    op_slots: int  # n: RandAugment ops per view
+
+    @property
+    def slots(self) -> int:
+        return self.num_shards * self.slots_per_shard
+
+    def rows(self, shard: int) -> slice:
+        return slice(shard * self.slots_per_shard, (shard + 1) * self.slots_per_shard)
+
+    @property
+    def class_dtype(self) -> str:
+        return "uint16" if self.num_classes <= 65535 else "int32"
+
+    @classmethod
+    def from_attrs(cls, a: dict) -> "Layout":
+        return cls(num_shards=len(a["dataset"]["shards"]), slots_per_shard=a["dataset"]["per_shard"],
+                   views=a["views"], topk=a["topk"], num_classes=a["num_classes"], op_slots=a["op_slots"])
+
+
+@dataclass
+class ShardBlock:
+    """All cached values of one WebDataset shard (S slots × V views)."""
+
+    logits: np.ndarray  # (S, V, k) float16
+    classes: np.ndarray  # (S, V, k) uint16/int32
+    lse: np.ndarray  # (S, V) float32
+    boxes: np.ndarray  # (S, V, 4) int32
+    flips: np.ndarray  # (S, V) uint8
+    aug_ops: np.ndarray  # (S, V, n) int8
+    aug_levels: np.ndarray  # (S, V, n) float16
+    aug_resample: np.ndarray  # (S, V, n) uint8
+    keys: np.ndarray  # (S,) str
+    labels: np.ndarray  # (S,) int32
+
+    @classmethod
+    def empty(cls, layout: Layout) -> "ShardBlock":
+        S, V, k, n = layout.slots_per_shard, layout.views, layout.topk, layout.op_slots
+        return cls(
+            logits=np.zeros((S, V, k), np.float16),
+            classes=np.zeros((S, V, k), layout.class_dtype),
+            lse=np.zeros((S, V), np.float32),
+            boxes=np.zeros((S, V, 4), np.int32),
+            flips=np.zeros((S, V), np.uint8),
+            aug_ops=np.full((S, V, n), -1, np.int8),
+            aug_levels=np.zeros((S, V, n), np.float16),
+            aug_resample=np.zeros((S, V, n), np.uint8),
+            keys=np.array([""] * S, dtype=object),
+            labels=np.full((S,), INVALID, np.int32),
+        )
+
+
+def _array_specs(layout: Layout) -> dict[str, dict]:
+    """Shape, dtype, inner chunk, shard shape and fill value of every array."""
+    S, V, k, n = layout.slots_per_shard, layout.views, layout.topk, layout.op_slots
+    N = layout.slots
+    specs = {}
+    for name, tail, dtype, fill in (
+        ("logits", (k,), "float16", 0), ("classes", (k,), layout.class_dtype, 0),
+        ("lse", (), "float32", 0), ("boxes", (4,), "int32", 0), ("flips", (), "uint8", 0),
+        ("aug_ops", (n,), "int8", -1), ("aug_levels", (n,), "float16", 0),
+        ("aug_resample", (n,), "uint8", 0),
+    ):
+        specs[name] = dict(shape=(N, V, *tail), dtype=dtype, chunks=(S, 1, *tail),
+                           shards=(S, V, *tail), fill_value=fill)
+    specs["keys"] = dict(shape=(N,), dtype=str, chunks=(S,), shards=None, fill_value="")
+    specs["labels"] = dict(shape=(N,), dtype="int32", chunks=(S,), shards=None, fill_value=NOT_WRITTEN)
+    return specs
+
+
+def make_attrs(*, teacher: dict, num_classes: int, topk: int, views: int, view_spec: dict,
+               op_names: list[str], op_slots: int, seed: int, manifest: dict,
+               tool_version: str) -> dict:
+    """The root `usi_cache` attribute: everything a reader needs to trust and replay the cache."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "teacher": teacher,  # timm name, checkpoint sha256, mean/std, input size, interpolation
+        "num_classes": num_classes,
+        "topk": topk,
+        "views": views,
+        "view_spec": view_spec,
+        "op_names": op_names,  # RandAugment op table: aug_ops values index this list
+        "op_slots": op_slots,
+        "seed": seed,
+        "dataset": manifest,  # the shards' dataset.json, fingerprint included
+        "tool_version": tool_version,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "invalid": [],  # keys of undecodable samples, filled in when the run completes
+    }
+
+
+def attrs_difference(found: dict, expected: dict, prefix: str = "") -> str | None:
+    """Name the first field where two attribute dicts differ (volatile fields ignored)."""
+    for key in sorted(set(found) | set(expected)):
+        if not prefix and key in VOLATILE_ATTRS:
+            continue
+        where = f"{prefix}{key}"
+        if key not in found:
+            return f"{where} (missing in the cache)"
+        if key not in expected:
+            return f"{where} (unexpected in the cache)"
+        a, b = found[key], expected[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = attrs_difference(a, b, where + ".")
+            if sub:
+                return sub
+        elif _norm(a) != _norm(b):
+            return f"{where} (cache has {_short(a)}, this run has {_short(b)})"
+    return None
+
+
+def _norm(x):
+    if isinstance(x, (list, tuple)):
+        return [_norm(v) for v in x]
+    return x
+
+
+def _short(x) -> str:
+    s = repr(x)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def create(path: str | Path, attrs: dict, layout: Layout) -> zarr.Group:
+    """Create a new, empty cache at `path` (the caller has checked it may)."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    for name, spec in _array_specs(layout).items():
+        group.create_array(name, shape=spec["shape"], dtype=spec["dtype"], chunks=spec["chunks"],
+                           shards=spec["shards"], fill_value=spec["fill_value"],
+                           compressors=[ZstdCodec(level=5), Crc32cCodec()])
+    group.attrs[ATTR] = attrs
+    return group
+
+
+def exists(path: str | Path) -> bool:
+    return (Path(path) / "zarr.json").is_file()
+
+
+def open_cache(path: str | Path, mode: str = "r") -> tuple[zarr.Group, dict]:
+    """Open a cache; returns the group and its `usi_cache` attribute."""
+    path = Path(path)
+    if not exists(path):
+        raise CacheError(f"{path}: no cache here (expected a Zarr group with zarr.json)")
+    try:
+        group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        attrs = dict(group.attrs[ATTR])
+    except KeyError:
+        raise CacheError(f"{path}: Zarr group has no {ATTR!r} attribute: not a usi-cache cache") from None
+    except Exception as e:  # zarr raises many types for a damaged zarr.json
+        raise CacheError(f"{path}: cannot open as a Zarr v3 group ({type(e).__name__}: {e})") from None
+    if attrs.get("schema_version") != SCHEMA_VERSION:
+        raise CacheError(f"{path}: schema_version {attrs.get('schema_version')!r}, "
+                         f"this tool reads version {SCHEMA_VERSION}")
+    missing = [n for n in ARRAYS if n not in group]
+    if missing:
+        raise CacheError(f"{path}: array {missing[0]!r} is missing")
+    return group, attrs
+
+
+def set_invalid(group: zarr.Group, invalid: list[str]) -> None:
+    attrs = dict(group.attrs[ATTR])
+    attrs["invalid"] = invalid
+    group.attrs[ATTR] = attrs
+
+
+def write_block(group: zarr.Group, layout: Layout, shard: int, block: ShardBlock) -> None:
+    """Write one shard's block: every array in order, the commit marker (labels) last."""
+    rows = layout.rows(shard)
+    for name in ARRAYS:
+        value = getattr(block, name)
+        if name == "keys":
+            value = np.asarray(value, dtype=str)
+        group[name][rows] = value
+
+
+def read_array(group: zarr.Group, name: str, rows: slice, view: int | None = None) -> np.ndarray:
+    """Read rows of one array (optionally one view), naming the array and rows on corruption."""
+    try:
+        arr = group[name]
+        return arr[rows] if view is None or name in PER_SLOT else arr[rows, view]
+    except Exception as e:
+        raise CacheError(f"array {name!r} rows {rows.start}:{rows.stop}"
+                         f"{'' if view is None else f' view {view}'}: unreadable chunk "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def read_block(group: zarr.Group, layout: Layout, shard: int, view: int | None = None) -> ShardBlock:
+    """Read one shard's block: all views, or only `view` (then per-view arrays lose axis 1)."""
+    rows = layout.rows(shard)
+    return ShardBlock(**{name: read_array(group, name, rows, view) for name in ARRAYS})
+
+
+def completed_shards(group: zarr.Group, layout: Layout) -> np.ndarray:
+    """Bool per shard: True when its commit marker was written."""
+    labels = read_array(group, COMMIT_ARRAY, slice(0, layout.slots))
+    return (labels.reshape(layout.num_shards, layout.slots_per_shard) != NOT_WRITTEN).all(axis=1)
+
+
+def disk_usage(path: str | Path) -> dict[str, int]:
+    """Bytes on disk per array (and 'total'), for local caches."""
+    path = Path(path)
+    out = {}
+    for name in ARRAYS:
+        out[name] = sum(f.stat().st_size for f in (path / name).rglob("*") if f.is_file())
+    out["total"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return out
+
+
+def chunk_files(path: str | Path, name: str, shard: int, layout: Layout) -> list[Path]:
+    """The file(s) holding one shard's block of array `name` (for verification tools)."""
+    base = Path(path) / name / "c" / str(shard)
+    if name in PER_SLOT:
+        return [base]
+    return [base.joinpath(*["0"] * (len(_array_specs(layout)[name]["shape"]) - 1))]
+
+
+def remove(path: str | Path) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
