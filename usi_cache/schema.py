@@ -46,8 +46,9 @@ COMMIT_ARRAY = "labels"
 PER_VIEW = ("logits", "classes", "lse", "boxes", "flips", "aug_ops", "aug_levels", "aug_resample")
 PER_SLOT = ("keys", "labels")
 ARRAYS = PER_VIEW + PER_SLOT
-# Attribute fields that may legitimately differ between runs writing to the same cache.
-VOLATILE_ATTRS = ("created", "tool_version", "invalid")
+# Attribute fields that may legitimately differ between runs writing to the same cache
+# (the checkpoint's path may move; its sha256 is what identifies the teacher).
+VOLATILE_ATTRS = ("created", "tool_version", "invalid", "teacher.checkpoint")
 
 
 class CacheError(ValueError):
@@ -154,9 +155,9 @@ def make_attrs(*, teacher: dict, num_classes: int, topk: int, views: int, view_s
 def attrs_difference(found: dict, expected: dict, prefix: str = "") -> str | None:
     """Name the first field where two attribute dicts differ (volatile fields ignored)."""
     for key in sorted(set(found) | set(expected)):
-        if not prefix and key in VOLATILE_ATTRS:
-            continue
         where = f"{prefix}{key}"
+        if where in VOLATILE_ATTRS:
+            continue
         if key not in found:
             return f"{where} (missing in the cache)"
         if key not in expected:

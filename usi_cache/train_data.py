@@ -1,0 +1,207 @@
+"""Stage 2 data path: stream WebDataset shards, join each sample to its cache row, replay the view.
+
+Per epoch, the shard order is a seeded permutation; rank r takes every world-th shard of it
+and DataLoader worker w every W-th shard of the rank's list. For each shard, a worker reads
+the cache ONCE per array (that shard's rows, the epoch's view), joins every tar sample to its
+row by position, checks the key and replays the stored view at the student's input size.
+
+Every rank runs exactly `steps` batches per epoch: a worker that exhausts its shards starts
+over on them (a wrap-around, like WebDataset's `with_epoch`), so uneven shards never make one
+rank stop early and hang DDP.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from . import schema
+from .config import ViewSpec
+from .shards import IMAGE_EXTS, Manifest, ShardError, decode_image
+from .views import decode_view, replay_array, sample_view, view_rng
+
+PIL_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+               "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+               "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
+
+
+def stable_seed(*parts) -> int:
+    """A 64-bit seed from a stable hash of `parts` (never Python's hash())."""
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little")
+
+
+def iter_tar(path: str) -> Iterator[tuple[str, bytes, int]]:
+    """(key, encoded image, class) of each sample of one shard, streamed by WebDataset."""
+    ds = wds.WebDataset(path, shardshuffle=False, nodesplitter=None, workersplitter=None,
+                        empty_check=False)
+    try:
+        for s in ds:
+            img = next((s[e] for e in IMAGE_EXTS if e in s), None)
+            if img is None or "cls" not in s:
+                raise ShardError(f"{path}: sample {s['__key__']!r} lacks an image or a cls entry")
+            yield s["__key__"], img, int(s["cls"])
+    except (OSError, ValueError) as e:
+        if isinstance(e, ShardError):
+            raise
+        raise ShardError(f"{path}: damaged shard ({type(e).__name__}: {e})") from None
+
+
+@dataclass(frozen=True)
+class TrainStreamSpec:
+    manifest: Manifest
+    cache: str | None  # None: label-only / online-teacher mode (views drawn afresh)
+    layout: schema.Layout | None
+    spec: ViewSpec
+    size: int  # student input size
+    seed: int
+    batch_size: int  # per rank
+    steps: int  # batches per rank per epoch
+    shuffle_buffer: int
+    rank: int
+    world: int
+
+
+class TrainStream(IterableDataset):
+    """Yields dicts: image uint8 (3, H, W), label, key, and in cache mode the teacher's
+    top-k logits (k,) float32, classes (k,) int64 and lse (float)."""
+
+    def __init__(self, s: TrainStreamSpec):
+        self.s = s
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def view_index(self, epoch: int) -> int:
+        """Cache mode: epoch e uses view e mod V. Label-only: a fresh view every epoch."""
+        return epoch % self.s.layout.views if self.s.cache else epoch
+
+    def worker_plan(self, worker: int, workers: int) -> tuple[list[int], int]:
+        """This worker's shard list and its number of batches."""
+        s = self.s
+        order = np.random.default_rng(stable_seed("shard-order", s.seed, self.epoch)).permutation(
+            len(s.manifest.shards))
+        rank_shards = [int(i) for i in order[s.rank::s.world]]
+        shards = rank_shards[worker::workers]
+        batches = s.steps // workers + (1 if worker < s.steps % workers else 0)
+        return shards, batches
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        shards, batches = self.worker_plan(worker, workers)
+        quota = batches * self.s.batch_size
+        if quota == 0:
+            return
+        if not shards:
+            raise ShardError(f"rank {self.s.rank} worker {worker} has no train shard "
+                             f"(use fewer workers or ranks than shards)")
+        rng = np.random.default_rng(stable_seed("shuffle", self.s.seed, self.epoch, self.s.rank, worker))
+        group = schema.open_cache(self.s.cache)[0] if self.s.cache else None
+        buffer: list[dict] = []
+        produced = 0
+        for sample in self._cycle(shards, group):
+            if len(buffer) < self.s.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            j = int(rng.integers(len(buffer)))
+            buffer[j], sample = sample, buffer[j]
+            yield sample
+            produced += 1
+            if produced == quota:
+                return
+        while buffer and produced < quota:  # only reached if the stream ran dry
+            yield buffer.pop(int(rng.integers(len(buffer))))
+            produced += 1
+
+    def _cycle(self, shards: list[int], group) -> Iterator[dict]:
+        """The worker's shards over and over (the wrap-around that equalises ranks)."""
+        any_valid = False
+        while True:
+            for shard in shards:
+                for sample in self.shard_samples(shard, group):
+                    any_valid = True
+                    yield sample
+            if not any_valid:
+                raise ShardError(f"shards {shards} hold no valid sample")
+
+    def shard_samples(self, shard: int, group) -> Iterator[dict]:
+        """The replayed samples of one shard for this epoch (label -1 slots skipped)."""
+        s, m = self.s, self.s.manifest
+        path = str(m.path(shard))
+        view = self.view_index(self.epoch)
+        block = None
+        if group is not None:
+            block = schema.read_block(group, s.layout, shard, view)  # one read per array
+        for pos, (key, data, cls) in enumerate(iter_tar(path)):
+            if pos >= m.per_shard:
+                raise ShardError(f"{path}: more samples than the manifest's {m.per_shard} per shard")
+            if block is not None:
+                cached_key = str(block.keys[pos])
+                if cached_key != key:
+                    raise schema.CacheError(f"{path} position {pos}: shard has key {key!r}, "
+                                            f"cache has key {cached_key!r}")
+                if block.labels[pos] < 0:
+                    continue  # undecodable at caching time: no target
+                params = decode_view(tuple(block.boxes[pos]), bool(block.flips[pos]), block.aug_ops[pos],
+                                     block.aug_levels[pos], block.aug_resample[pos])
+            try:
+                image = decode_image(data)
+            except ValueError as e:
+                if block is not None:
+                    raise ShardError(f"{path}: sample {key!r} no longer decodes ({e}) "
+                                     f"but the cache holds a target for it") from None
+                continue
+            if block is None:
+                params = sample_view(view_rng(s.seed, key, view), image.height, image.width, s.spec)
+            pixels = replay_array(image, params, s.size, s.spec)
+            out = {"image": torch.from_numpy(pixels).permute(2, 0, 1).contiguous(),
+                   "label": cls, "key": key}
+            if block is not None:
+                out["t_logits"] = torch.from_numpy(block.logits[pos].astype(np.float32))
+                out["t_classes"] = torch.from_numpy(block.classes[pos].astype(np.int64))
+                out["t_lse"] = float(block.lse[pos])
+            yield out
+
+
+def eval_array(image: Image.Image, size: int, crop_pct: float, interpolation: str) -> np.ndarray:
+    """Validation transform: resize the short side to size / crop_pct, centre-crop size×size."""
+    scale = int(size / crop_pct)
+    w, h = image.size
+    if w <= h:
+        nw, nh = scale, max(1, round(h * scale / w))
+    else:
+        nw, nh = max(1, round(w * scale / h)), scale
+    image = image.resize((nw, nh), PIL_FILTERS[interpolation])
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+class EvalStream(IterableDataset):
+    """Every validation image exactly once across ranks and workers (shards are split)."""
+
+    def __init__(self, manifest: Manifest, size: int, crop_pct: float, interpolation: str,
+                 rank: int, world: int):
+        self.m, self.size, self.crop_pct, self.interp = manifest, size, crop_pct, interpolation
+        self.rank, self.world = rank, world
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        shards = list(range(len(self.m.shards)))[self.rank::self.world][worker::workers]
+        for shard in shards:
+            for key, data, cls in iter_tar(str(self.m.path(shard))):
+                try:
+                    image = decode_image(data)
+                except ValueError:
+                    continue
+                pixels = eval_array(image, self.size, self.crop_pct, self.interp)
+                yield {"image": torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), "label": cls}
