@@ -51,20 +51,18 @@ def to_original_tresnet(model: torch.nn.Module, seed: int = 1) -> dict:
     for k, v in model.state_dict().items():
         if k.endswith("num_batches_tracked"):
             continue
+        if k.endswith("bn.weight"):  # every InplaceABN scale, downsample ones included
+            sign = torch.where(torch.rand(v.shape, generator=g) < 0.5, -1.0, 1.0)
+            v = sign * (v - 1e-5)
         m = re.fullmatch(r"(.*\.downsample\.\d+)\.(conv|bn)\.(.*)", k)
         if m:
             prefix, part, rest = m.groups()
             k = f"{prefix}.{0 if part == 'conv' else 1}.{rest}"
-        else:
-            m = re.fullmatch(r"(.*conv\d+)\.(conv|bn)\.(.*)", k)
-            if m:
-                prefix, part, rest = m.groups()
-                has_aa = getattr(model.get_submodule(prefix), "aa", None) is not None
-                idx = ("0.0" if has_aa else "0") if part == "conv" else ("0.1" if has_aa else "1")
-                k = f"{prefix}.{idx}.{rest}"
-                if part == "bn" and rest == "weight":
-                    sign = torch.where(torch.rand(v.shape, generator=g) < 0.5, -1.0, 1.0)
-                    v = sign * (v - 1e-5)
+        elif m := re.fullmatch(r"(.*conv\d+)\.(conv|bn)\.(.*)", k):
+            prefix, part, rest = m.groups()
+            has_aa = getattr(model.get_submodule(prefix), "aa", None) is not None  # stride-2 conv2
+            idx = ("0.0" if has_aa else "0") if part == "conv" else ("0.1" if has_aa else "1")
+            k = f"{prefix}.{idx}.{rest}"
         out[k] = v.clone()
     return out
 
@@ -77,7 +75,9 @@ def test_usi_tresnet_checkpoint_loads_through_timm_filter(tmp_path):
     assert "body.conv1.0.weight" in original and "body.conv1.conv.weight" not in original
     assert "body.layer2.0.conv2.0.0.weight" in original and "body.layer2.0.conv2.0.1.weight" in original
     assert "body.layer2.0.downsample.1.0.weight" in original
+    assert not any(k.endswith("num_batches_tracked") for k in original)
     assert (original["body.conv1.1.weight"] < 0).any()
+    assert (original["body.layer2.0.downsample.1.1.weight"] < 0).any()
     # The reference is exactly what the filter reconstructs: |±(w - eps)| + eps.
     with torch.no_grad():
         for name, p in ref.named_parameters():
@@ -125,7 +125,8 @@ def small(tmp_path):
 def test_checkpoint_containers(tmp_path, small, wrap):
     import argparse
     model, sd = small
-    ddp = {f"module.{k}": v for k, v in sd.items()}
+    ddp = torch.nn.DataParallel(model).state_dict()  # 'module.' keys, module versions kept
+    assert all(k.startswith("module.") for k in ddp) and "module" in ddp._metadata
     obj = {"bare": sd, "state_dict": {"state_dict": sd}, "model": {"model": sd},
            "state_dict_ema": {"state_dict_ema": sd}, "model_ema": {"model_ema": sd, "epoch": 3},
            "ddp": ddp, "ddp_state_dict": {"state_dict": ddp, "epoch": 1},

@@ -13,14 +13,12 @@ import click
 
 from .config import ConfigError
 
-EXPECTED_ERRORS = (ConfigError,)
-
-
 def _expected_errors() -> tuple[type[Exception], ...]:
     from .schema import CacheError
     from .shards import ShardError
     from .teacher import TeacherError
-    return (ConfigError, CacheError, ShardError, TeacherError, FileNotFoundError)
+    from .train import TrainError
+    return (ConfigError, CacheError, ShardError, TeacherError, TrainError, FileNotFoundError)
 
 
 def one_line_errors(fn):
@@ -30,8 +28,17 @@ def one_line_errors(fn):
         try:
             return fn(*args, **kwargs)
         except _expected_errors() as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(_message(e)) from None
     return wrapper
+
+
+def _message(e: Exception) -> str:
+    """The error's own one-line message, also when a DataLoader worker re-raised it."""
+    text = str(e)
+    if "Original Traceback" in text:  # torch wraps worker exceptions with the traceback text
+        last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def _floats3(ctx, param, value):
@@ -136,11 +143,53 @@ main.add_command(cache_command)
 
 
 # ---------------------------------------------------------------- train (stage 2)
-@click.command("train", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def train_command(args):
-    """Stage 2: train a student against the cache (not available in this version yet)."""
-    raise click.ClickException("stage 2 (train_student.py / usi train) is not available yet in this version")
+def _model_kwargs(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        d = json.loads(value)
+    except json.JSONDecodeError:
+        raise click.BadParameter(f"expected a JSON object, e.g. '{{\"drop_path_rate\": 0.1}}', got {value!r}") from None
+    if not isinstance(d, dict):
+        raise click.BadParameter(f"expected a JSON object, got {value!r}")
+    return d
+
+
+@click.command("train")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Recipe YAML (sections view, train).")
+@click.option("--model", help="timm model name of the student.")
+@click.option("--model-kwargs", callback=_model_kwargs, help='JSON passed to timm.create_model, e.g. \'{"drop_path_rate": 0.1}\'.')
+@click.option("--pretrained-checkpoint", help="Start from these weights.")
+@click.option("--train-shards", help="Train shard folder (dataset.json).")
+@click.option("--val-shards", help="Validation shard folder.")
+@click.option("--cache", help="Teacher cache (offline KD). Without it: labels only, or --teacher.")
+@click.option("--teacher", help="Online KD: timm teacher run on every batch.")
+@click.option("--teacher-checkpoint", help="Weights of the online teacher.")
+@click.option("--out", help="Run directory.")
+@click.option("--epochs", type=int, help="Cosine length in epochs.")
+@click.option("--cooldown-epochs", type=int)
+@click.option("--warmup-epochs", type=int)
+@click.option("--lr", type=float)
+@click.option("--batch-size", type=int, help="Per process.")
+@click.option("--input-size", type=int, help="Student input size.")
+@click.option("--mixup", type=float, help="Mixup alpha (0 = off).")
+@click.option("--cutmix", type=float, help="CutMix alpha (0 = off).")
+@click.option("--kd-alpha", type=float)
+@click.option("--kd-temperature", type=float)
+@click.option("--kd-only/--no-kd-only", default=None)
+@click.option("--ema-decay", type=float, help="0 = no EMA.")
+@click.option("--workers", type=int)
+@click.option("--seed", type=int)
+@click.option("--max-steps", type=int, help="Cap on steps per epoch.")
+@click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.pth.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@one_line_errors
+def train_command(config_path, resume, quiet, **overrides):
+    """Stage 2: train a timm student with the USI recipe against a cache (or labels, or an online teacher)."""
+    from .config import TrainConfig, load_stage_config
+    from .train import run_train
+    cfg = load_stage_config(TrainConfig, "train", config_path, overrides)
+    run_train(cfg, resume=resume, progress=not quiet)
 
 
 main.add_command(train_command)

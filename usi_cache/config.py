@@ -84,6 +84,78 @@ class CacheConfig:
             raise ConfigError("cache.teacher: required (a timm model name)")
 
 
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Stage 2: train a timm student (the USI recipe) against a cache, labels or an online teacher."""
+
+    model: str = ""  # timm model name of the student
+    model_kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (drop_path_rate, ...)
+    pretrained_checkpoint: str | None = None  # start from these weights (fine-tuning)
+    train_shards: str = ""
+    val_shards: str = ""
+    cache: str | None = None  # teacher cache; None = labels only (or online KD with `teacher`)
+    teacher: str | None = None  # online distillation: run this teacher on every batch
+    teacher_checkpoint: str | None = None
+    out: str = ""  # run directory
+    epochs: int = 300  # cosine length (epochs)
+    cooldown_epochs: int = 10  # extra epochs at min_lr after the cosine
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-4  # warmup starts here
+    lr: float = 2e-3  # peak lr; not scaled with the batch size (USI)
+    min_lr: float = 1e-6
+    weight_decay: float = 2e-2  # not applied to norm and bias parameters
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    batch_size: int = 128  # per process
+    input_size: int = 224  # student input size
+    eval_crop: float = 0.95  # validation: resize to input_size / eval_crop, centre crop
+    mixup: float = 0.8  # mixup alpha (0 = off); mixes cached targets linearly: an approximation
+    cutmix: float = 1.0  # cutmix alpha (0 = off); same approximation
+    mix_prob: float = 1.0  # probability of mixing a batch
+    mix_switch: float = 0.5  # probability of cutmix when both are on
+    kd_alpha: float = 5.0  # weight of the KD term
+    kd_temperature: float = 1.0  # T != 1 approximates the tail (see targets.teacher_distribution)
+    kd_only: bool = False  # drop the ground-truth CE term
+    ema_decay: float = 0.99996  # EMA of the weights, updated every step; 0 = no EMA
+    amp: bool = True  # bf16 autocast (CUDA only)
+    channels_last: bool = True  # (CUDA only)
+    seed: int = 42
+    workers: int = 2  # data-loading processes per rank
+    shuffle_buffer: int = 1000  # samples held for shuffling, per worker
+    max_steps: int | None = None  # cap on steps per epoch (smoke tests, benchmarks)
+    view: ViewSpec = field(default_factory=ViewSpec)  # label-only/online views; a cache brings its own
+
+    def validate(self) -> None:
+        self.view.validate()
+        for name in ("model", "train_shards", "val_shards", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"train.{name}: required")
+        for name in ("epochs", "batch_size", "input_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: expected a positive integer, got {getattr(self, name)}")
+        for name in ("cooldown_epochs", "warmup_epochs", "workers", "shuffle_buffer"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps: expected a positive integer, got {self.max_steps}")
+        if self.cache and self.teacher:
+            raise ConfigError("train: give either cache (offline KD) or teacher (online KD), not both")
+        if self.teacher_checkpoint and not self.teacher:
+            raise ConfigError("train.teacher_checkpoint: given without train.teacher")
+        if not 0 < self.eval_crop <= 1:
+            raise ConfigError(f"train.eval_crop: expected 0 < crop <= 1, got {self.eval_crop}")
+        for name in ("mix_prob", "mix_switch"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"train.{name}: expected a probability, got {getattr(self, name)}")
+        for name in ("mixup", "cutmix", "kd_alpha", "lr", "min_lr", "warmup_lr", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
+        if self.kd_temperature <= 0:
+            raise ConfigError(f"train.kd_temperature: expected > 0, got {self.kd_temperature}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay: expected 0 <= decay < 1, got {self.ema_decay}")
+
+
 def _check_type(value: Any, tp: Any, where: str) -> Any:
     """Return `value` converted to `tp`, or raise ConfigError naming `where`."""
     origin = typing.get_origin(tp)

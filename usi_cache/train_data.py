@@ -182,7 +182,7 @@ def eval_array(image: Image.Image, size: int, crop_pct: float, interpolation: st
         nw, nh = max(1, round(w * scale / h)), scale
     image = image.resize((nw, nh), PIL_FILTERS[interpolation])
     left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
 class EvalStream(IterableDataset):

@@ -145,7 +145,7 @@ def replay_view(image: Image.Image, params: ViewParams, size: int, spec: ViewSpe
 
 def replay_array(image: Image.Image, params: ViewParams, size: int, spec: ViewSpec) -> np.ndarray:
     """replay_view as a (size, size, 3) uint8 array (HWC, RGB)."""
-    return np.asarray(replay_view(image, params, size, spec), dtype=np.uint8)
+    return np.array(replay_view(image, params, size, spec), dtype=np.uint8)  # writable: torch wraps it
 
 
 def op_slots(spec: ViewSpec) -> int:

@@ -1,0 +1,266 @@
+"""Stage 2: train a timm student with the USI recipe against a cache, labels or an online teacher.
+
+One loop, three target sources:
+* cache   — offline KD: each view replayed exactly, its cached top-k teacher output as target;
+* labels  — no teacher (the baseline; also how to train a teacher for your own data);
+* online  — the teacher runs on the exact (mixed) batch the student sees, as in USI's code.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import timm
+import timm.optim
+import timm.scheduler
+import timm.utils
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from . import schema
+from .config import TrainConfig, ViewSpec, to_dict
+from .dist import World, barrier, broadcast_object, close_world, init_world
+from .evaluate import evaluate
+from .mixing import apply_mix, sample_mix
+from .shards import ShardError, load_manifest
+from .targets import one_hot_mix, soft_cross_entropy, teacher_distribution, mix_targets, usi_loss
+from .teacher import build_model, load_teacher
+from .train_data import TrainStream, TrainStreamSpec, stable_seed
+
+
+class TrainError(RuntimeError):
+    """Training cannot go on (non-finite loss, mismatched inputs)."""
+
+
+@dataclass
+class Targets:
+    """Where the teacher signal comes from in this run."""
+
+    mode: str  # "cache", "labels" or "online"
+    spec: ViewSpec
+    layout: schema.Layout | None = None
+    teacher: object = None  # usi_cache.teacher.Teacher (online mode)
+
+
+def _view_spec(d: dict) -> ViewSpec:
+    return ViewSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def resolve_targets(cfg: TrainConfig, world: World, fingerprint: str, num_classes: int, log) -> Targets:
+    if cfg.cache:
+        _, attrs = schema.open_cache(cfg.cache)
+        found = attrs["dataset"]["fingerprint"]
+        if found != fingerprint:
+            raise schema.CacheError(f"{cfg.cache}: dataset.fingerprint {found[:12]} does not match the train "
+                                    f"shards {cfg.train_shards} ({fingerprint[:12]}): the cache belongs to other shards")
+        if attrs["num_classes"] != num_classes:
+            raise schema.CacheError(f"{cfg.cache}: num_classes {attrs['num_classes']} != {num_classes} classes of the shards")
+        layout = schema.Layout.from_attrs(attrs)
+        group, _ = schema.open_cache(cfg.cache)
+        if not schema.completed_shards(group, layout).all():
+            raise schema.CacheError(f"{cfg.cache}: incomplete (some shards were never committed); "
+                                    f"finish it with cache_teacher.py first")
+        spec = _view_spec(attrs["view_spec"])
+        if spec != cfg.view:
+            log(f"using the cache's view spec (randaugment {spec.randaugment!r}); the config's view section is not used")
+        total = cfg.epochs + cfg.cooldown_epochs
+        if layout.views < total:
+            log(f"cache has V = {layout.views} views for {total} epochs: epoch e uses view e mod {layout.views}, "
+                f"so each view repeats about {total / layout.views:.1f} times")
+        return Targets("cache", spec, layout)
+    if cfg.teacher:
+        teacher, info = load_teacher(cfg.teacher, cfg.teacher_checkpoint, num_classes=num_classes,
+                                     device=world.device)
+        return Targets("online", cfg.view, teacher=teacher)
+    return Targets("labels", cfg.view)
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temp file, then rename: a kill never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
+    world = init_world()
+    try:
+        return _train(cfg, world, resume, progress)
+    finally:
+        close_world(world)
+
+
+def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict:
+    out = Path(cfg.out)
+    log = (lambda msg: print(msg, flush=True)) if world.is_main else (lambda msg: None)
+    train_m, val_m = load_manifest(cfg.train_shards), load_manifest(cfg.val_shards)
+    if val_m.classes != train_m.classes:
+        raise ShardError(f"{cfg.val_shards}: class names differ from the train shards {cfg.train_shards}")
+    C = len(train_m.classes)
+    if world.size > len(train_m.shards):
+        raise ShardError(f"{cfg.train_shards}: {len(train_m.shards)} shards for {world.size} ranks; "
+                         f"every rank needs at least one shard")
+    targets = resolve_targets(cfg, world, train_m.fingerprint, C, log)
+    dev = world.device
+    cuda = dev.type == "cuda"
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    model = build_model(cfg.model, num_classes=C, checkpoint=cfg.pretrained_checkpoint,
+                        model_kwargs=cfg.model_kwargs).to(dev)
+    if cuda and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    data_cfg = timm.data.resolve_model_data_config(model)
+    mean = torch.tensor(data_cfg["mean"], device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(data_cfg["std"], device=dev).view(1, 3, 1, 1)
+    ema = timm.utils.ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+    optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                               betas=cfg.betas, eps=cfg.eps)  # no decay on norm/bias
+    scheduler = timm.scheduler.CosineLRScheduler(optimizer, t_initial=cfg.epochs, lr_min=cfg.min_lr,
+                                                 warmup_t=cfg.warmup_epochs, warmup_lr_init=cfg.warmup_lr)
+    total_epochs = cfg.epochs + cfg.cooldown_epochs  # cooldown: the cosine has ended at min_lr
+    ddp = DistributedDataParallel(model) if world.distributed else model
+    amp = cuda and cfg.amp
+
+    start_epoch, best = 0, {"top1": -1.0}
+    if resume and (out / "last.pth").is_file():
+        state = torch.load(out / "last.pth", map_location=dev, weights_only=True)
+        model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best = state["epoch"] + 1, state["best"]
+        log(f"resuming from {out / 'last.pth'} at epoch {start_epoch}")
+    elif world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
+        (out / "log.jsonl").write_text("")
+    barrier(world)
+
+    steps = max(1, train_m.num_samples // (world.size * cfg.batch_size))
+    if cfg.max_steps:
+        steps = min(steps, cfg.max_steps)
+    stream = TrainStream(TrainStreamSpec(
+        manifest=train_m, cache=cfg.cache, layout=targets.layout, spec=targets.spec, size=cfg.input_size,
+        seed=cfg.seed, batch_size=cfg.batch_size, steps=steps, shuffle_buffer=cfg.shuffle_buffer,
+        rank=world.rank, world=world.size))
+    workers = min(cfg.workers, len(train_m.shards) // world.size)
+    log(f"training {cfg.model} ({targets.mode} targets) on {world.size} process(es), {steps} steps/epoch "
+        f"of {cfg.batch_size} per process, epochs {start_epoch}..{total_epochs - 1}")
+
+    summary = {}
+    for epoch in range(start_epoch, total_epochs):
+        t0 = time.perf_counter()
+        scheduler.step(epoch)
+        stream.set_epoch(epoch)
+        loader = DataLoader(stream, batch_size=cfg.batch_size, num_workers=workers,
+                            pin_memory=cuda, prefetch_factor=4 if workers else None)
+        stats = train_epoch(cfg, epoch, steps, loader, ddp, model, ema, optimizer, targets, C, mean, std,
+                            world, amp, progress)
+        train_s = time.perf_counter() - t0
+        raw = evaluate(model, val_m, cfg, mean, std, world, amp)
+        ema_m = evaluate(ema.module, val_m, cfg, mean, std, world, amp) if ema is not None else None
+        use_ema = ema_m is not None and ema_m["top1"] > raw["top1"]
+        better = ema_m if use_ema else raw
+        record = {
+            "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": stats["loss"],
+            **{f"train_{k}": v for k, v in stats["parts"].items()},
+            "img_per_s": stats["img_per_s"], "train_s": train_s,
+            "val_top1": raw["top1"], "val_top5": raw["top5"],
+            "val_top1_ema": ema_m["top1"] if ema_m else None, "val_top5_ema": ema_m["top5"] if ema_m else None,
+            "val_count": raw["count"], "view": stream.view_index(epoch) if targets.mode == "cache" else None,
+            "time_s": time.perf_counter() - t0,
+        }
+        if world.is_main:
+            if better["top1"] > best["top1"]:
+                best = {"top1": better["top1"], "top5": better["top5"], "epoch": epoch, "ema": use_ema}
+                save_atomic((ema.module if use_ema else model).state_dict(), out / "best.pth")
+            save_atomic({"model": model.state_dict(), "ema": ema.module.state_dict() if ema else None,
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "epoch": epoch, "best": best, "config": to_dict(cfg)}, out / "last.pth")
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            ema_txt = f", EMA {record['val_top1_ema']:.2f}" if ema_m else ""
+            log(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['img_per_s']:.0f} img/s, "
+                f"val top-1 {raw['top1']:.2f}{ema_txt} ({raw['count']} images), {record['time_s']:.1f} s")
+        best = broadcast_object(world, best)
+        summary = {"last": record, "best": best}
+    return summary
+
+
+def train_epoch(cfg, epoch, steps, loader, ddp, model, ema, optimizer, targets: Targets, C, mean, std,
+                world, amp, progress) -> dict:
+    ddp.train()
+    dev = world.device
+    bar = None
+    if progress and world.is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True, leave=False)
+    loss_sum = torch.zeros((), device=dev)  # summed on the device: no per-step CPU-GPU sync
+    parts_sum: dict[str, float] = {}
+    seen, n_steps = 0, 0
+    t0 = time.perf_counter()
+    for step, batch in enumerate(loader):
+        x = batch["image"].to(dev, non_blocking=True).float().div_(255)
+        labels = batch["label"].to(dev)
+        rng = np.random.default_rng(stable_seed("mix", cfg.seed, epoch, step, world.rank))
+        mix = sample_mix(rng, x.shape[2], x.shape[3], mixup=cfg.mixup, cutmix=cfg.cutmix,
+                         prob=cfg.mix_prob, switch=cfg.mix_switch)
+        x, perm = apply_mix(x, mix)
+        gt = one_hot_mix(labels, perm, mix.lam, C)
+        P = rest = None
+        if targets.mode == "cache":
+            P, rest = teacher_distribution(batch["t_logits"].to(dev), batch["t_classes"].to(dev),
+                                           batch["t_lse"].to(dev), C, cfg.kd_temperature)
+            P, rest = mix_targets(P, rest, perm, mix.lam)
+        elif targets.mode == "online":
+            P, rest = online_distribution(targets.teacher, x, cfg.kd_temperature)
+        if world.device.type == "cuda" and cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            logits = ddp((x - mean) / std)
+        if P is None:
+            loss, parts = soft_cross_entropy(logits, gt), {}
+        else:
+            loss, parts = usi_loss(logits, gt, P, rest, alpha=cfg.kd_alpha, temperature=cfg.kd_temperature,
+                                   kd_only=cfg.kd_only)
+        if not torch.isfinite(loss):
+            raise TrainError(f"non-finite loss at epoch {epoch} step {step} "
+                             f"(batch keys {', '.join(batch['key'][:4])}, ...)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if ema is not None:
+            ema.update(model)
+        loss_sum += loss.detach()
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + v
+        seen += x.shape[0]
+        n_steps += 1
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen * world.size / (time.perf_counter() - t0):.0f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if n_steps != steps:
+        raise TrainError(f"rank {world.rank} ran {n_steps} steps, expected {steps}")
+    elapsed = time.perf_counter() - t0
+    return {"loss": float(loss_sum) / max(n_steps, 1),
+            "parts": {k: v / max(n_steps, 1) for k, v in parts_sum.items()},
+            "img_per_s": seen * world.size / elapsed if elapsed > 0 else 0.0}
+
+
+@torch.no_grad()
+def online_distribution(teacher, x: torch.Tensor, temperature: float):
+    """Full teacher distribution on the very batch x (N, 3, H, W) in [0, 1] the student sees."""
+    t_in = (x - teacher.mean) / teacher.std
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=teacher.amp):
+        logits = teacher.forward(t_in).float()
+    P = torch.softmax(logits / temperature, dim=1)
+    return P, torch.zeros(P.shape[0], device=P.device)
