@@ -166,6 +166,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict
         train_s = time.perf_counter() - t0
         raw = evaluate(model, val_m, cfg, mean, std, world, amp)
         ema_m = evaluate(ema.module, val_m, cfg, mean, std, world, amp) if ema is not None else None
+        in_sync = weights_in_sync(model, world)
         use_ema = ema_m is not None and ema_m["top1"] > raw["top1"]
         better = ema_m if use_ema else raw
         record = {
@@ -175,7 +176,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict
             "val_top1": raw["top1"], "val_top5": raw["top5"],
             "val_top1_ema": ema_m["top1"] if ema_m else None, "val_top5_ema": ema_m["top5"] if ema_m else None,
             "val_count": raw["count"], "view": stream.view_index(epoch) if targets.mode == "cache" else None,
-            "time_s": time.perf_counter() - t0,
+            "ranks": world.size, "rank_weights_equal": in_sync, "time_s": time.perf_counter() - t0,
         }
         if world.is_main:
             if better["top1"] > best["top1"]:
@@ -254,6 +255,20 @@ def train_epoch(cfg, epoch, steps, loader, ddp, model, ema, optimizer, targets: 
     return {"loss": float(loss_sum) / max(n_steps, 1),
             "parts": {k: v / max(n_steps, 1) for k, v in parts_sum.items()},
             "img_per_s": seen * world.size / elapsed if elapsed > 0 else 0.0}
+
+
+@torch.no_grad()
+def weights_in_sync(model, world) -> bool:
+    """True when every rank holds bit-identical weights (a float64 checksum per rank)."""
+    if not world.distributed:
+        return True
+    total = torch.zeros(2, dtype=torch.float64, device=world.device)
+    for p in model.parameters():
+        total[0] += p.double().sum()
+        total[1] += (p.double() ** 2).sum()
+    gathered = [torch.zeros_like(total) for _ in range(world.size)]
+    torch.distributed.all_gather(gathered, total)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
 @torch.no_grad()

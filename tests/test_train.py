@@ -1,0 +1,173 @@
+"""Stage 2 end to end on tiny real shards, a real cache and real torchrun processes."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+
+from conftest import NUM_CLASSES, ROOT, TEACHER, cache_args, make_shards, run_py, save_teacher
+from usi_cache import schema
+from usi_cache.cli import main
+from usi_cache.shards import decode_image, load_manifest
+from usi_cache.train_data import TrainStream, TrainStreamSpec, iter_tar
+from usi_cache.views import decode_view, replay_array
+
+LOG_FIELDS = {"epoch", "lr", "train_loss", "img_per_s", "val_top1", "val_top5", "val_top1_ema",
+              "val_top5_ema", "val_count", "time_s", "rank_weights_equal"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Uneven train shards (12,12,12,12,10), 3 val shards (10,10,5), a teacher and its cache."""
+    root = tmp_path_factory.mktemp("train")
+    train = make_shards(root / "train", n=58, per_shard=12)
+    val = make_shards(root / "val", n=25, per_shard=10, seed=7)
+    ckpt = save_teacher(root / "teacher.pth")
+    cache = root / "cache.zarr"
+    r = CliRunner().invoke(main, ["cache", *cache_args(train, ckpt, cache), "--views", "3"])
+    assert r.exit_code == 0, r.output
+    return {"train": train, "val": val, "ckpt": ckpt, "cache": cache, "root": root}
+
+
+def train_args(data, out, *extra):
+    return ["--model", TEACHER, "--train-shards", str(data["train"]), "--val-shards", str(data["val"]),
+            "--out", str(out), "--epochs", "2", "--cooldown-epochs", "0", "--warmup-epochs", "1",
+            "--batch-size", "8", "--input-size", "32", "--workers", "1", "--quiet", *extra]
+
+
+def read_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_two_rank_ddp_on_uneven_shards(data, tmp_path):
+    run = tmp_path / "run"
+    r = run_py(["train_student.py", *train_args(data, run, "--cache", str(data["cache"]))], torchrun=2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "views repeat" not in r.stdout and "each view repeats" not in r.stdout  # V = 3 >= 2 epochs
+    log = read_log(run)
+    assert [e["epoch"] for e in log] == [0, 1]
+    for e in log:
+        assert LOG_FIELDS <= set(e), LOG_FIELDS - set(e)
+        assert e["ranks"] == 2 and e["rank_weights_equal"] is True
+        assert e["val_count"] == 25  # every val image exactly once across the two ranks
+        assert e["view"] == e["epoch"] % 3
+    assert json.loads((run / "config.json").read_text())["cache"] == str(data["cache"])
+    # best.pth is a plain state_dict that timm loads
+    model = timm.create_model(TEACHER, num_classes=NUM_CLASSES, checkpoint_path=str(run / "best.pth"))
+    assert model is not None
+    last = torch.load(run / "last.pth", weights_only=True)
+    assert last["epoch"] == 1 and {"model", "ema", "optimizer", "scheduler", "best"} <= set(last)
+
+
+def test_views_repeat_is_logged(data, tmp_path):
+    r = CliRunner().invoke(main, ["train", *train_args(data, tmp_path / "run", "--cache", str(data["cache"]),
+                                                       "--epochs", "4", "--max-steps", "1")])
+    assert r.exit_code == 0, r.output
+    assert "V = 3 views for 4 epochs" in r.output
+    assert [e["view"] for e in read_log(tmp_path / "run")] == [0, 1, 2, 0]
+
+
+def test_label_only_and_online_modes_run(data, tmp_path):
+    r = CliRunner().invoke(main, ["train", *train_args(data, tmp_path / "labels", "--epochs", "1")])
+    assert r.exit_code == 0, r.output
+    log = read_log(tmp_path / "labels")
+    assert "train_kd" not in log[0] and log[0]["val_count"] == 25
+    r = CliRunner().invoke(main, ["train", *train_args(data, tmp_path / "online", "--epochs", "1", "--teacher",
+                                                       TEACHER, "--teacher-checkpoint", str(data["ckpt"]))])
+    assert r.exit_code == 0, r.output
+    assert read_log(tmp_path / "online")[0]["train_kd"] > 0
+
+
+def test_online_teacher_sees_the_student_pixels(data, tmp_path):
+    calls = []
+
+    def hook(module, args):
+        if type(module).__name__ == "ResNet":
+            calls.append((id(module), module.training, args[0].detach().clone()))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        r = CliRunner().invoke(main, ["train", *train_args(data, tmp_path / "online", "--epochs", "1", "--max-steps",
+                                                           "2", "--teacher", TEACHER, "--teacher-checkpoint",
+                                                           str(data["ckpt"]), "--ema-decay", "0")])
+    finally:
+        handle.remove()
+    assert r.exit_code == 0, r.output
+    teacher_id = calls[0][0]
+    pairs = []
+    for i, (mid, training, x) in enumerate(calls):
+        if mid == teacher_id:
+            student = next(c for c in calls[i + 1:] if c[1])
+            pairs.append((x, student[2]))
+    assert len(pairs) == 2
+    cfg = timm.data.resolve_model_data_config(timm.create_model(TEACHER))
+    mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    for t_in, s_in in pairs:  # both normalise with test_resnet's mean/std: undo and compare
+        torch.testing.assert_close(t_in * std + mean, s_in * std + mean, rtol=0, atol=1e-6)
+
+
+def test_student_batch_equals_replayed_cache_views(data):
+    m = load_manifest(data["train"])
+    group, attrs = schema.open_cache(data["cache"])
+    layout = schema.Layout.from_attrs(attrs)
+    from usi_cache.train import _view_spec
+    spec = _view_spec(attrs["view_spec"])
+    stream = TrainStream(TrainStreamSpec(manifest=m, cache=str(data["cache"]), layout=layout, spec=spec, size=32,
+                                         seed=42, batch_size=8, steps=7, shuffle_buffer=10, rank=0, world=1))
+    stream.set_epoch(4)  # view 4 mod 3 = 1
+    x = {n: group[n][:] for n in schema.ARRAYS}
+    images = {}
+    for shard in range(len(m.shards)):
+        for pos, (key, data_, cls) in enumerate(iter_tar(str(m.path(shard)))):
+            images[key] = (shard * m.per_shard + pos, decode_image(data_))
+    samples = list(stream)
+    assert len(samples) == 56
+    for s in samples:
+        slot, image = images[s["key"]]
+        params = decode_view(tuple(x["boxes"][slot, 1]), bool(x["flips"][slot, 1]), x["aug_ops"][slot, 1],
+                             x["aug_levels"][slot, 1], x["aug_resample"][slot, 1])
+        expected = replay_array(image, params, 32, spec)
+        np.testing.assert_array_equal(s["image"].permute(1, 2, 0).numpy(), expected)
+        np.testing.assert_array_equal(s["t_logits"].numpy(), x["logits"][slot, 1].astype(np.float32))
+        assert s["label"] == x["labels"][slot]
+
+
+def test_cache_from_other_shards_is_refused(data, tmp_path):
+    other = make_shards(tmp_path / "other", n=58, per_shard=12, seed=3)
+    args = train_args(data, tmp_path / "run", "--cache", str(data["cache"]))
+    args[args.index("--train-shards") + 1] = str(other)
+    r = CliRunner().invoke(main, ["train", *args])
+    assert r.exit_code == 1 and "dataset.fingerprint" in r.output and "other shards" in r.output, r.output
+
+
+def test_resume_after_kill_mid_epoch(data, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "train_student.py", *train_args(data, run, "--cache", str(data["cache"]),
+                                                             "--epochs", "3", "--batch-size", "4")]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (run / "log.jsonl").is_file() or not (run / "log.jsonl").read_text():
+        time.sleep(0.05)
+        if time.time() > deadline:
+            break
+    time.sleep(1.0)  # into epoch 1
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [e["epoch"] for e in read_log(run)] == [0], "the kill should land in epoch 1"
+    r = run_py(["train_student.py", *train_args(data, run, "--cache", str(data["cache"]), "--epochs", "3",
+                                                 "--batch-size", "4"), "--resume"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resuming from" in r.stdout and "at epoch 1" in r.stdout
+    log = read_log(run)
+    assert [e["epoch"] for e in log] == [0, 1, 2]
+    assert [e["lr"] for e in log] == sorted(e["lr"] for e in log) or len({e["lr"] for e in log}) == 3
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 2

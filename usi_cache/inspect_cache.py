@@ -1,0 +1,537 @@
+"""`usi inspect`: what a cache holds, how good its teacher is, and what one sample's views were.
+
+Everything is computed into plain dicts first (`summarize`, `teacher_stats`, `sample_info`);
+the text report (`format_*`), the `--json` output and the plots (`plots.py`) are all rendered
+from those dicts, so the three always show the same numbers.
+
+Statistics are streamed one WebDataset shard's block at a time (bounded memory whatever the
+cache size) and only over committed shards. Slots with label -1 (empty or undecodable) are
+left out. Probabilities use the cached top-k logits z and the log-sum-exp over all C classes:
+p_i = exp(z_i - lse), the *tail* (rest) mass is r = 1 - sum_i p_i, and the entropy is taken
+over the k + 1 buckets (the k classes plus the rest bucket), which is a lower bound of the
+teacher's full C-class entropy (equal when k = C).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from . import schema
+from .config import ViewSpec, from_dict
+from .randaugment import GEOMETRIC_OPS
+from .shards import Manifest, ShardError, decode_image, load_manifest, read_shard
+from .views import ViewParams, decode_view
+
+TOP5 = 5  # "top-5" agreement; top-min(5, k) when the cache keeps fewer than 5 classes
+WORST = 10  # classes listed as the teacher's worst
+CONFUSIONS = 10  # most frequent (ground truth -> top-1) confusions listed
+HIST_BINS = 50  # histogram bins of top-1 probability and of tail mass, over [0, 1]
+RELIABILITY_BINS = 15  # confidence bins of the reliability diagram, over [0, 1]
+ENTROPY_NOTE = "entropy over the k+1 buckets (top-k classes + rest mass), in nats"
+BIG = 8  # show a progress bar when reading at least this many shards
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers shared with verify.py
+
+
+def view_spec(attrs: dict) -> ViewSpec:
+    """The ViewSpec the cache was made with (from its attributes)."""
+    return from_dict(ViewSpec, dict(attrs["view_spec"]), "view_spec")
+
+
+def bucket_probs(logits: np.ndarray, lse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k probabilities p (..., k) and rest mass r (...), float64. logits (..., k), lse (...)."""
+    p = np.exp(logits.astype(np.float64) - lse.astype(np.float64)[..., None])
+    return p, np.clip(1.0 - p.sum(-1), 0.0, None)
+
+
+def bucket_entropy(p: np.ndarray, rest: np.ndarray) -> np.ndarray:
+    """Entropy (nats) over the k+1 buckets: -sum p log p - r log r, with 0 log 0 = 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.where(p > 0, p * np.log(p), 0.0).sum(-1)
+        h -= np.where(rest > 0, rest * np.log(rest), 0.0)
+    return h
+
+
+def parse_shard_range(text: str | None, num_shards: int) -> range:
+    """'A:B' (B exclusive), 'A:', ':B' or 'A' -> a range of shard indices inside the cache."""
+    if text is None:
+        return range(num_shards)
+    try:
+        if ":" in text:
+            a, b = text.split(":", 1)
+            start = int(a) if a.strip() else 0
+            stop = int(b) if b.strip() else num_shards
+        else:
+            start = int(text)
+            stop = start + 1
+    except ValueError:
+        raise schema.CacheError(f"--shard-range: expected A:B (shard indices), got {text!r}") from None
+    if not 0 <= start < stop <= num_shards:
+        raise schema.CacheError(f"--shard-range {text}: the cache has shards 0..{num_shards - 1} "
+                                f"(A:B selects shards A..B-1)")
+    return range(start, stop)
+
+
+def shards_for(attrs: dict, shards_dir: str | Path | None) -> Manifest:
+    """The shard folder's manifest, refused (naming the field) unless it is the cache's dataset."""
+    if shards_dir is None:
+        shards_dir = attrs["dataset"].get("root")
+        if shards_dir is None:
+            raise schema.CacheError("the cache's attributes do not record where its shards are: "
+                                    "give --shards DIR")
+    manifest = load_manifest(shards_dir)
+    diff = schema.attrs_difference(attrs["dataset"], manifest.to_dict(), "dataset.")
+    if diff:
+        raise schema.CacheError(f"{shards_dir}: these shards are not the cache's dataset: {diff}")
+    return manifest
+
+
+def read_sample(manifest: Manifest, shard: int, position: int, key: str):
+    """(Sample, decoded RGB image) at `position` of `shard`, checking that its key is `key`."""
+    for p, sample in enumerate(read_shard(manifest.path(shard))):
+        if p == position:
+            if sample.key != key:
+                raise ShardError(f"{manifest.path(shard)}: position {position} holds {sample.key!r}, "
+                                 f"the cache has {key!r}")
+            return sample, decode_image(sample.data)
+    raise ShardError(f"{manifest.path(shard)}: has no sample at position {position}")
+
+
+def _ranges(indices) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    out, run = [], []
+    for i in indices:
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}")
+        run = [i]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}")
+    return ", ".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# summary
+
+
+def summarize(path: str | Path) -> dict:
+    """Attributes, completeness per shard, invalid samples and size on disk of a cache."""
+    group, attrs = schema.open_cache(path)
+    layout = schema.Layout.from_attrs(attrs)
+    ds = attrs["dataset"]
+    labels = schema.read_array(group, schema.COMMIT_ARRAY, slice(0, layout.slots))
+    labels = labels.reshape(layout.num_shards, layout.slots_per_shard)
+    shards = []
+    for i, info in enumerate(ds["shards"]):
+        complete = bool((labels[i] != schema.NOT_WRITTEN).all())
+        valid = int((labels[i] >= 0).sum())
+        shards.append({"index": i, "name": info["name"], "samples": int(info["count"]), "complete": complete,
+                       # slots past the shard's end are -1 too; only real samples count as invalid
+                       "invalid": int(info["count"]) - valid if complete else None})
+    samples = int(ds["num_samples"])
+    views = samples * layout.views
+    usage = schema.disk_usage(path)
+    t = attrs["teacher"]
+    return {
+        "cache": str(path),
+        "schema_version": attrs["schema_version"],
+        "tool_version": attrs["tool_version"],
+        "created": attrs["created"],
+        "teacher": {"name": t["name"], "checkpoint": t.get("checkpoint"),
+                    "checkpoint_sha256": t.get("checkpoint_sha256"), "input_size": t["input_size"],
+                    "mean": t["mean"], "std": t["std"], "interpolation": t.get("interpolation")},
+        "dataset": {"shards": layout.num_shards, "per_shard": layout.slots_per_shard, "samples": samples,
+                    "num_classes": layout.num_classes, "classes": list(ds["classes"]),
+                    "fingerprint": ds["fingerprint"]},
+        "views": layout.views,
+        "topk": layout.topk,
+        "seed": attrs["seed"],
+        "view_spec": attrs["view_spec"],
+        "completeness": {"complete": sum(s["complete"] for s in shards), "total": layout.num_shards,
+                         "missing": [s["index"] for s in shards if not s["complete"]], "shards": shards},
+        "invalid": {"count": sum(s["invalid"] or 0 for s in shards), "keys": list(attrs.get("invalid", []))},
+        "disk": {"bytes": {n: usage[n] for n in schema.ARRAYS}, "total": usage["total"],
+                 "cached_views": views,
+                 "bytes_per_view": usage["total"] / views if views else None,
+                 "bytes_per_view_by_array": {n: usage[n] / views if views else None for n in schema.ARRAYS}},
+    }
+
+
+def format_summary(s: dict) -> str:
+    t, d, c = s["teacher"], s["dataset"], s["completeness"]
+    missing = f"; missing: shard {_ranges(c['missing'])}" if c["missing"] else ""
+    inv = s["invalid"]
+    shown = ", ".join(inv["keys"][:5]) + (" ..." if len(inv["keys"]) > 5 else "")
+    spec = s["view_spec"]
+    rows = [
+        ("cache", s["cache"]),
+        ("schema", f"version {s['schema_version']}, written by usi-cache {s['tool_version']} on {s['created']}"),
+        ("teacher", f"{t['name']}, checkpoint sha256 {t['checkpoint_sha256'] or 'none (random or pretrained weights)'}"),
+        ("teacher input", f"{t['input_size']} px, mean {_triple(t['mean'])}, std {_triple(t['std'])}"),
+        ("dataset", f"{d['samples']} samples in {d['shards']} shards of {d['per_shard']}, {d['num_classes']} classes, "
+                    f"fingerprint {d['fingerprint'][:12]}"),
+        ("views", f"V = {s['views']} per sample, top k = {s['topk']} logits per view, seed {s['seed']}"),
+        ("view spec", f"scale {spec['scale']}, ratio [{spec['ratio'][0]:.3g}, {spec['ratio'][1]:.3g}], "
+                      f"hflip {spec['hflip']}, {spec['randaugment'] or 'no RandAugment'}, {spec['interpolation']}"),
+        ("shards", f"{c['complete']}/{c['total']} complete{missing}"),
+        ("invalid samples", f"{inv['count']}" + (f" ({shown})" if inv["keys"] else "")),
+        ("size on disk", f"{s['disk']['total'] / 1e6:.3f} MB, {_num(s['disk']['bytes_per_view'], 1)} bytes per view "
+                         f"({s['disk']['cached_views']} views)"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    lines.append(f"{'':<{width}}  per array: " + ", ".join(
+        f"{n} {s['disk']['bytes'][n] / 1e3:.1f} kB ({_num(s['disk']['bytes_per_view_by_array'][n], 1)} B/view)"
+        for n in schema.ARRAYS))
+    return "\n".join(lines)
+
+
+def _triple(v) -> str:
+    return "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
+
+
+def _num(x, digits: int) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher statistics
+
+
+class StatsAccumulator:
+    """Running sums for the teacher statistics; `add` takes one batch of views, memory is O(C + bins)."""
+
+    def __init__(self, num_classes: int, views: int, topk: int):
+        self.C, self.V, self.k = num_classes, views, topk
+        self.m = min(TOP5, topk)
+        self.n_view = np.zeros(views, np.int64)
+        self.top1_view = np.zeros(views, np.int64)
+        self.topm_view = np.zeros(views, np.int64)
+        self.conf_view = np.zeros(views, np.float64)
+        self.mass = self.entropy = 0.0
+        self.class_n = np.zeros(num_classes, np.int64)
+        self.class_top1 = np.zeros(num_classes, np.int64)
+        self.confusions: Counter = Counter()
+        self.edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
+        self.hist_top1 = np.zeros(HIST_BINS, np.int64)
+        self.hist_tail = np.zeros(HIST_BINS, np.int64)
+        self.rel_n = np.zeros(RELIABILITY_BINS, np.int64)
+        self.rel_conf = np.zeros(RELIABILITY_BINS, np.float64)
+        self.rel_acc = np.zeros(RELIABILITY_BINS, np.int64)
+        self.samples = 0
+
+    def add(self, labels: np.ndarray, view: np.ndarray, classes: np.ndarray, logits: np.ndarray,
+            lse: np.ndarray) -> None:
+        """labels, view: (n,) ground truth (>= 0) and view index; classes, logits: (n, k); lse: (n,)."""
+        if len(labels) == 0:
+            return
+        labels = labels.astype(np.int64)
+        classes = classes.astype(np.int64)
+        p, rest = bucket_probs(logits, lse)
+        top1 = classes[:, 0] == labels
+        topm = (classes[:, :self.m] == labels[:, None]).any(1)
+        conf = p[:, 0]
+        np.add.at(self.n_view, view, 1)
+        np.add.at(self.top1_view, view, top1)
+        np.add.at(self.topm_view, view, topm)
+        np.add.at(self.conf_view, view, conf)
+        self.mass += float(p.sum(1).sum())
+        self.entropy += float(bucket_entropy(p, rest).sum())
+        self.class_n += np.bincount(labels, minlength=self.C)
+        self.class_top1 += np.bincount(labels[top1], minlength=self.C)
+        wrong = ~top1
+        pairs, counts = np.unique(labels[wrong] * self.C + classes[wrong, 0], return_counts=True)
+        self.confusions.update(dict(zip(pairs.tolist(), counts.tolist())))
+        self.hist_top1 += np.histogram(np.clip(conf, 0, 1), self.edges)[0]
+        self.hist_tail += np.histogram(np.clip(rest, 0, 1), self.edges)[0]
+        b = np.clip((conf * RELIABILITY_BINS).astype(np.int64), 0, RELIABILITY_BINS - 1)
+        self.rel_n += np.bincount(b, minlength=RELIABILITY_BINS)
+        self.rel_conf += np.bincount(b, weights=conf, minlength=RELIABILITY_BINS)
+        self.rel_acc += np.bincount(b, weights=top1, minlength=RELIABILITY_BINS).astype(np.int64)
+
+    def result(self, class_names: list[str]) -> dict:
+        n = int(self.n_view.sum())
+        div = max(n, 1)
+        label = f"top-{TOP5}" if self.m == TOP5 else f"top-{self.m} (k = {self.k} < {TOP5}: this is top-k)"
+        per_class = [(c, int(self.class_n[c]), int(self.class_top1[c])) for c in range(self.C) if self.class_n[c]]
+        per_class.sort(key=lambda x: (x[2] / x[1], -x[1], x[0]))
+        ranked = sorted(self.confusions.items(), key=lambda kv: (-kv[1], kv[0]))
+        most_predicted: dict[int, tuple[int, int]] = {}  # true class -> (most frequent wrong top-1, views)
+        for pair, count in ranked:
+            most_predicted.setdefault(pair // self.C, (pair % self.C, count))
+        worst = []
+        for c, cn, c1 in per_class[:WORST]:
+            pred = most_predicted.get(c)
+            worst.append({"class": c, "name": class_names[c], "views": cn, "top1_agreement": c1 / cn,
+                          "most_confused_with": None if pred is None else class_names[pred[0]],
+                          "most_confused_views": 0 if pred is None else pred[1]})
+        confusions = []
+        for pair, count in ranked[:CONFUSIONS]:
+            t, pred = divmod(pair, self.C)
+            confusions.append({"true": t, "true_name": class_names[t], "predicted": pred,
+                               "predicted_name": class_names[pred], "views": count,
+                               "share_of_true_class": count / int(self.class_n[t])})
+        rel_bins = []
+        ece = 0.0
+        for b in range(RELIABILITY_BINS):
+            nb = int(self.rel_n[b])
+            cb = self.rel_conf[b] / nb if nb else None
+            ab = self.rel_acc[b] / nb if nb else None
+            if nb:
+                ece += nb / div * abs(ab - cb)
+            rel_bins.append({"lo": b / RELIABILITY_BINS, "hi": (b + 1) / RELIABILITY_BINS, "views": nb,
+                             "confidence": cb, "accuracy": ab})
+        return {
+            "views": n,
+            "samples": self.samples,
+            "top1_agreement": int(self.top1_view.sum()) / div if n else None,
+            "top5_agreement": int(self.topm_view.sum()) / div if n else None,
+            "top5_k_used": self.m,
+            "top5_label": label,
+            "per_view": [{"view": v, "views": int(self.n_view[v]),
+                          "top1_agreement": self.top1_view[v] / self.n_view[v] if self.n_view[v] else None,
+                          "top5_agreement": self.topm_view[v] / self.n_view[v] if self.n_view[v] else None,
+                          "mean_top1_prob": self.conf_view[v] / self.n_view[v] if self.n_view[v] else None}
+                         for v in range(self.V)],
+            "mean_top1_prob": float(self.conf_view.sum()) / div if n else None,
+            "mean_topk_mass": self.mass / div if n else None,
+            "mean_tail_mass": 1.0 - self.mass / div if n else None,
+            "mean_entropy_nats": self.entropy / div if n else None,
+            "max_entropy_nats": float(np.log(self.k + 1)),
+            "entropy_note": ENTROPY_NOTE,
+            "worst_classes": worst,
+            "confusions": confusions,
+            "histograms": {"edges": self.edges.tolist(), "top1_prob": self.hist_top1.tolist(),
+                           "tail_mass": self.hist_tail.tolist()},
+            "reliability": {"bins": rel_bins, "ece": ece if n else None},
+        }
+
+
+def teacher_stats(path: str | Path, *, shard_range: str | None = None, sample_views: int | None = None,
+                  seed: int = 0, progress: bool = True) -> dict:
+    """Teacher statistics over the committed shards in `shard_range` (all views, or a seeded
+    uniform sample of `sample_views` (slot, view) pairs). Reads one shard's block at a time."""
+    group, attrs = schema.open_cache(path)
+    layout = schema.Layout.from_attrs(attrs)
+    selected = parse_shard_range(shard_range, layout.num_shards)
+    if sample_views is not None and sample_views < 1:
+        raise schema.CacheError(f"--sample-views: expected a positive number, got {sample_views}")
+    labels = {}
+    incomplete = []
+    for i in selected:
+        lab = schema.read_array(group, schema.COMMIT_ARRAY, layout.rows(i))
+        if (lab == schema.NOT_WRITTEN).any():
+            incomplete.append(i)
+        else:
+            labels[i] = lab
+    # (slot, view) pairs to count, per shard: every view of every valid slot, or a sample of them.
+    picks: dict[int, np.ndarray | None] = {i: None for i in labels}
+    total = sum(int((lab >= 0).sum()) for lab in labels.values()) * layout.views
+    if sample_views is not None and sample_views < total:
+        chosen = np.sort(np.random.default_rng(seed).choice(total, sample_views, replace=False))
+        picks, start = {}, 0
+        for i, lab in labels.items():
+            n = int((lab >= 0).sum()) * layout.views
+            mine = chosen[(chosen >= start) & (chosen < start + n)] - start
+            if len(mine):
+                picks[i] = mine
+            start += n
+    acc = StatsAccumulator(layout.num_classes, layout.views, layout.topk)
+    excluded = 0
+    todo = list(picks)
+    bar = None
+    if progress and len(todo) >= BIG:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), unit="shard", desc="teacher statistics", leave=False, disable=None)
+    for i in todo:
+        rows = layout.rows(i)
+        lab = labels[i]
+        valid = np.flatnonzero(lab >= 0)
+        count = attrs["dataset"]["shards"][i]["count"]
+        excluded += count - len(valid)
+        if picks[i] is None:
+            slot_idx = np.repeat(valid, layout.views)
+            view_idx = np.tile(np.arange(layout.views), len(valid))
+        else:
+            slot_idx, view_idx = valid[picks[i] // layout.views], picks[i] % layout.views
+        acc.samples += len(np.unique(slot_idx))
+        if len(slot_idx):
+            classes = schema.read_array(group, "classes", rows)
+            logits = schema.read_array(group, "logits", rows)
+            lse = schema.read_array(group, "lse", rows)
+            acc.add(lab[slot_idx], view_idx, classes[slot_idx, view_idx], logits[slot_idx, view_idx],
+                    lse[slot_idx, view_idx])
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    out = acc.result(list(attrs["dataset"]["classes"]))
+    out["scope"] = {"shards": [selected.start, selected.stop], "shards_read": len(todo),
+                    "incomplete_skipped": incomplete, "sample_views": sample_views,
+                    "seed": seed if sample_views is not None else None,
+                    "invalid_excluded": excluded}
+    return out
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f} %"
+
+
+def format_stats(st: dict, k: int) -> str:
+    sc = st["scope"]
+    where = f"shards {sc['shards'][0]}..{sc['shards'][1] - 1}"
+    if sc["sample_views"] is not None:
+        where += f", a random sample of {sc['sample_views']} views (seed {sc['seed']})"
+    lines = [f"teacher statistics ({where}): {st['views']} views of {st['samples']} samples; "
+             f"{sc['invalid_excluded']} invalid sample(s) (label -1) excluded"]
+    if sc["incomplete_skipped"]:
+        lines.append(f"  incomplete shards skipped: {_ranges(sc['incomplete_skipped'])}")
+    if not st["views"]:
+        lines.append("  no committed views to measure")
+        return "\n".join(lines)
+    lines += [
+        f"  top-1 agreement with ground truth   {_pct(st['top1_agreement'])}",
+        f"  {st['top5_label'] + ' agreement':<36}{_pct(st['top5_agreement'])}",
+        f"  mean top-1 probability              {st['mean_top1_prob']:.4f}",
+        f"  mean top-k probability mass         {st['mean_topk_mass']:.4f} (k = {k}; the tail holds "
+        f"{st['mean_tail_mass']:.4f})",
+        f"  mean entropy                        {st['mean_entropy_nats']:.4f} nats (max log(k+1) = "
+        f"{st['max_entropy_nats']:.3f}; {ENTROPY_NOTE.split(', in nats')[0]})",
+        f"  expected calibration error          {st['reliability']['ece']:.4f} ({RELIABILITY_BINS} bins)",
+        "  per view index:  view   views   top-1    " + st["top5_label"].split(" ")[0] + "    mean top-1 prob",
+    ]
+    for pv in st["per_view"]:
+        lines.append(f"                   {pv['view']:>4}  {pv['views']:>6}  {_pct(pv['top1_agreement']):>8}  "
+                     f"{_pct(pv['top5_agreement']):>8}  {_num(pv['mean_top1_prob'], 4):>8}")
+    lines.append(f"  the {len(st['worst_classes'])} classes the teacher is worst at (top-1 agreement, views, "
+                 f"most often mistaken for):")
+    for w in st["worst_classes"]:
+        other = f"{w['most_confused_with']} ({w['most_confused_views']})" if w["most_confused_with"] else "-"
+        lines.append(f"    {w['class']:>5}  {w['name']:<24} {_pct(w['top1_agreement']):>8}  {w['views']:>7}  {other}")
+    lines.append("  most frequent confusions (ground truth -> teacher's top-1, views, share of that class):")
+    for c in st["confusions"]:
+        lines.append(f"    {c['true_name']} -> {c['predicted_name']}: {c['views']} "
+                     f"({100 * c['share_of_true_class']:.1f} %)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# one sample
+
+
+def find_slot(path: str | Path, *, key: str | None = None, slot: int | None = None) -> int:
+    """The slot of sample `key` (searched shard by shard), or `slot` after a range check."""
+    group, attrs = schema.open_cache(path)
+    layout = schema.Layout.from_attrs(attrs)
+    if slot is not None:
+        if not 0 <= slot < layout.slots:
+            raise schema.CacheError(f"--slot {slot}: the cache has slots 0..{layout.slots - 1}")
+        return slot
+    for i in range(layout.num_shards):
+        keys = schema.read_array(group, "keys", layout.rows(i))
+        hit = np.flatnonzero(keys == key)
+        if len(hit):
+            return i * layout.slots_per_shard + int(hit[0])
+    raise schema.CacheError(f"key {key!r} is not in the cache (not written yet, or another dataset)")
+
+
+def sample_info(path: str | Path, slot: int) -> dict:
+    """Everything the cache holds about one slot: per view the crop, flip, ops and top-k."""
+    group, attrs = schema.open_cache(path)
+    layout = schema.Layout.from_attrs(attrs)
+    rows = slice(slot, slot + 1)
+    x = {n: schema.read_array(group, n, rows)[0] for n in schema.ARRAYS}
+    names = list(attrs["dataset"]["classes"])
+    op_names = list(attrs["op_names"])
+    label = int(x["labels"])
+    shard, pos = divmod(slot, layout.slots_per_shard)
+    out = {"slot": slot, "shard": shard, "position": pos, "key": str(x["keys"]), "label": label,
+           "label_name": names[label] if label >= 0 else None,
+           "status": ("ok" if label >= 0 else "not written" if label == schema.NOT_WRITTEN
+                      else "empty slot" if not x["keys"] else "undecodable image"),
+           "views": []}
+    if label < 0:
+        return out
+    p, rest = bucket_probs(x["logits"], x["lse"])
+    h = bucket_entropy(p, rest)
+    for v in range(layout.views):
+        params = decode_view(x["boxes"][v], x["flips"][v], x["aug_ops"][v], x["aug_levels"][v],
+                             x["aug_resample"][v])
+        out["views"].append({
+            "view": v, "box": dict(zip(("top", "left", "height", "width"), params.box)), "flip": params.flip,
+            "ops": [{"op": op_names[o.op], "level": o.level,
+                     "resample": _filter_name(o.resample) if o.op in GEOMETRIC_OPS else None}
+                    for o in params.ops],
+            "topk": [{"class": int(c), "name": names[int(c)], "logit": float(z), "prob": float(pi)}
+                     for c, z, pi in zip(x["classes"][v], x["logits"][v], p[v])],
+            "tail_mass": float(rest[v]), "entropy_nats": float(h[v]),
+            "top1_correct": bool(int(x["classes"][v][0]) == label),
+        })
+    return out
+
+
+def view_params(info: dict, v: int, attrs: dict) -> ViewParams:
+    """ViewParams of view `v` of a `sample_info` dict (for replaying it)."""
+    from .randaugment import AugOp
+    ids = {n: i for i, n in enumerate(attrs["op_names"])}
+    vi = info["views"][v]
+    ops = tuple(AugOp(op=ids[o["op"]], level=o["level"],
+                      resample=0 if o["resample"] is None else _FILTER_IDS[o["resample"]]) for o in vi["ops"])
+    b = vi["box"]
+    return ViewParams(box=(b["top"], b["left"], b["height"], b["width"]), flip=vi["flip"], ops=ops)
+
+
+def _filter_name(resample: int) -> str:
+    from PIL import Image
+    try:
+        return Image.Resampling(resample).name.lower()
+    except ValueError:
+        return str(resample)
+
+
+def _filter_ids() -> dict[str, int]:
+    from PIL import Image
+    return {f.name.lower(): int(f) for f in Image.Resampling}
+
+
+_FILTER_IDS = _filter_ids()
+
+
+def format_sample(s: dict) -> str:
+    head = (f"sample {s['key'] or '(empty)'}: slot {s['slot']} (shard {s['shard']}, position {s['position']}), "
+            f"ground truth {s['label']}" + (f" {s['label_name']}" if s["label_name"] else f" ({s['status']})"))
+    lines = [head]
+    if not s["views"]:
+        lines.append("  no views: " + {"not written": "this shard has not been committed yet",
+                                       "empty slot": "no sample at this position (past the shard's end)",
+                                       "undecodable image": "the image did not decode in stage 1"}[s["status"]])
+        return "\n".join(lines)
+    for v in s["views"]:
+        b = v["box"]
+        ops = ", ".join(f"{o['op']} {o['level']:+.2f}" + (f" ({o['resample']})" if o["resample"] else "")
+                        for o in v["ops"]) or "none"
+        lines.append(f"  view {v['view']}: crop top {b['top']} left {b['left']} height {b['height']} width "
+                     f"{b['width']}, flip {'yes' if v['flip'] else 'no'}, RandAugment: {ops}")
+        for r, t in enumerate(v["topk"], 1):
+            mark = "  <- ground truth" if t["class"] == s["label"] else ""
+            lines.append(f"    {r:>3}. {t['name']:<24} p = {t['prob']:.4f}  (logit {t['logit']:+.3f}){mark}")
+        lines.append(f"         rest (outside the top {len(v['topk'])}) = {v['tail_mass']:.4f}; entropy "
+                     f"{v['entropy_nats']:.3f} nats over the k+1 buckets")
+    return "\n".join(lines)
+
+
+def replay_sample(path: str | Path, info: dict, shards_dir: str | Path | None):
+    """(original RGB image, [replayed view images at the teacher's input size]) of a sample."""
+    from .views import replay_view
+    _, attrs = schema.open_cache(path)
+    manifest = shards_for(attrs, shards_dir)
+    _, image = read_sample(manifest, info["shard"], info["position"], info["key"])
+    spec = view_spec(attrs)
+    size = int(attrs["teacher"]["input_size"])
+    return image, [replay_view(image, view_params(info, v, attrs), size, spec) for v in range(len(info["views"]))]
