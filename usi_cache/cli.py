@@ -195,6 +195,47 @@ def train_command(config_path, resume, quiet, **overrides):
 main.add_command(train_command)
 
 
+# ---------------------------------------------------------------- inspect, verify
+@main.command("inspect")
+@click.argument("cache", type=click.Path())
+@click.option("--key", help="Show one sample by its key.")
+@click.option("--slot", type=click.IntRange(min=0), help="Show one sample by its slot (row).")
+@click.option("--shards", "shards_dir", type=click.Path(file_okay=False),
+              help="Shard folder, to draw one sample's original image with --plot.")
+@click.option("--shard-range", help="Statistics over shards A:B only (B exclusive).")
+@click.option("--sample-views", type=click.IntRange(min=1), help="Statistics over a random sample of N views.")
+@click.option("--seed", default=0, show_default=True, help="Seed of --sample-views.")
+@click.option("--no-stats", is_flag=True, help="Summary only: skip the teacher statistics.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG figure (one sample, or the statistics).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@one_line_errors
+def inspect_command(cache, no_stats, **kwargs):
+    """Summarise a cache, its teacher's statistics, or one sample's views."""
+    from .inspect_cache import run_inspect
+    click.echo(run_inspect(cache, stats=not no_stats, **kwargs))
+
+
+@main.command("verify")
+@click.argument("cache", type=click.Path())
+@click.option("--shards", "shards_dir", required=True, type=click.Path(file_okay=False),
+              help="The shard folder the cache was made from.")
+@click.option("--recompute", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Re-run the teacher on N random replayed views.")
+@click.option("--teacher-checkpoint", help="The teacher's checkpoint (for --recompute).")
+@click.option("--device", default=None, help="Device for --recompute [default: cuda if available, else cpu].")
+@click.option("--atol", default=1e-3, show_default=True, help="--recompute: logit tolerance, absolute part.")
+@click.option("--rtol", default=1e-3, show_default=True, help="--recompute: logit tolerance, relative part.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the --recompute sample.")
+@one_line_errors
+def verify_command(cache, shards_dir, **kwargs):
+    """Check a cache against its shards; exit status 0 only when every check holds."""
+    from .verify import format_report, verify_cache
+    report = verify_cache(cache, shards_dir, **kwargs)
+    click.echo(format_report(report))
+    if not report.ok:
+        sys.exit(1)
+
+
 # ---------------------------------------------------------------- demo
 @main.command("demo")
 @click.option("--out", default="runs/demo", show_default=True, help="Folder for every demo artefact.")

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import schema
 from .config import ViewSpec, from_dict
-from .randaugment import GEOMETRIC_OPS
+from .randaugment import GEOMETRIC_OPS, AugOp
 from .shards import Manifest, ShardError, decode_image, load_manifest, read_shard
 from .views import ViewParams, decode_view
 
@@ -186,9 +186,10 @@ def format_summary(s: dict) -> str:
     ]
     width = max(len(r[0]) for r in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
-    lines.append(f"{'':<{width}}  per array: " + ", ".join(
-        f"{n} {s['disk']['bytes'][n] / 1e3:.1f} kB ({_num(s['disk']['bytes_per_view_by_array'][n], 1)} B/view)"
-        for n in schema.ARRAYS))
+    per = [f"{n} {s['disk']['bytes'][n] / 1e3:.1f} kB = {_num(s['disk']['bytes_per_view_by_array'][n], 1)} B/view"
+           for n in schema.ARRAYS]
+    for i in range(0, len(per), 4):
+        lines.append(f"{'per array' if i == 0 else '':<{width}}  " + ", ".join(per[i:i + 4]))
     return "\n".join(lines)
 
 
@@ -214,7 +215,7 @@ class StatsAccumulator:
         self.top1_view = np.zeros(views, np.int64)
         self.topm_view = np.zeros(views, np.int64)
         self.conf_view = np.zeros(views, np.float64)
-        self.mass = self.entropy = 0.0
+        self.mass = self.tail = self.entropy = 0.0
         self.class_n = np.zeros(num_classes, np.int64)
         self.class_top1 = np.zeros(num_classes, np.int64)
         self.confusions: Counter = Counter()
@@ -241,7 +242,8 @@ class StatsAccumulator:
         np.add.at(self.top1_view, view, top1)
         np.add.at(self.topm_view, view, topm)
         np.add.at(self.conf_view, view, conf)
-        self.mass += float(p.sum(1).sum())
+        self.mass += float(np.minimum(p.sum(1), 1.0).sum())  # rounding can push the sum a hair above 1
+        self.tail += float(rest.sum())
         self.entropy += float(bucket_entropy(p, rest).sum())
         self.class_n += np.bincount(labels, minlength=self.C)
         self.class_top1 += np.bincount(labels[top1], minlength=self.C)
@@ -301,7 +303,7 @@ class StatsAccumulator:
                          for v in range(self.V)],
             "mean_top1_prob": float(self.conf_view.sum()) / div if n else None,
             "mean_topk_mass": self.mass / div if n else None,
-            "mean_tail_mass": 1.0 - self.mass / div if n else None,
+            "mean_tail_mass": self.tail / div if n else None,
             "mean_entropy_nats": self.entropy / div if n else None,
             "max_entropy_nats": float(np.log(self.k + 1)),
             "entropy_note": ENTROPY_NOTE,
@@ -395,17 +397,19 @@ def format_stats(st: dict, k: int) -> str:
     if not st["views"]:
         lines.append("  no committed views to measure")
         return "\n".join(lines)
-    lines += [
-        f"  top-1 agreement with ground truth   {_pct(st['top1_agreement'])}",
-        f"  {st['top5_label'] + ' agreement':<36}{_pct(st['top5_agreement'])}",
-        f"  mean top-1 probability              {st['mean_top1_prob']:.4f}",
-        f"  mean top-k probability mass         {st['mean_topk_mass']:.4f} (k = {k}; the tail holds "
-        f"{st['mean_tail_mass']:.4f})",
-        f"  mean entropy                        {st['mean_entropy_nats']:.4f} nats (max log(k+1) = "
-        f"{st['max_entropy_nats']:.3f}; {ENTROPY_NOTE.split(', in nats')[0]})",
-        f"  expected calibration error          {st['reliability']['ece']:.4f} ({RELIABILITY_BINS} bins)",
-        "  per view index:  view   views   top-1    " + st["top5_label"].split(" ")[0] + "    mean top-1 prob",
+    rows = [
+        ("top-1 agreement with ground truth", _pct(st["top1_agreement"])),
+        (st["top5_label"] + " agreement", _pct(st["top5_agreement"])),
+        ("mean top-1 probability", f"{st['mean_top1_prob']:.4f}"),
+        ("mean top-k probability mass", f"{st['mean_topk_mass']:.4f} (k = {k}; the tail holds "
+                                        f"{st['mean_tail_mass']:.4f})"),
+        ("mean entropy", f"{st['mean_entropy_nats']:.4f} nats (max log(k+1) = {st['max_entropy_nats']:.3f}; "
+                         f"{ENTROPY_NOTE.split(', in nats')[0]})"),
+        ("expected calibration error", f"{st['reliability']['ece']:.4f} ({RELIABILITY_BINS} bins)"),
     ]
+    width = max(len(r[0]) for r in rows)
+    lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+    lines.append("  per view index:  view   views   top-1    " + st["top5_label"].split(" ")[0] + "    mean top-1 prob")
     for pv in st["per_view"]:
         lines.append(f"                   {pv['view']:>4}  {pv['views']:>6}  {_pct(pv['top1_agreement']):>8}  "
                      f"{_pct(pv['top5_agreement']):>8}  {_num(pv['mean_top1_prob'], 4):>8}")
@@ -478,7 +482,6 @@ def sample_info(path: str | Path, slot: int) -> dict:
 
 def view_params(info: dict, v: int, attrs: dict) -> ViewParams:
     """ViewParams of view `v` of a `sample_info` dict (for replaying it)."""
-    from .randaugment import AugOp
     ids = {n: i for i, n in enumerate(attrs["op_names"])}
     vi = info["views"][v]
     ops = tuple(AugOp(op=ids[o["op"]], level=o["level"],
@@ -535,3 +538,56 @@ def replay_sample(path: str | Path, info: dict, shards_dir: str | Path | None):
     spec = view_spec(attrs)
     size = int(attrs["teacher"]["input_size"])
     return image, [replay_view(image, view_params(info, v, attrs), size, spec) for v in range(len(info["views"]))]
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def run_inspect(path: str | Path, *, key: str | None = None, slot: int | None = None,
+                shards_dir: str | None = None, shard_range: str | None = None, sample_views: int | None = None,
+                seed: int = 0, stats: bool = True, plot: str | None = None, as_json: bool = False,
+                progress: bool = True) -> str:
+    """`usi inspect`: the report as text (or JSON), writing the figure to `plot` when given."""
+    import json
+
+    import click
+    one = key is not None or slot is not None
+    if key is not None and slot is not None:
+        raise click.UsageError("give --key or --slot, not both")
+    if one and (shard_range is not None or sample_views is not None):
+        raise click.UsageError("--shard-range and --sample-views restrict the statistics; "
+                               "they do not apply to one sample (--key/--slot)")
+    if shards_dir is not None and not (one and plot):
+        raise click.UsageError("--shards is only read to draw one sample's image (--key/--slot with --plot)")
+    report = {"summary": summarize(path), "stats": None, "sample": None, "plot": None}
+    if one:
+        report["sample"] = sample_info(path, find_slot(path, key=key, slot=slot))
+        if plot:
+            if not report["sample"]["views"]:
+                raise schema.CacheError(f"slot {report['sample']['slot']}: {report['sample']['status']}, "
+                                        "nothing to plot")
+            from .plots import plot_sample
+            image, views = replay_sample(path, report["sample"], shards_dir)
+            t = report["summary"]["teacher"]
+            report["plot"] = str(plot_sample(report["sample"], image, views, plot,
+                                             title=f"{Path(path).name}: teacher {t['name']}, "
+                                                   f"views replayed at {t['input_size']} px"))
+    elif stats:
+        report["stats"] = teacher_stats(path, shard_range=shard_range, sample_views=sample_views, seed=seed,
+                                        progress=progress)
+        if plot:
+            from .plots import plot_stats
+            report["plot"] = str(plot_stats(report["stats"], report["summary"], plot))
+    elif plot:
+        raise click.UsageError("--plot draws the statistics or one sample: drop --no-stats or give --key/--slot")
+    if as_json:
+        return json.dumps(report, indent=1)
+    parts = [format_summary(report["summary"])]
+    if report["stats"] is not None:
+        parts.append(format_stats(report["stats"], report["summary"]["topk"]))
+    if report["sample"] is not None:
+        parts.append(format_sample(report["sample"]))
+    if report["plot"]:
+        parts.append(f"plot written to {report['plot']}")
+    return "\n\n".join(parts)

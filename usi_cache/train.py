@@ -244,13 +244,19 @@ def train_epoch(cfg, epoch, steps, loader, ddp, model, ema, optimizer, targets: 
             parts_sum[k] = parts_sum.get(k, 0.0) + v
         seen += x.shape[0]
         n_steps += 1
+        if n_steps == 1:  # throughput excludes the first step (worker start-up, allocator warm-up)
+            t_first, seen_first = time.perf_counter(), seen
         if bar is not None:
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen * world.size / (time.perf_counter() - t0):.0f}")
+            if step % 10 == 0:  # loss.item() is a CPU-GPU sync point: not every step
+                bar.set_postfix(loss=f"{loss.item():.3f}",
+                                img_s=f"{seen * world.size / (time.perf_counter() - t0):.0f}")
             bar.update(1)
     if bar is not None:
         bar.close()
     if n_steps != steps:
         raise TrainError(f"rank {world.rank} ran {n_steps} steps, expected {steps}")
+    if n_steps > 1:
+        t0, seen = t_first, seen - seen_first
     elapsed = time.perf_counter() - t0
     return {"loss": float(loss_sum) / max(n_steps, 1),
             "parts": {k: v / max(n_steps, 1) for k, v in parts_sum.items()},

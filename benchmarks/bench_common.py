@@ -1,0 +1,81 @@
+"""Shared by the benchmarks: data made on the spot, configs, machine description, JSON output."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from usi_cache.config import CacheConfig, TrainConfig, ViewSpec
+from usi_cache.shards import (FMNIST_CLASSES, FMNIST_DIR, MANIFEST, Sample, samples_from_fashion_mnist,
+                              write_shards)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEMO_VIEW = ViewSpec(scale=(0.35, 1.0))  # the demo recipe's view (configs/demo-fmnist.yaml)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), torch {torch.__version__}"
+
+
+def fmnist_shards(root: Path, n_train: int, n_test: int, per_shard: int = 500) -> tuple[Path, Path]:
+    """Fashion-MNIST subsets as shards under root (reused when present)."""
+    for split, n in (("train", n_train), ("test", n_test)):
+        if not (root / split / MANIFEST).is_file():
+            write_shards(samples_from_fashion_mnist(FMNIST_DIR, split, n), FMNIST_CLASSES, root / split,
+                         per_shard=per_shard, seed=0, progress=False)
+    return root / "train", root / "test"
+
+
+def synthetic_shards(root: Path, n: int, classes: int, size: int, per_shard: int, seed: int = 0) -> Path:
+    """n random JPEG images of size×size in `classes` classes (throughput/size benchmarks)."""
+    if (root / MANIFEST).is_file():
+        return root
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+        samples.append(Sample(f"syn{i:07d}", "jpg", buf.getvalue(), int(i % classes)))
+    write_shards(samples, [f"c{i}" for i in range(classes)], root, per_shard=per_shard, seed=seed, progress=False)
+    return root
+
+
+def cache_config(shards: Path, out: Path, teacher: str, **kw) -> CacheConfig:
+    base = dict(shards=str(shards), out=str(out), teacher=teacher, views=4, topk=10, input_size=32,
+                batch_size=256, workers=1, view=DEMO_VIEW)
+    base.update(kw)
+    return CacheConfig(**base)
+
+
+def train_config(train: Path, val: Path, out: Path, model: str, **kw) -> TrainConfig:
+    """The demo recipe (configs/demo-fmnist.yaml) with overrides."""
+    base = dict(model=model, train_shards=str(train), val_shards=str(val), out=str(out), epochs=10,
+                cooldown_epochs=0, warmup_epochs=1, lr=2e-3, batch_size=128, input_size=32, mixup=0.8,
+                cutmix=1.0, mix_prob=0.5, ema_decay=0.99, workers=1, view=DEMO_VIEW)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def write_result(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"benchmark": name, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), **payload}
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    return path
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """A markdown table."""
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)

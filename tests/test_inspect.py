@@ -1,0 +1,189 @@
+"""`usi inspect` on a tiny real cache: every number recomputed here from the arrays."""
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import cache_args, make_shards, save_teacher
+from usi_cache import schema
+from usi_cache.cli import main
+from usi_cache.inspect_cache import format_sample, format_stats, format_summary
+
+V, K = 8, 3  # conftest's cache_args
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inspect")
+    shards = make_shards(root / "shards", n=26, per_shard=10, bad=(4,))  # img0004 is undecodable
+    ckpt = save_teacher(root / "teacher.pth")
+    out = root / "c.zarr"
+    r = CliRunner().invoke(main, ["cache", *cache_args(shards, ckpt, out)])
+    assert r.exit_code == 0, r.output
+    group, attrs = schema.open_cache(out)
+    return SimpleNamespace(root=root, shards=shards, out=out, attrs=attrs,
+                           x={n: group[n][:] for n in schema.ARRAYS})
+
+
+def inspect(*args, ok=True):
+    r = CliRunner().invoke(main, ["inspect", *map(str, args)])
+    if ok:
+        assert r.exit_code == 0, r.output
+    return r
+
+
+def expected_stats(x, rows=slice(None)):
+    """The teacher statistics, computed independently from the raw arrays."""
+    labels, classes = x["labels"][rows], x["classes"][rows].astype(np.int64)
+    logits, lse = x["logits"][rows].astype(np.float64), x["lse"][rows].astype(np.float64)
+    ok = labels >= 0
+    lab = np.repeat(labels[ok][:, None], V, 1)  # (n, V)
+    c, z, l = classes[ok], logits[ok], lse[ok]
+    p = np.exp(z - l[..., None])
+    rest = np.maximum(0, 1 - p.sum(-1))
+    ent = -(p * np.log(p)).sum(-1) - np.where(rest > 0, rest * np.log(np.where(rest > 0, rest, 1)), 0)
+    top1 = c[..., 0] == lab
+    top3 = (c == lab[..., None]).any(-1)
+    confusions = Counter((int(t), int(q)) for t, q, hit in zip(lab.ravel(), c[..., 0].ravel(), top1.ravel())
+                         if not hit)
+    per_class = {int(k): top1[lab == k].mean() for k in np.unique(lab)}
+    return dict(views=top1.size, samples=int(ok.sum()), top1=top1.mean(), top3=top3.mean(),
+                top1_view=top1.mean(0), top3_view=top3.mean(0), conf=p[..., 0].mean(),
+                mass=np.minimum(p.sum(-1), 1).mean(), rest=rest.mean(), entropy=ent.mean(),
+                confusions=confusions, per_class=per_class)
+
+
+def test_summary_and_stats_equal_the_arrays(tiny):
+    d = json.loads(inspect(tiny.out, "--json").output)
+    s, st = d["summary"], d["stats"]
+    # summary
+    assert (s["views"], s["topk"], s["schema_version"]) == (V, K, schema.SCHEMA_VERSION)
+    assert s["teacher"]["name"] == "test_resnet" and s["teacher"]["input_size"] == 32
+    assert s["teacher"]["checkpoint_sha256"] == tiny.attrs["teacher"]["checkpoint_sha256"]
+    assert s["dataset"]["samples"] == 26 and s["dataset"]["shards"] == 3 and s["dataset"]["num_classes"] == 5
+    assert s["completeness"]["complete"] == 3 and s["completeness"]["missing"] == []
+    assert s["invalid"] == {"count": 1, "keys": ["img0004"]}
+    for name in schema.ARRAYS:
+        on_disk = sum(f.stat().st_size for f in (tiny.out / name).rglob("*") if f.is_file())
+        assert s["disk"]["bytes"][name] == on_disk
+    total = sum(f.stat().st_size for f in tiny.out.rglob("*") if f.is_file())
+    assert s["disk"]["total"] == total and s["disk"]["bytes_per_view"] == pytest.approx(total / (26 * V))
+    # statistics
+    e = expected_stats(tiny.x)
+    assert st["views"] == e["views"] == 25 * V and st["samples"] == 25
+    assert st["scope"]["invalid_excluded"] == 1
+    assert st["top1_agreement"] == pytest.approx(e["top1"])
+    assert st["top5_agreement"] == pytest.approx(e["top3"])
+    assert st["top5_k_used"] == K and st["top5_label"].startswith("top-3 (k = 3 < 5")
+    assert [v["top1_agreement"] for v in st["per_view"]] == pytest.approx(list(e["top1_view"]))
+    assert [v["top5_agreement"] for v in st["per_view"]] == pytest.approx(list(e["top3_view"]))
+    assert st["mean_top1_prob"] == pytest.approx(e["conf"])
+    assert st["mean_topk_mass"] == pytest.approx(e["mass"])
+    assert st["mean_tail_mass"] == pytest.approx(e["rest"])
+    assert st["mean_tail_mass"] > 0.01  # k = 3 < C = 5: the tail is real
+    assert st["mean_entropy_nats"] == pytest.approx(e["entropy"])
+    worst = sorted(e["per_class"].items(), key=lambda kv: kv[1])
+    assert [w["top1_agreement"] for w in st["worst_classes"]] == pytest.approx([a for _, a in worst])
+    top = sorted(e["confusions"].items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+    assert [(c["true"], c["predicted"], c["views"]) for c in st["confusions"]] == [(t, p, n) for (t, p), n in top]
+    assert sum(st["histograms"]["top1_prob"]) == sum(st["histograms"]["tail_mass"]) == e["views"]
+    assert sum(b["views"] for b in st["reliability"]["bins"]) == e["views"]
+
+
+def test_text_report_and_json_round_trip(tiny):
+    text = inspect(tiny.out).output
+    d = json.loads(inspect(tiny.out, "--json").output)
+    assert json.loads(json.dumps(d)) == d
+    # the text report is rendered from exactly the content --json prints
+    assert text.strip() == "\n\n".join([format_summary(d["summary"]), format_stats(d["stats"], K)])
+    assert "top-3 (k = 3 < 5: this is top-k) agreement" in text
+    assert "entropy over the k+1 buckets" in text and "1 invalid sample(s) (label -1) excluded" in text
+    assert "3/3 complete" in text and "img0004" in text
+
+
+def test_shard_range_and_view_sample(tiny):
+    st = json.loads(inspect(tiny.out, "--json", "--shard-range", "1:2").output)["stats"]
+    e = expected_stats(tiny.x, slice(10, 20))
+    assert st["views"] == e["views"] and st["top1_agreement"] == pytest.approx(e["top1"])
+    assert st["mean_entropy_nats"] == pytest.approx(e["entropy"])
+    st = json.loads(inspect(tiny.out, "--json", "--sample-views", "50", "--seed", "3").output)["stats"]
+    assert st["views"] == 50 and sum(v["views"] for v in st["per_view"]) == 50
+    again = json.loads(inspect(tiny.out, "--json", "--sample-views", "50", "--seed", "3").output)["stats"]
+    assert again == st
+    r = inspect(tiny.out, "--shard-range", "2:9", ok=False)
+    assert r.exit_code == 1 and "the cache has shards 0..2" in r.output
+
+
+def test_one_sample(tiny):
+    x, names = tiny.x, tiny.attrs["dataset"]["classes"]
+    slot = list(x["keys"]).index("img0007")
+    by_key = json.loads(inspect(tiny.out, "--key", "img0007", "--json").output)["sample"]
+    by_slot = json.loads(inspect(tiny.out, "--slot", slot, "--json").output)["sample"]
+    assert by_key == by_slot and by_key["slot"] == slot and by_key["label"] == x["labels"][slot]
+    assert len(by_key["views"]) == V
+    for v, view in enumerate(by_key["views"]):
+        b = view["box"]
+        assert [b["top"], b["left"], b["height"], b["width"]] == x["boxes"][slot, v].tolist()
+        assert view["flip"] == bool(x["flips"][slot, v])
+        ops = [tiny.attrs["op_names"][o] for o in x["aug_ops"][slot, v] if o >= 0]
+        assert [o["op"] for o in view["ops"]] == ops
+        assert [t["name"] for t in view["topk"]] == [names[c] for c in x["classes"][slot, v]]
+        p = np.exp(x["logits"][slot, v].astype(np.float64) - x["lse"][slot, v])
+        assert [t["prob"] for t in view["topk"]] == pytest.approx(p.tolist())
+    text = inspect(tiny.out, "--key", "img0007").output
+    assert f"ground truth {x['labels'][slot]} {names[x['labels'][slot]]}" in text
+    assert "view 7: crop top" in text and "RandAugment:" in text and "entropy" in text
+    in_topk = sum(int(x["labels"][slot]) in x["classes"][slot, v].tolist() for v in range(V))
+    assert text.count("<- ground truth") == in_topk
+    bad = json.loads(inspect(tiny.out, "--key", "img0004", "--json").output)["sample"]
+    assert bad["status"] == "undecodable image" and bad["views"] == []
+    r = inspect(tiny.out, "--key", "nope", ok=False)
+    assert r.exit_code == 1 and "'nope' is not in the cache" in r.output and "Traceback" not in r.output
+    r = inspect(tiny.out, "--key", "img0007", "--slot", "1", ok=False)
+    assert r.exit_code == 2 and "not both" in r.output
+
+
+def _png(path: Path, min_size: tuple[int, int]):
+    assert path.is_file() and path.stat().st_size > 20_000
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width >= min_size[0] and im.height >= min_size[1]
+        arr = np.asarray(im.convert("L"))
+    assert arr.std() > 10  # not a blank canvas
+
+
+def test_plots(tiny, tmp_path):
+    out = inspect(tiny.out, "--plot", tmp_path / "stats.png").output
+    assert f"plot written to {tmp_path / 'stats.png'}" in out
+    _png(tmp_path / "stats.png", (1000, 700))
+    inspect(tiny.out, "--key", "img0007", "--shards", tiny.shards, "--plot", tmp_path / "one.png")
+    _png(tmp_path / "one.png", (1000, 450))
+    # the attributes do not say where the shards are: the image needs --shards
+    r = inspect(tiny.out, "--key", "img0007", "--plot", tmp_path / "x.png", ok=False)
+    assert r.exit_code == 1 and "give --shards DIR" in r.output and not (tmp_path / "x.png").exists()
+    other = make_shards(tmp_path / "other", n=26, seed=3)
+    r = inspect(tiny.out, "--key", "img0007", "--shards", other, "--plot", tmp_path / "x.png", ok=False)
+    assert r.exit_code == 1 and "not the cache's dataset: dataset." in r.output
+
+
+def test_incomplete_shard_is_reported_and_skipped(tiny, tmp_path):
+    out = tmp_path / "c.zarr"
+    shutil.copytree(tiny.out, out)
+    layout = schema.Layout.from_attrs(tiny.attrs)
+    for f in schema.chunk_files(out, schema.COMMIT_ARRAY, 1, layout):
+        f.unlink()  # as if stage 1 was killed before committing shard 1
+    d = json.loads(inspect(out, "--json").output)
+    assert d["summary"]["completeness"]["missing"] == [1]
+    assert d["stats"]["scope"]["incomplete_skipped"] == [1]
+    e = expected_stats(tiny.x, slice(0, 10))
+    e2 = expected_stats(tiny.x, slice(20, 30))
+    assert d["stats"]["views"] == e["views"] + e2["views"]
+    text = inspect(out).output
+    assert "2/3 complete; missing: shard 1" in text and "incomplete shards skipped: 1" in text

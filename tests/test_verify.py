@@ -1,0 +1,165 @@
+"""`usi verify` on a tiny real cache: it passes when intact and names the shard and the check
+for each kind of damage."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from conftest import cache_args, make_shards, save_teacher
+from usi_cache import schema
+from usi_cache.cli import main
+from usi_cache.verify import CHECKS
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("verify")
+    shards = make_shards(root / "shards", n=26, per_shard=10, bad=(4,))  # img0004 is undecodable
+    ckpt = save_teacher(root / "teacher.pth")
+    out = root / "c.zarr"
+    r = CliRunner().invoke(main, ["cache", *cache_args(shards, ckpt, out)])
+    assert r.exit_code == 0, r.output
+    layout = schema.Layout.from_attrs(schema.open_cache(out)[1])
+    return SimpleNamespace(shards=shards, ckpt=ckpt, out=out, layout=layout)
+
+
+@pytest.fixture
+def copy(tiny, tmp_path) -> Path:
+    """A private copy of the tiny cache, to damage."""
+    out = tmp_path / "c.zarr"
+    shutil.copytree(tiny.out, out)
+    return out
+
+
+def verify(cache, shards, *extra, code=None):
+    r = CliRunner().invoke(main, ["verify", str(cache), "--shards", str(shards), *map(str, extra)])
+    if code is not None:
+        assert r.exit_code == code, r.output
+    assert "Traceback" not in r.output
+    return r.output, r.output.strip().splitlines()[-1]
+
+
+def failing(output: str) -> dict[str, list[str]]:
+    """check -> its problem lines, for every check marked FAIL."""
+    out, current = {}, None
+    for line in output.splitlines():
+        parts = line.split()
+        if line.startswith("  ") and not line.startswith("      ") and parts:
+            name = next((c for c in CHECKS if line.strip().startswith(c + " ")), None)
+            current = name if name and line.split(name, 1)[1].lstrip().startswith("FAIL") else None
+            if current:
+                out[current] = []
+        elif line.startswith("      ") and current:
+            out[current].append(line.strip())
+    return out
+
+
+def test_good_cache_passes(tiny):
+    output, verdict = verify(tiny.out, tiny.shards, code=0)
+    assert verdict.startswith("verdict: OK") and "3 shards, 26 samples, 200 views" in verdict
+    assert failing(output) == {}
+    for check in CHECKS[:-1]:
+        assert f"  {check} " in output
+
+
+def test_recompute_reproduces_the_teacher(tiny):
+    output, verdict = verify(tiny.out, tiny.shards, "--recompute", 12, "--teacher-checkpoint", tiny.ckpt,
+                             "--device", "cpu", code=0)
+    assert "recompute    ok  (12 views re-run on cpu" in output and "teacher re-run on 12 views" in verdict
+
+
+def test_recompute_with_another_teacher_fails(tiny, tmp_path):
+    other = save_teacher(tmp_path / "other.pth", seed=1)
+    output, verdict = verify(tiny.out, tiny.shards, "--recompute", 12, "--teacher-checkpoint", other,
+                             "--device", "cpu", code=1)
+    problems = failing(output)["recompute"]
+    assert any("is not the cache's teacher" in p for p in problems)
+    assert any(p.startswith("shard ") and "differ" in p for p in problems)
+    assert verdict.startswith("verdict: FAILED") and "recompute" in verdict
+    output, _ = verify(tiny.out, tiny.shards, "--recompute", 3, code=1)
+    assert "Error: --recompute needs --teacher-checkpoint" in output
+
+
+def test_deleted_chunk_file(tiny, copy):
+    for f in schema.chunk_files(copy, "logits", 1, tiny.layout):
+        f.unlink()
+    output, verdict = verify(copy, tiny.shards, code=1)
+    problems = failing(output)
+    assert list(problems) == ["chunk files"], output
+    assert problems["chunk files"][0].startswith("shard 1: logits: chunk file logits/c/1/0/0 is missing")
+    assert verdict == "verdict: FAILED: 1 problem(s): chunk files (shard 1)"
+
+
+def test_deleted_commit_marker(tiny, copy):
+    for f in schema.chunk_files(copy, schema.COMMIT_ARRAY, 2, tiny.layout):
+        f.unlink()
+    output, verdict = verify(copy, tiny.shards, code=1)
+    assert failing(output)["complete"][0].startswith("shard 2: not committed")
+    assert "(2/3 shards committed)" in output and verdict.endswith("complete (shard 2)")
+
+
+def test_corrupted_chunk_files_are_all_reported(tiny, copy):
+    """Damage in two shards: both are found (no stop at the first), each named with its check."""
+    for name, shard in (("classes", 2), ("lse", 0)):
+        f = schema.chunk_files(copy, name, shard, tiny.layout)[0]
+        data = bytearray(f.read_bytes())
+        data[20:28] = b"\xa5" * 8  # inside the first inner chunk (view 0), not the index at the end
+        f.write_bytes(bytes(data))
+    output, verdict = verify(copy, tiny.shards, code=1)
+    problems = failing(output)
+    assert list(problems) == ["checksums"], output
+    lines = sorted(problems["checksums"])
+    assert lines[0].startswith("shard 0: lse: view 0 unreadable") and "checksum" in lines[0]
+    assert lines[1].startswith("shard 2: classes: view 0 unreadable") and "checksum" in lines[1]
+    assert verdict == "verdict: FAILED: 2 problem(s): checksums (shards 0, 2)"
+
+
+def test_shards_that_do_not_match(tiny, tmp_path):
+    other = make_shards(tmp_path / "other", n=26, per_shard=10, seed=3)
+    output, verdict = verify(tiny.out, other, code=1)
+    problems = failing(output)
+    assert any(p.startswith("shard 0: sha256 differs") for p in problems["fingerprint"])
+    assert [p.split(":")[0] for p in problems["keys"]] == ["shard 0", "shard 1", "shard 2"]
+    assert "out of place" in problems["keys"][0]
+    assert verdict.startswith("verdict: FAILED") and "fingerprint (shards 0, 1, 2)" in verdict
+    fewer = make_shards(tmp_path / "fewer", n=12, per_shard=10)
+    output, _ = verify(tiny.out, fewer, code=1)
+    problems = failing(output)
+    assert "cache: the cache has 3 shards" in problems["fingerprint"][0]
+    assert any(p.startswith("shard 2:") and "has no shard 2" in p for p in problems["keys"])
+
+
+@pytest.mark.parametrize("edit, check, message", [
+    (lambda a: a.update(seed=7), "view params", "shard 0: not the seeded sampler's views (seed 7)"),
+    (lambda a: a["dataset"]["shards"][1].update(count=9), "fingerprint", "shard 1: sample count differs"),
+    (lambda a: a.update(topk=2), "attributes", "cache: array 'logits' has shape (30, 8, 3)"),
+    (lambda a: a["view_spec"].update(hflip=0.0), "view params", "shard 0: not the seeded sampler's views"),
+])
+def test_tampered_attribute(tiny, copy, edit, check, message):
+    group = zarr.open_group(str(copy), mode="r+")
+    attrs = dict(group.attrs[schema.ATTR])
+    edit(attrs)
+    group.attrs[schema.ATTR] = attrs
+    output, verdict = verify(copy, tiny.shards, code=1)
+    problems = failing(output)
+    assert any(p.startswith(message) for p in problems[check]), output
+    assert verdict.startswith("verdict: FAILED") and check in verdict
+
+
+def test_chunks_that_zarr_leaves_out_are_not_problems(tiny, tmp_path):
+    """Zarr writes no chunk that holds only fill values: with hflip 0 no flips chunk exists,
+    and that is a correct cache."""
+    config = tmp_path / "noflip.yaml"
+    config.write_text("view:\n  hflip: 0.0\n")
+    out = tmp_path / "noflip.zarr"
+    r = CliRunner().invoke(main, ["cache", "--config", str(config),
+                                  *cache_args(tiny.shards, tiny.ckpt, out, "--views", "2")])
+    assert r.exit_code == 0, r.output
+    assert not any(f.is_file() for f in schema.chunk_files(out, "flips", 0, tiny.layout))
+    _, verdict = verify(out, tiny.shards, code=0)
+    assert verdict.startswith("verdict: OK")
