@@ -16,7 +16,7 @@ from usi_cache.config import CacheConfig, TrainConfig, ViewSpec
 from usi_cache.shards import (FMNIST_CLASSES, FMNIST_DIR, MANIFEST, Sample, samples_from_fashion_mnist,
                               write_shards)
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("USI_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 DEMO_VIEW = ViewSpec(scale=(0.35, 1.0))  # the demo recipe's view (configs/demo-fmnist.yaml)
 
 

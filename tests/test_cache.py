@@ -188,3 +188,16 @@ def test_json_summary(tmp_path, shards, teacher_ckpt):
     s = json.loads(r.output[r.output.index("{"):])
     assert s["samples"] == 26 and s["views"] == 26 * 8 and s["views_computed"] == 208
     assert s["bytes_per_view"] == s["bytes_on_disk"] / 208
+
+
+def test_cache_without_randaugment(tmp_path, shards, teacher_ckpt):
+    from usi_cache.cache import run_cache
+    from usi_cache.config import CacheConfig
+    cfg = CacheConfig(shards=str(shards), out=str(tmp_path / "c.zarr"), teacher=TEACHER,
+                      teacher_checkpoint=str(teacher_ckpt), views=2, topk=3, input_size=32, workers=0,
+                      view=ViewSpec(randaugment=""))
+    s = run_cache(cfg, progress=False)
+    assert s["shards_complete"] == 3
+    group, attrs = schema.open_cache(cfg.out)
+    assert attrs["op_slots"] == 1 and (group["aug_ops"][:] == -1).all()
+    assert attrs["dataset"]["root"] == str(shards.resolve())

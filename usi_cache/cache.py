@@ -152,10 +152,14 @@ def _run(cfg: CacheConfig, world: World, progress: bool) -> dict:
                                  pretrained=cfg.pretrained, input_size=cfg.input_size,
                                  mean=cfg.mean, std=cfg.std, device=world.device, compile=cfg.compile)
     layout = schema.Layout(num_shards=len(manifest.shards), slots_per_shard=manifest.per_shard,
-                           views=cfg.views, topk=cfg.topk, num_classes=C, op_slots=op_slots(cfg.view))
+                           views=cfg.views, topk=cfg.topk, num_classes=C,
+                           # at least one slot (then always -1) when RandAugment is off: Zarr
+                           # cannot shard zero-size chunks
+                           op_slots=max(1, op_slots(cfg.view)))
     attrs = schema.make_attrs(teacher=info.to_dict(), num_classes=C, topk=cfg.topk, views=cfg.views,
                               view_spec=to_dict(cfg.view), op_names=list(OP_NAMES),
-                              op_slots=layout.op_slots, seed=cfg.seed, manifest=manifest.to_dict(),
+                              op_slots=layout.op_slots, seed=cfg.seed,
+                              manifest={**manifest.to_dict(), "root": str(Path(manifest.root).resolve())},
                               tool_version=__version__)
     error = _prepare_store(cfg, attrs, layout) if world.is_main else None
     error = broadcast_object(world, error)

@@ -48,7 +48,7 @@ PER_SLOT = ("keys", "labels")
 ARRAYS = PER_VIEW + PER_SLOT
 # Attribute fields that may legitimately differ between runs writing to the same cache
 # (the checkpoint's path may move; its sha256 is what identifies the teacher).
-VOLATILE_ATTRS = ("created", "tool_version", "invalid", "teacher.checkpoint")
+VOLATILE_ATTRS = ("created", "tool_version", "invalid", "teacher.checkpoint", "dataset.root")
 
 
 class CacheError(ValueError):
@@ -145,7 +145,7 @@ def make_attrs(*, teacher: dict, num_classes: int, topk: int, views: int, view_s
         "op_names": op_names,  # RandAugment op table: aug_ops values index this list
         "op_slots": op_slots,
         "seed": seed,
-        "dataset": manifest,  # the shards' dataset.json, fingerprint included
+        "dataset": manifest,  # the shards' dataset.json (fingerprint included) + where they were
         "tool_version": tool_version,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "invalid": [],  # keys of undecodable samples, filled in when the run completes

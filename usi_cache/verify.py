@@ -587,7 +587,7 @@ def format_report(rep: VerifyReport) -> str:
             lines.append(f"      ... and {len(found) - SHOWN} more")
     skipped = [c for c in CHECKS[2:-1] if c not in rep.ran]
     if skipped and rep.problems:
-        lines.append(f"  not run (the arrays do not fit the attributes): {', '.join(skipped)}")
+        lines.append(f"  not run (the attributes cannot be trusted to read the arrays): {', '.join(skipped)}")
     if rep.ok:
         extra = f", teacher re-run on {rep.recompute['views']} views" if rep.recompute else ""
         lines.append(f"verdict: OK: the cache matches its shards ({rep.shards} shards, {rep.samples} samples, "
