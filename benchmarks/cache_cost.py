@@ -83,8 +83,9 @@ def main() -> None:
                             str(a.size), str(a.shuffle_buffer)], capture_output=True, text=True, check=True)
     mem = json.loads(probe.stdout.strip().splitlines()[-1])
     print(f"stage-2 worker (one process streaming all {mem['samples']} samples, shuffle buffer "
-          f"{a.shuffle_buffer}, {a.size}px): peak RSS {mem['peak_kib'] / 1024:.0f} MiB "
-          f"({mem['base_kib'] / 1024:.0f} MiB after imports)")
+          f"{a.shuffle_buffer}, {a.size}px): peak RSS {mem['peak_kib'] / 1024:.0f} MiB, of which "
+          f"{(mem['peak_kib'] - mem['base_kib']) / 1024:.1f} MiB above the {mem['base_kib'] / 1024:.0f} MiB "
+          f"after imports")
     path = write_result("cache_cost", {"args": vars(a), "bytes_per_view": sizes, "shard_read_ms": read_ms,
                                        "worker_peak_mib": mem["peak_kib"] / 1024,
                                        "worker_base_mib": mem["base_kib"] / 1024})

@@ -233,8 +233,8 @@ def write_block(group: zarr.Group, layout: Layout, shard: int, block: ShardBlock
     rows = layout.rows(shard)
     for name in ARRAYS:
         value = getattr(block, name)
-        if name == "keys":
-            value = np.asarray(value, dtype=str)
+        if name == "keys":  # object or StringDType arrays both become Zarr's variable-length strings
+            value = np.array([str(v) for v in value], dtype=np.dtypes.StringDType())
         group[name][rows] = value
 
 
