@@ -171,3 +171,33 @@ def test_resume_after_kill_mid_epoch(data, tmp_path):
     assert [e["epoch"] for e in log] == [0, 1, 2]
     assert [e["lr"] for e in log] == sorted(e["lr"] for e in log) or len({e["lr"] for e in log}) == 3
     assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 2
+
+
+def test_repeated_augmentation_uses_distinct_cached_views(data):
+    m = load_manifest(data["train"])
+    group, attrs = schema.open_cache(data["cache"])
+    layout = schema.Layout.from_attrs(attrs)
+    from usi_cache.train import _view_spec
+    spec = _view_spec(attrs["view_spec"])
+    stream = TrainStream(TrainStreamSpec(manifest=m, cache=str(data["cache"]), layout=layout, spec=spec, size=32,
+                                         seed=42, batch_size=8, steps=7, shuffle_buffer=4, rank=0, world=1,
+                                         repeats=2))
+    stream.set_epoch(1)
+    assert stream.view_indices(1) == [2, 0]  # (1*2 + r) mod 3
+    x = {n: group[n][:] for n in schema.ARRAYS}
+    slots = {str(k): i for i, k in enumerate(x["keys"]) if k}
+    seen: dict[str, list] = {}
+    for s in stream:
+        seen.setdefault(s["key"], []).append(s["t_logits"].numpy())
+    twice = [k for k, v in seen.items() if len(v) == 2]
+    assert len(twice) >= 20
+    for k in twice:
+        got = sorted(tuple(v) for v in seen[k])
+        want = sorted(tuple(x["logits"][slots[k], v].astype(np.float32)) for v in (2, 0))
+        assert got == want
+
+
+def test_repeated_aug_larger_than_views_is_refused(data, tmp_path):
+    r = CliRunner().invoke(main, ["train", *train_args(data, tmp_path / "run", "--cache", str(data["cache"]),
+                                                       "--repeated-aug", "4")])
+    assert r.exit_code == 1 and "repeated_aug = 4" in r.output and "V = 3" in r.output, r.output

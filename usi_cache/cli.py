@@ -181,6 +181,7 @@ def _model_kwargs(ctx, param, value):
 @click.option("--workers", type=int)
 @click.option("--seed", type=int)
 @click.option("--max-steps", type=int, help="Cap on steps per epoch.")
+@click.option("--repeated-aug", type=int, help="Distinct views of each sample per epoch (USI: 3 when distributed).")
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.pth.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @one_line_errors

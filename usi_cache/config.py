@@ -122,6 +122,7 @@ class TrainConfig:
     seed: int = 42
     workers: int = 2  # data-loading processes per rank
     shuffle_buffer: int = 1000  # samples held for shuffling, per worker
+    repeated_aug: int = 1  # each sample seen with this many distinct views per epoch (same steps)
     max_steps: int | None = None  # cap on steps per epoch (smoke tests, benchmarks)
     view: ViewSpec = field(default_factory=ViewSpec)  # label-only/online views; a cache brings its own
 
@@ -130,7 +131,7 @@ class TrainConfig:
         for name in ("model", "train_shards", "val_shards", "out"):
             if not getattr(self, name):
                 raise ConfigError(f"train.{name}: required")
-        for name in ("epochs", "batch_size", "input_size"):
+        for name in ("epochs", "batch_size", "input_size", "repeated_aug"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: expected a positive integer, got {getattr(self, name)}")
         for name in ("cooldown_epochs", "warmup_epochs", "workers", "shuffle_buffer"):

@@ -62,6 +62,9 @@ def resolve_targets(cfg: TrainConfig, world: World, fingerprint: str, num_classe
         if attrs["num_classes"] != num_classes:
             raise schema.CacheError(f"{cfg.cache}: num_classes {attrs['num_classes']} != {num_classes} classes of the shards")
         layout = schema.Layout.from_attrs(attrs)
+        if cfg.repeated_aug > layout.views:
+            raise schema.CacheError(f"{cfg.cache}: train.repeated_aug = {cfg.repeated_aug} needs that many distinct "
+                                    f"views per epoch, the cache has V = {layout.views}")
         group, _ = schema.open_cache(cfg.cache)
         if not schema.completed_shards(group, layout).all():
             raise schema.CacheError(f"{cfg.cache}: incomplete (some shards were never committed); "
@@ -70,15 +73,22 @@ def resolve_targets(cfg: TrainConfig, world: World, fingerprint: str, num_classe
         if spec != cfg.view:
             log(f"using the cache's view spec (randaugment {spec.randaugment!r}); the config's view section is not used")
         total = cfg.epochs + cfg.cooldown_epochs
-        if layout.views < total:
-            log(f"cache has V = {layout.views} views for {total} epochs: epoch e uses view e mod {layout.views}, "
-                f"so each view repeats about {total / layout.views:.1f} times")
+        needed = total * cfg.repeated_aug
+        if layout.views < needed:
+            rule = (f"epoch e uses view e mod {layout.views}" if cfg.repeated_aug == 1 else
+                    f"epoch e uses views (e*{cfg.repeated_aug} + r) mod {layout.views}, r < {cfg.repeated_aug}")
+            log(f"cache has V = {layout.views} views for {total} epochs: {rule}, "
+                f"so each view repeats about {needed / layout.views:.1f} times")
         return Targets("cache", spec, layout)
     if cfg.teacher:
         teacher, info = load_teacher(cfg.teacher, cfg.teacher_checkpoint, num_classes=num_classes,
                                      device=world.device)
         return Targets("online", cfg.view, teacher=teacher)
     return Targets("labels", cfg.view)
+
+
+def _view_log(views: list[int]):
+    return views[0] if len(views) == 1 else views
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -149,7 +159,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict
     stream = TrainStream(TrainStreamSpec(
         manifest=train_m, cache=cfg.cache, layout=targets.layout, spec=targets.spec, size=cfg.input_size,
         seed=cfg.seed, batch_size=cfg.batch_size, steps=steps, shuffle_buffer=cfg.shuffle_buffer,
-        rank=world.rank, world=world.size))
+        rank=world.rank, world=world.size, repeats=cfg.repeated_aug))
     workers = min(cfg.workers, len(train_m.shards) // world.size)
     log(f"training {cfg.model} ({targets.mode} targets) on {world.size} process(es), {steps} steps/epoch "
         f"of {cfg.batch_size} per process, epochs {start_epoch}..{total_epochs - 1}")
@@ -175,7 +185,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict
             "img_per_s": stats["img_per_s"], "train_s": train_s,
             "val_top1": raw["top1"], "val_top5": raw["top5"],
             "val_top1_ema": ema_m["top1"] if ema_m else None, "val_top5_ema": ema_m["top5"] if ema_m else None,
-            "val_count": raw["count"], "view": stream.view_index(epoch) if targets.mode == "cache" else None,
+            "val_count": raw["count"], "view": _view_log(stream.view_indices(epoch)) if targets.mode == "cache" else None,
             "ranks": world.size, "rank_weights_equal": in_sync, "time_s": time.perf_counter() - t0,
         }
         if world.is_main:

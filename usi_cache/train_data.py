@@ -67,6 +67,7 @@ class TrainStreamSpec:
     shuffle_buffer: int
     rank: int
     world: int
+    repeats: int = 1  # repeated augmentation: views of each sample per epoch
 
 
 class TrainStream(IterableDataset):
@@ -80,9 +81,14 @@ class TrainStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def view_index(self, epoch: int) -> int:
-        """Cache mode: epoch e uses view e mod V. Label-only: a fresh view every epoch."""
-        return epoch % self.s.layout.views if self.s.cache else epoch
+    def view_indices(self, epoch: int) -> list[int]:
+        """The views of epoch e: e mod V in cache mode (a fresh view every epoch otherwise).
+
+        With repeated augmentation R > 1, the R distinct views (e·R + r) mod V, r < R.
+        """
+        R = self.s.repeats
+        first = [epoch * R + r for r in range(R)]
+        return [v % self.s.layout.views for v in first] if self.s.cache else first
 
     def worker_plan(self, worker: int, workers: int) -> tuple[list[int], int]:
         """This worker's shard list and its number of batches."""
@@ -134,42 +140,49 @@ class TrainStream(IterableDataset):
                 raise ShardError(f"shards {shards} hold no valid sample")
 
     def shard_samples(self, shard: int, group) -> Iterator[dict]:
-        """The replayed samples of one shard for this epoch (label -1 slots skipped)."""
+        """The replayed samples of one shard for this epoch (label -1 slots skipped).
+
+        With repeated augmentation (R > 1) each sample is yielded R times, once per view of
+        `view_indices(epoch)`; the image is decoded once for all of them.
+        """
         s, m = self.s, self.s.manifest
         path = str(m.path(shard))
-        view = self.view_index(self.epoch)
-        block = None
-        if group is not None:
-            block = schema.read_block(group, s.layout, shard, view)  # one read per array
+        views = self.view_indices(self.epoch)
+        blocks = []
+        if group is not None:  # one read per array per view of the epoch
+            blocks = [schema.read_block(group, s.layout, shard, v) for v in views]
         for pos, (key, data, cls) in enumerate(iter_tar(path)):
             if pos >= m.per_shard:
                 raise ShardError(f"{path}: more samples than the manifest's {m.per_shard} per shard")
-            if block is not None:
-                cached_key = str(block.keys[pos])
+            if blocks:
+                cached_key = str(blocks[0].keys[pos])
                 if cached_key != key:
                     raise schema.CacheError(f"{path} position {pos}: shard has key {key!r}, "
                                             f"cache has key {cached_key!r}")
-                if block.labels[pos] < 0:
+                if blocks[0].labels[pos] < 0:
                     continue  # undecodable at caching time: no target
-                params = decode_view(tuple(block.boxes[pos]), bool(block.flips[pos]), block.aug_ops[pos],
-                                     block.aug_levels[pos], block.aug_resample[pos])
             try:
                 image = decode_image(data)
             except ValueError as e:
-                if block is not None:
+                if blocks:
                     raise ShardError(f"{path}: sample {key!r} no longer decodes ({e}) "
                                      f"but the cache holds a target for it") from None
                 continue
-            if block is None:
-                params = sample_view(view_rng(s.seed, key, view), image.height, image.width, s.spec)
-            pixels = replay_array(image, params, s.size, s.spec)
-            out = {"image": torch.from_numpy(pixels).permute(2, 0, 1).contiguous(),
-                   "label": cls, "key": key}
-            if block is not None:
-                out["t_logits"] = torch.from_numpy(block.logits[pos].astype(np.float32))
-                out["t_classes"] = torch.from_numpy(block.classes[pos].astype(np.int64))
-                out["t_lse"] = float(block.lse[pos])
-            yield out
+            for r, view in enumerate(views):
+                if blocks:
+                    b = blocks[r]
+                    params = decode_view(tuple(b.boxes[pos]), bool(b.flips[pos]), b.aug_ops[pos],
+                                         b.aug_levels[pos], b.aug_resample[pos])
+                else:
+                    params = sample_view(view_rng(s.seed, key, view), image.height, image.width, s.spec)
+                pixels = replay_array(image, params, s.size, s.spec)
+                out = {"image": torch.from_numpy(pixels).permute(2, 0, 1).contiguous(),
+                       "label": cls, "key": key}
+                if blocks:
+                    out["t_logits"] = torch.from_numpy(b.logits[pos].astype(np.float32))
+                    out["t_classes"] = torch.from_numpy(b.classes[pos].astype(np.int64))
+                    out["t_lse"] = float(b.lse[pos])
+                yield out
 
 
 def eval_array(image: Image.Image, size: int, crop_pct: float, interpolation: str) -> np.ndarray:
