@@ -23,6 +23,7 @@ from .dist import World, all_gather_objects, barrier, broadcast_object, close_wo
 from .randaugment import OP_NAMES
 from .shards import Manifest, ShardError, decode_image, load_manifest, read_shard
 from .teacher import load_teacher
+from .mixing import NO_MIX, PartnerImages, mix_pixels, pair_rng, sample_pair
 from .views import encode_ops, op_slots, replay_array, sample_view, view_rng
 
 FP16_MAX = 65504.0
@@ -39,6 +40,7 @@ class ViewJob:
     size: int  # teacher input size (square)
     seed: int
     batch_size: int
+    mix: dict | None = None  # paired caches: mixup, cutmix, prob, switch (sample_pair's keywords)
 
 
 def shard_batches(job: ViewJob, shard: int) -> Iterator[dict]:
@@ -55,8 +57,13 @@ def shard_batches(job: ViewJob, shard: int) -> Iterator[dict]:
         images.clear(), pos.clear(), views.clear()
         return out
 
+    samples = read_shard(path)
+    partners = None
+    if layout.paired:  # a partner may come later in the tar: hold the shard's encoded bytes
+        samples = list(samples)
+        partners = PartnerImages([s.data for s in samples])
     count = 0
-    for p, sample in enumerate(read_shard(path)):
+    for p, sample in enumerate(samples):
         if p >= S:
             raise ShardError(f"{path}: holds more than the {S} samples per shard its manifest allows")
         count += 1
@@ -71,13 +78,32 @@ def shard_batches(job: ViewJob, shard: int) -> Iterator[dict]:
             meta.boxes[p, v] = params.box
             meta.flips[p, v] = params.flip
             meta.aug_ops[p, v], meta.aug_levels[p, v], meta.aug_resample[p, v] = encode_ops(params, n)
-            images.append(replay_array(image, params, job.size, job.spec))
+            pixels = replay_array(image, params, job.size, job.spec)
+            if partners is not None:
+                pixels = _pair_view(job, samples, partners, meta, shard, p, v, pixels)
+            images.append(pixels)
             pos.append(p), views.append(v)
             if len(images) == job.batch_size:
                 yield batch()
     if images:
         yield batch()
     yield {"kind": "meta", "shard": shard, "count": count, "block": meta}
+
+
+def _pair_view(job: ViewJob, samples, partners: PartnerImages, meta: schema.ShardBlock, shard: int,
+               p: int, v: int, pixels: np.ndarray) -> np.ndarray:
+    """Mix view v of sample p with view v of its drawn partner; record the pairing in `meta`."""
+    key = samples[p].key
+    pair = sample_pair(pair_rng(job.seed, key, v), p, len(samples), job.size, **job.mix)
+    partner_image = partners.get(pair.partner) if pair.kind != NO_MIX else None
+    if partner_image is None:  # not mixed, or the partner does not decode
+        return pixels
+    q = pair.partner
+    q_params = sample_view(view_rng(job.seed, samples[q].key, v), partner_image.height, partner_image.width,
+                           job.spec)
+    meta.mix_partner[p, v] = shard * job.layout.slots_per_shard + q
+    meta.mix_kind[p, v], meta.mix_lam[p, v], meta.mix_box[p, v] = pair.kind, pair.lam, pair.box
+    return mix_pixels(pixels, replay_array(partner_image, q_params, job.size, job.spec), pair)
 
 
 class ShardViews(IterableDataset):
@@ -115,6 +141,13 @@ class StageTimes:
     views: int = 0
     shards: int = 0
     extra: dict = field(default_factory=dict)
+
+
+def _mix_spec(cfg: CacheConfig) -> dict | None:
+    """sample_pair's keywords for a paired cache (None for a plain one)."""
+    if cfg.mix != "paired":
+        return None
+    return {"mixup": cfg.mixup, "cutmix": cfg.cutmix, "prob": cfg.mix_prob, "switch": cfg.mix_switch}
 
 
 def _prepare_store(cfg: CacheConfig, attrs: dict, layout: schema.Layout) -> str | None:
@@ -155,12 +188,12 @@ def _run(cfg: CacheConfig, world: World, progress: bool) -> dict:
                            views=cfg.views, topk=cfg.topk, num_classes=C,
                            # at least one slot (then always -1) when RandAugment is off: Zarr
                            # cannot shard zero-size chunks
-                           op_slots=max(1, op_slots(cfg.view)))
+                           op_slots=max(1, op_slots(cfg.view)), paired=cfg.mix == "paired")
     attrs = schema.make_attrs(teacher=info.to_dict(), num_classes=C, topk=cfg.topk, views=cfg.views,
                               view_spec=to_dict(cfg.view), op_names=list(OP_NAMES),
                               op_slots=layout.op_slots, seed=cfg.seed,
                               manifest={**manifest.to_dict(), "root": str(Path(manifest.root).resolve())},
-                              tool_version=__version__)
+                              tool_version=__version__, mix=_mix_spec(cfg))
     error = _prepare_store(cfg, attrs, layout) if world.is_main else None
     error = broadcast_object(world, error)
     if error:
@@ -185,7 +218,7 @@ def _compute(cfg, world, manifest: Manifest, layout, group, teacher, size, mine,
     if not mine:
         return times
     job = ViewJob(manifest.root, tuple(s.name for s in manifest.shards), layout, cfg.view,
-                  size, cfg.seed, cfg.batch_size)
+                  size, cfg.seed, cfg.batch_size, _mix_spec(cfg))
     loader = DataLoader(ShardViews(job, mine), batch_size=None, num_workers=min(cfg.workers, len(mine)),
                         prefetch_factor=4 if cfg.workers else None,
                         persistent_workers=False)
@@ -219,7 +252,8 @@ def _compute(cfg, world, manifest: Manifest, layout, group, teacher, size, mine,
             if msg["count"] != expected:
                 raise ShardError(f"{manifest.path(shard)}: holds {msg['count']} samples, "
                                  f"{Path(manifest.root) / 'dataset.json'} says {expected}")
-            for name in ("boxes", "flips", "aug_ops", "aug_levels", "aug_resample", "keys", "labels"):
+            per_slot = ("boxes", "flips", "aug_ops", "aug_levels", "aug_resample", "keys", "labels")
+            for name in per_slot + (schema.MIX_ARRAYS if layout.paired else ()):
                 setattr(block, name, getattr(meta, name))
             schema.write_block(group, layout, shard, blocks.pop(shard))
             times.write += time.perf_counter() - t

@@ -7,18 +7,29 @@ from __future__ import annotations
 
 import functools
 import json
+import pickle
+import re
 import sys
+import tarfile
 
 import click
 
 from .config import ConfigError
 
-def _expected_errors() -> tuple[type[Exception], ...]:
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """What a user can cause: bad config or input files, a refused checkpoint, the environment.
+
+    OSError covers the environment (disk full, permission denied, a file where a folder
+    belongs); UnpicklingError a checkpoint that torch.load(weights_only=True) refuses (it would
+    run code, or is not a checkpoint); TarError a damaged shard read through WebDataset, which
+    lets tarfile's own error through. Anything else is a bug and keeps its traceback.
+    """
     from .schema import CacheError
     from .shards import ShardError
     from .teacher import TeacherError
     from .train import TrainError
-    return (ConfigError, CacheError, ShardError, TeacherError, TrainError, FileNotFoundError)
+    return (ConfigError, CacheError, ShardError, TeacherError, TrainError, OSError,
+            pickle.UnpicklingError, tarfile.TarError)
 
 
 def one_line_errors(fn):
@@ -32,13 +43,40 @@ def one_line_errors(fn):
     return wrapper
 
 
-def _message(e: Exception) -> str:
-    """The error's own one-line message, also when a DataLoader worker re-raised it."""
+def _message(e: BaseException) -> str:
+    """The error's own message on one line, also when a DataLoader worker re-raised it."""
     text = str(e)
     if "Original Traceback" in text:  # torch wraps worker exceptions with the traceback text
         last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
         text = last.split(": ", 1)[1] if ": " in last else last
-    return text
+    elif isinstance(e, OSError) and e.strerror:
+        text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    if isinstance(e, pickle.UnpicklingError):
+        text = _unpickling_message(text)
+    elif isinstance(e, tarfile.TarError):
+        text = _tar_message(e, text)
+    return " ".join(ln.strip() for ln in text.splitlines() if ln.strip()) or type(e).__name__
+
+
+def _unpickling_message(text: str) -> str:
+    """torch.load(weights_only=True)'s many-line refusal -> the line that says why."""
+    why = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln or "global" in ln), None)
+    if why:
+        return f"checkpoint refused: loading it would run code ({why[:200]})"
+    reason = next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), "")
+    return f"not a PyTorch checkpoint (unpickling failed: {reason[:200]})"
+
+
+def _tar_message(e: tarfile.TarError, text: str) -> str:
+    """tarfile's error as WebDataset passes it on: args (reason, stream, url) -> 'url: damaged tar (reason)'."""
+    if len(e.args) >= 2 and isinstance(e.args[-1], str):
+        url, reason = e.args[-1], str(e.args[0])
+    else:  # re-raised from a DataLoader worker: only the repr of those args is left
+        m = re.search(r"'([^']*)'\)\s*$", text)
+        url = m.group(1) if m else None
+        reason = re.sub(r"^\('", "", text)
+    reason = reason.split(" @ ")[0].strip("(',\" ")
+    return f"{url}: damaged tar ({reason})" if url else f"damaged tar ({reason})"
 
 
 def _floats3(ctx, param, value):
@@ -126,6 +164,8 @@ def shards_fashion_mnist(out, source, per_shard, seed, limit_train, limit_test):
 @click.option("--workers", type=int, help="Decode/augment worker processes per rank.")
 @click.option("--compile/--no-compile", default=None, help="torch.compile the teacher (CUDA).")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing cache.")
+@click.option("--mix", type=click.Choice(["none", "paired"]), default=None,
+              help="paired: the teacher sees each view mixed (Mixup/CutMix) with a partner of its shard.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @one_line_errors
 def cache_command(config_path, as_json, **overrides):

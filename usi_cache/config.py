@@ -65,10 +65,23 @@ class CacheConfig:
     workers: int = 2  # decode/augment worker processes per rank
     compile: bool = False  # torch.compile the teacher (CUDA only)
     overwrite: bool = False  # replace an existing cache made with another config
+    mix: str = "none"  # "paired": the teacher sees each view mixed with a partner of its shard
+    mixup: float = 0.8  # paired mixing, drawn per view: mixup alpha (0 = off)
+    cutmix: float = 1.0  # cutmix alpha (0 = off)
+    mix_prob: float = 1.0  # probability that a view is mixed
+    mix_switch: float = 0.5  # probability of cutmix when both are on
     view: ViewSpec = field(default_factory=ViewSpec)
 
     def validate(self) -> None:
         self.view.validate()
+        if self.mix not in ("none", "paired"):
+            raise ConfigError(f"cache.mix: expected 'none' or 'paired', got {self.mix!r}")
+        for name in ("mix_prob", "mix_switch"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"cache.{name}: expected a probability, got {getattr(self, name)}")
+        for name in ("mixup", "cutmix"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"cache.{name}: expected >= 0, got {getattr(self, name)}")
         for name in ("views", "topk", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"cache.{name}: expected a positive integer, got {getattr(self, name)}")

@@ -19,7 +19,15 @@ checksum, so a corrupted chunk fails on read instead of returning garbage.
 | keys           | (slots,)      | string  | sample key; "" for a slot past the shard's end     |
 | labels         | (slots,)      | int32   | ground truth; -1 = empty/undecodable slot          |
 
-n is the RandAugment policy's number of ops (0 when RandAugment is off). `labels` is written
+| mix_partner    | (slots, V)    | int32   | paired caches only: partner slot (same shard), -1  |
+| mix_kind       | (slots, V)    | uint8   | paired only: 0 none, 1 mixup, 2 cutmix             |
+| mix_lam        | (slots, V)    | float32 | paired only: weight of the sample itself           |
+| mix_box        | (slots, V, 4) | float32 | paired only: cutmix (top, left, bottom, right) as  |
+|                |               |         | fractions of the view's side                       |
+
+n is the RandAugment policy's number of ops (at least 1; unused slots hold -1). In a paired
+cache (`mix: paired`, schema version 2) the teacher saw view v of the sample mixed with view v
+of its partner (see mixing.py); its logits are of that mixed image. `labels` is written
 last for each shard: it is the commit marker. Its fill value `NOT_WRITTEN` (-2) marks a shard
 that is incomplete; a complete shard has only labels >= -1.
 
@@ -37,15 +45,17 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added paired caches (mix_* arrays); version-1 caches are read as plain
+READABLE_VERSIONS = (1, 2)
 ATTR = "usi_cache"
 NOT_WRITTEN = -2  # labels fill value: the shard's block has not been committed
 INVALID = -1  # label of an empty or undecodable slot
 COMMIT_ARRAY = "labels"
 # Written in this order; the commit marker last.
 PER_VIEW = ("logits", "classes", "lse", "boxes", "flips", "aug_ops", "aug_levels", "aug_resample")
+MIX_ARRAYS = ("mix_partner", "mix_kind", "mix_lam", "mix_box")  # paired caches only
 PER_SLOT = ("keys", "labels")
-ARRAYS = PER_VIEW + PER_SLOT
+ARRAYS = PER_VIEW + PER_SLOT  # every cache has these
 # Attribute fields that may legitimately differ between runs writing to the same cache
 # (the checkpoint's path may move; its sha256 is what identifies the teacher).
 VOLATILE_ATTRS = ("created", "tool_version", "invalid", "teacher.checkpoint", "dataset.root")
@@ -63,6 +73,12 @@ class Layout:
     topk: int  # k
     num_classes: int  # C
     op_slots: int  # n: RandAugment ops per view
+    paired: bool = False  # the mix_* arrays exist: the teacher saw mixed images
+
+    @property
+    def arrays(self) -> tuple[str, ...]:
+        """This cache's arrays in writing order (the commit marker last)."""
+        return PER_VIEW + (MIX_ARRAYS if self.paired else ()) + PER_SLOT
 
     @property
     def slots(self) -> int:
@@ -78,7 +94,8 @@ class Layout:
     @classmethod
     def from_attrs(cls, a: dict) -> "Layout":
         return cls(num_shards=len(a["dataset"]["shards"]), slots_per_shard=a["dataset"]["per_shard"],
-                   views=a["views"], topk=a["topk"], num_classes=a["num_classes"], op_slots=a["op_slots"])
+                   views=a["views"], topk=a["topk"], num_classes=a["num_classes"], op_slots=a["op_slots"],
+                   paired=a.get("mix", "none") == "paired")
 
 
 @dataclass
@@ -95,6 +112,10 @@ class ShardBlock:
     aug_resample: np.ndarray  # (S, V, n) uint8
     keys: np.ndarray  # (S,) str
     labels: np.ndarray  # (S,) int32
+    mix_partner: np.ndarray | None = None  # (S, V) int32 slot, paired caches only
+    mix_kind: np.ndarray | None = None  # (S, V) uint8
+    mix_lam: np.ndarray | None = None  # (S, V) float32
+    mix_box: np.ndarray | None = None  # (S, V, 4) float32
 
     @classmethod
     def empty(cls, layout: Layout) -> "ShardBlock":
@@ -110,6 +131,9 @@ class ShardBlock:
             aug_resample=np.zeros((S, V, n), np.uint8),
             keys=np.array([""] * S, dtype=object),
             labels=np.full((S,), INVALID, np.int32),
+            **(dict(mix_partner=np.full((S, V), -1, np.int32), mix_kind=np.zeros((S, V), np.uint8),
+                    mix_lam=np.ones((S, V), np.float32), mix_box=np.zeros((S, V, 4), np.float32))
+               if layout.paired else {}),
         )
 
 
@@ -126,6 +150,11 @@ def _array_specs(layout: Layout) -> dict[str, dict]:
     ):
         specs[name] = dict(shape=(N, V, *tail), dtype=dtype, chunks=(S, 1, *tail),
                            shards=(S, V, *tail), fill_value=fill)
+    if layout.paired:
+        for name, tail, dtype, fill in (("mix_partner", (), "int32", -1), ("mix_kind", (), "uint8", 0),
+                                        ("mix_lam", (), "float32", 1.0), ("mix_box", (4,), "float32", 0.0)):
+            specs[name] = dict(shape=(N, V, *tail), dtype=dtype, chunks=(S, 1, *tail),
+                               shards=(S, V, *tail), fill_value=fill)
     specs["keys"] = dict(shape=(N,), dtype=str, chunks=(S,), shards=None, fill_value="")
     specs["labels"] = dict(shape=(N,), dtype="int32", chunks=(S,), shards=None, fill_value=NOT_WRITTEN)
     return specs
@@ -133,7 +162,7 @@ def _array_specs(layout: Layout) -> dict[str, dict]:
 
 def make_attrs(*, teacher: dict, num_classes: int, topk: int, views: int, view_spec: dict,
                op_names: list[str], op_slots: int, seed: int, manifest: dict,
-               tool_version: str) -> dict:
+               tool_version: str, mix: dict | None = None) -> dict:
     """The root `usi_cache` attribute: everything a reader needs to trust and replay the cache."""
     return {
         "schema_version": SCHEMA_VERSION,
@@ -145,6 +174,8 @@ def make_attrs(*, teacher: dict, num_classes: int, topk: int, views: int, view_s
         "op_names": op_names,  # RandAugment op table: aug_ops values index this list
         "op_slots": op_slots,
         "seed": seed,
+        "mix": "paired" if mix else "none",  # paired: the teacher saw mixed images (mix_* arrays)
+        "mix_spec": mix or {},  # paired: mixup/cutmix alphas, prob, switch (per view)
         "dataset": manifest,  # the shards' dataset.json (fingerprint included) + where they were
         "tool_version": tool_version,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -213,10 +244,11 @@ def open_cache(path: str | Path, mode: str = "r") -> tuple[zarr.Group, dict]:
         raise CacheError(f"{path}: Zarr group has no {ATTR!r} attribute: not a usi-cache cache") from None
     except Exception as e:  # zarr raises many types for a damaged zarr.json
         raise CacheError(f"{path}: cannot open as a Zarr v3 group ({type(e).__name__}: {e})") from None
-    if attrs.get("schema_version") != SCHEMA_VERSION:
+    if attrs.get("schema_version") not in READABLE_VERSIONS:
         raise CacheError(f"{path}: schema_version {attrs.get('schema_version')!r}, "
-                         f"this tool reads version {SCHEMA_VERSION}")
-    missing = [n for n in ARRAYS if n not in group]
+                         f"this tool reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+    wanted = ARRAYS + (MIX_ARRAYS if attrs.get("mix", "none") == "paired" else ())
+    missing = [n for n in wanted if n not in group]
     if missing:
         raise CacheError(f"{path}: array {missing[0]!r} is missing")
     return group, attrs
@@ -231,7 +263,7 @@ def set_invalid(group: zarr.Group, invalid: list[str]) -> None:
 def write_block(group: zarr.Group, layout: Layout, shard: int, block: ShardBlock) -> None:
     """Write one shard's block: every array in order, the commit marker (labels) last."""
     rows = layout.rows(shard)
-    for name in ARRAYS:
+    for name in layout.arrays:
         value = getattr(block, name)
         if name == "keys":  # object or StringDType arrays both become Zarr's variable-length strings
             value = np.array([str(v) for v in value], dtype=np.dtypes.StringDType())
@@ -252,7 +284,7 @@ def read_array(group: zarr.Group, name: str, rows: slice, view: int | None = Non
 def read_block(group: zarr.Group, layout: Layout, shard: int, view: int | None = None) -> ShardBlock:
     """Read one shard's block: all views, or only `view` (then per-view arrays lose axis 1)."""
     rows = layout.rows(shard)
-    return ShardBlock(**{name: read_array(group, name, rows, view) for name in ARRAYS})
+    return ShardBlock(**{name: read_array(group, name, rows, view) for name in layout.arrays})
 
 
 def completed_shards(group: zarr.Group, layout: Layout) -> np.ndarray:
@@ -265,7 +297,7 @@ def disk_usage(path: str | Path) -> dict[str, int]:
     """Bytes on disk per array (and 'total'), for local caches."""
     path = Path(path)
     out = {}
-    for name in ARRAYS:
+    for name in ARRAYS + tuple(n for n in MIX_ARRAYS if (path / n).is_dir()):
         out[name] = sum(f.stat().st_size for f in (path / name).rglob("*") if f.is_file())
     out["total"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return out

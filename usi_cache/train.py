@@ -45,6 +45,11 @@ class Targets:
     mode: str  # "cache", "labels" or "online"
     spec: ViewSpec
     layout: schema.Layout | None = None
+
+    @property
+    def paired(self) -> bool:
+        """A paired cache: the teacher saw mixed images, so batch-level mixing is off."""
+        return self.layout is not None and self.layout.paired
     teacher: object = None  # usi_cache.teacher.Teacher (online mode)
 
 
@@ -79,6 +84,9 @@ def resolve_targets(cfg: TrainConfig, world: World, fingerprint: str, num_classe
                     f"epoch e uses views (e*{cfg.repeated_aug} + r) mod {layout.views}, r < {cfg.repeated_aug}")
             log(f"cache has V = {layout.views} views for {total} epochs: {rule}, "
                 f"so each view repeats about {needed / layout.views:.1f} times")
+        if layout.paired:
+            log(f"paired cache: each view is rebuilt mixed exactly as the teacher saw it "
+                f"({attrs['mix_spec']}); the config's batch-level mixup/cutmix is not used")
         return Targets("cache", spec, layout)
     if cfg.teacher:
         teacher, info = load_teacher(cfg.teacher, cfg.teacher_checkpoint, num_classes=num_classes,
@@ -220,16 +228,24 @@ def train_epoch(cfg, epoch, steps, loader, ddp, model, ema, optimizer, targets: 
     for step, batch in enumerate(loader):
         x = batch["image"].to(dev, non_blocking=True).float().div_(255)
         labels = batch["label"].to(dev)
-        rng = np.random.default_rng(stable_seed("mix", cfg.seed, epoch, step, world.rank))
-        mix = sample_mix(rng, x.shape[2], x.shape[3], mixup=cfg.mixup, cutmix=cfg.cutmix,
-                         prob=cfg.mix_prob, switch=cfg.mix_switch)
-        x, perm = apply_mix(x, mix)
-        gt = one_hot_mix(labels, perm, mix.lam, C)
+        if targets.paired:  # each image is already the mixed view the teacher saw: no batch mixing
+            lam = batch["lam"].to(dev, torch.float32)
+            gt = (lam[:, None] * torch.nn.functional.one_hot(labels, C)
+                  + (1 - lam[:, None]) * torch.nn.functional.one_hot(batch["label_b"].to(dev), C))
+            perm, mix_lam = None, None
+        else:
+            rng = np.random.default_rng(stable_seed("mix", cfg.seed, epoch, step, world.rank))
+            mix = sample_mix(rng, x.shape[2], x.shape[3], mixup=cfg.mixup, cutmix=cfg.cutmix,
+                             prob=cfg.mix_prob, switch=cfg.mix_switch)
+            x, perm = apply_mix(x, mix)
+            mix_lam = mix.lam
+            gt = one_hot_mix(labels, perm, mix_lam, C)
         P = rest = None
         if targets.mode == "cache":
             P, rest = teacher_distribution(batch["t_logits"].to(dev), batch["t_classes"].to(dev),
                                            batch["t_lse"].to(dev), C, cfg.kd_temperature)
-            P, rest = mix_targets(P, rest, perm, mix.lam)
+            if perm is not None:  # linear mixing of cached targets: an approximation
+                P, rest = mix_targets(P, rest, perm, mix_lam)
         elif targets.mode == "online":
             P, rest = online_distribution(targets.teacher, x, cfg.kd_temperature)
         if world.device.type == "cuda" and cfg.channels_last:

@@ -25,6 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from . import schema
 from .config import ViewSpec
 from .shards import IMAGE_EXTS, Manifest, ShardError, decode_image
+from .mixing import NO_MIX, PairParams, PartnerImages, mix_pixels
 from .views import decode_view, replay_array, sample_view, view_rng
 
 PIL_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
@@ -151,7 +152,12 @@ class TrainStream(IterableDataset):
         blocks = []
         if group is not None:  # one read per array per view of the epoch
             blocks = [schema.read_block(group, s.layout, shard, v) for v in views]
-        for pos, (key, data, cls) in enumerate(iter_tar(path)):
+        samples = iter_tar(path)
+        partners = None
+        if blocks and s.layout.paired:  # partners may come later in the tar: hold its encoded bytes
+            samples = list(samples)
+            partners = PartnerImages([data for _, data, _ in samples])
+        for pos, (key, data, cls) in enumerate(samples):
             if pos >= m.per_shard:
                 raise ShardError(f"{path}: more samples than the manifest's {m.per_shard} per shard")
             if blocks:
@@ -176,13 +182,34 @@ class TrainStream(IterableDataset):
                 else:
                     params = sample_view(view_rng(s.seed, key, view), image.height, image.width, s.spec)
                 pixels = replay_array(image, params, s.size, s.spec)
-                out = {"image": torch.from_numpy(pixels).permute(2, 0, 1).contiguous(),
-                       "label": cls, "key": key}
+                out = {"label": cls, "key": key}
+                if partners is not None:
+                    pixels = self._paired(b, shard, pos, pixels, partners, out)
+                out["image"] = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
                 if blocks:
                     out["t_logits"] = torch.from_numpy(b.logits[pos].astype(np.float32))
                     out["t_classes"] = torch.from_numpy(b.classes[pos].astype(np.int64))
                     out["t_lse"] = float(b.lse[pos])
                 yield out
+
+
+    def _paired(self, b: schema.ShardBlock, shard: int, pos: int, pixels: np.ndarray,
+                partners: PartnerImages, out: dict) -> np.ndarray:
+        """Rebuild the mixed view the teacher saw; adds the partner's label and lambda to `out`."""
+        s = self.s
+        out["label_b"], out["lam"] = out["label"], 1.0
+        kind = int(b.mix_kind[pos])
+        if kind == NO_MIX:
+            return pixels
+        q = int(b.mix_partner[pos]) - shard * s.layout.slots_per_shard
+        image = partners.get(q)
+        if image is None:
+            raise ShardError(f"{s.manifest.path(shard)}: partner position {q} of {out['key']!r} does not decode")
+        q_params = decode_view(tuple(b.boxes[q]), bool(b.flips[q]), b.aug_ops[q], b.aug_levels[q],
+                               b.aug_resample[q])
+        pair = PairParams(q, kind, float(b.mix_lam[pos]), tuple(float(x) for x in b.mix_box[pos]))
+        out["label_b"], out["lam"] = int(b.labels[q]), pair.lam
+        return mix_pixels(pixels, replay_array(image, q_params, s.size, s.spec), pair)
 
 
 def eval_array(image: Image.Image, size: int, crop_pct: float, interpolation: str) -> np.ndarray:

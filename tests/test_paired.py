@@ -1,0 +1,146 @@
+"""Paired (mix-consistent) caches: the teacher saw the mixed image; stage 2 rebuilds it exactly."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import NUM_CLASSES, TEACHER, cache_args, make_shards, save_teacher
+from usi_cache import schema
+from usi_cache.cli import main
+from usi_cache.mixing import CUTMIX, MIXUP, NO_MIX, PairParams, mix_pixels, pair_rng, sample_pair
+from usi_cache.shards import decode_image, load_manifest, read_shard
+from usi_cache.teacher import load_teacher
+from usi_cache.train import _view_spec
+from usi_cache.train_data import TrainStream, TrainStreamSpec
+from usi_cache.views import decode_view, replay_array
+
+
+@pytest.fixture(scope="module")
+def paired(tmp_path_factory):
+    root = tmp_path_factory.mktemp("paired")
+    shards = make_shards(root / "shards", n=26, per_shard=10, bad=(7,))
+    ckpt = save_teacher(root / "t.pth")
+    cache = root / "paired.zarr"
+    r = CliRunner().invoke(main, ["cache", *cache_args(shards, ckpt, cache), "--views", "4", "--mix", "paired"])
+    assert r.exit_code == 0, r.output
+    group, attrs = schema.open_cache(cache)
+    x = {n: group[n][:] for n in schema.ARRAYS + schema.MIX_ARRAYS}
+    m = load_manifest(shards)
+    images = {}
+    for shard in range(len(m.shards)):
+        for pos, s in enumerate(read_shard(m.path(shard))):
+            try:
+                images[shard * m.per_shard + pos] = decode_image(s.data)
+            except ValueError:
+                images[shard * m.per_shard + pos] = None
+    return {"root": root, "shards": shards, "ckpt": ckpt, "cache": cache, "attrs": attrs, "x": x, "m": m,
+            "images": images}
+
+
+def rebuild(d, slot: int, v: int, size: int) -> np.ndarray:
+    """The mixed view of (slot, v), rebuilt from the arrays alone."""
+    x, spec = d["x"], _view_spec(d["attrs"]["view_spec"])
+
+    def view(s):
+        p = decode_view(tuple(x["boxes"][s, v]), bool(x["flips"][s, v]), x["aug_ops"][s, v], x["aug_levels"][s, v],
+                        x["aug_resample"][s, v])
+        return replay_array(d["images"][s], p, size, spec)
+
+    kind = int(x["mix_kind"][slot, v])
+    if kind == NO_MIX:
+        return view(slot)
+    pair = PairParams(int(x["mix_partner"][slot, v]), kind, float(x["mix_lam"][slot, v]),
+                      tuple(float(b) for b in x["mix_box"][slot, v]))
+    return mix_pixels(view(slot), view(pair.partner), pair)
+
+
+def test_pairs_are_drawn_from_the_seed_within_the_shard(paired):
+    x, attrs, m = paired["x"], paired["attrs"], paired["m"]
+    assert attrs["mix"] == "paired" and attrs["schema_version"] == 2
+    spec = attrs["mix_spec"]
+    kinds = []
+    for slot, key in enumerate(x["keys"]):
+        if not key or x["labels"][slot] < 0:
+            continue
+        shard, pos = divmod(slot, m.per_shard)
+        for v in range(attrs["views"]):
+            pair = sample_pair(pair_rng(attrs["seed"], str(key), v), pos, m.shards[shard].count, 32,
+                               mixup=spec["mixup"], cutmix=spec["cutmix"], prob=spec["prob"], switch=spec["switch"])
+            partner = int(x["mix_partner"][slot, v])
+            kind = int(x["mix_kind"][slot, v])
+            kinds.append(kind)
+            if kind == NO_MIX:  # the drawn partner is the undecodable sample
+                assert x["labels"][shard * m.per_shard + pair.partner] == -1
+                continue
+            assert partner == shard * m.per_shard + pair.partner and partner // m.per_shard == shard
+            assert partner != slot and x["labels"][partner] >= 0
+            assert (kind, np.float32(x["mix_lam"][slot, v])) == (pair.kind, np.float32(pair.lam))
+            assert tuple(np.float32(x["mix_box"][slot, v])) == tuple(np.float32(pair.box))
+            assert 0 <= pair.lam <= 1
+    assert MIXUP in kinds and CUTMIX in kinds
+
+
+def test_replay_invariant_for_paired_views(paired):
+    x = paired["x"]
+    teacher, _ = load_teacher(TEACHER, str(paired["ckpt"]), num_classes=NUM_CLASSES, input_size=32)
+    rows = [(s, v) for s in range(len(x["keys"])) if x["labels"][s] >= 0 for v in range(4)]
+    pixels = np.stack([rebuild(paired, s, v, 32) for s, v in rows])
+    logits = teacher(torch.from_numpy(pixels))
+    top, cls = torch.topk(logits, 3, dim=1)
+    slots, views = np.array(rows).T
+    np.testing.assert_array_equal(cls.numpy(), x["classes"][slots, views])
+    np.testing.assert_allclose(top.numpy(), x["logits"][slots, views].astype(np.float32), rtol=1e-3, atol=1e-3)
+
+
+def test_stage2_rebuilds_the_mixed_pixels_bit_identically(paired):
+    d, x, m = paired, paired["x"], paired["m"]
+    layout = schema.Layout.from_attrs(d["attrs"])
+    stream = TrainStream(TrainStreamSpec(manifest=m, cache=str(d["cache"]), layout=layout,
+                                         spec=_view_spec(d["attrs"]["view_spec"]), size=32, seed=42, batch_size=5,
+                                         steps=5, shuffle_buffer=3, rank=0, world=1))
+    stream.set_epoch(2)
+    slot_of = {str(k): i for i, k in enumerate(x["keys"]) if k}
+    n = 0
+    for s in stream:
+        slot = slot_of[s["key"]]
+        np.testing.assert_array_equal(s["image"].permute(1, 2, 0).numpy(), rebuild(d, slot, 2, 32))
+        partner = int(x["mix_partner"][slot, 2])
+        if x["mix_kind"][slot, 2] != NO_MIX:
+            assert s["label_b"] == x["labels"][partner] and s["lam"] == pytest.approx(float(x["mix_lam"][slot, 2]))
+        else:
+            assert s["lam"] == 1.0
+        np.testing.assert_array_equal(s["t_logits"].numpy(), x["logits"][slot, 2].astype(np.float32))
+        n += 1
+    assert n == 25
+
+
+def test_training_on_a_paired_cache(paired, tmp_path):
+    val = make_shards(tmp_path / "val", n=12, per_shard=6, seed=9)
+    r = CliRunner().invoke(main, ["train", "--model", TEACHER, "--train-shards", str(paired["shards"]),
+                                  "--val-shards", str(val), "--cache", str(paired["cache"]), "--out",
+                                  str(tmp_path / "run"), "--epochs", "1", "--cooldown-epochs", "0",
+                                  "--warmup-epochs", "0", "--batch-size", "5", "--input-size", "32", "--workers",
+                                  "1", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "paired cache" in r.output and "batch-level mixup/cutmix is not used" in r.output
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["train_kd"] > 0 and log[0]["val_count"] == 12
+
+
+def test_version_1_plain_caches_still_read(tmp_path, shards, teacher_ckpt):
+    out = tmp_path / "v1.zarr"
+    r = CliRunner().invoke(main, ["cache", *cache_args(shards, teacher_ckpt, out), "--views", "2"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((out / "zarr.json").read_text())
+    attrs = meta["attributes"]["usi_cache"]
+    attrs["schema_version"] = 1
+    del attrs["mix"], attrs["mix_spec"]
+    (out / "zarr.json").write_text(json.dumps(meta))
+    group, found = schema.open_cache(out)
+    layout = schema.Layout.from_attrs(found)
+    assert not layout.paired and schema.completed_shards(group, layout).all()
+    assert schema.read_block(group, layout, 0, 1).mix_kind is None
