@@ -165,8 +165,15 @@ def test_plots(tiny, tmp_path):
     _png(tmp_path / "stats.png", (1000, 700))
     inspect(tiny.out, "--key", "img0007", "--shards", tiny.shards, "--plot", tmp_path / "one.png")
     _png(tmp_path / "one.png", (1000, 450))
-    # the attributes do not say where the shards are: the image needs --shards
-    r = inspect(tiny.out, "--key", "img0007", "--plot", tmp_path / "x.png", ok=False)
+    # without --shards, the shard folder recorded in the attributes is used while it exists
+    inspect(tiny.out, "--key", "img0007", "--plot", tmp_path / "y.png")
+    _png(tmp_path / "y.png", (1000, 450))
+    moved = tmp_path / "moved.zarr"
+    shutil.copytree(tiny.out, moved)
+    meta = json.loads((moved / "zarr.json").read_text())
+    meta["attributes"]["usi_cache"]["dataset"]["root"] = str(tmp_path / "gone")
+    (moved / "zarr.json").write_text(json.dumps(meta))
+    r = inspect(moved, "--key", "img0007", "--plot", tmp_path / "x.png", ok=False)
     assert r.exit_code == 1 and "give --shards DIR" in r.output and not (tmp_path / "x.png").exists()
     other = make_shards(tmp_path / "other", n=26, seed=3)
     r = inspect(tiny.out, "--key", "img0007", "--shards", other, "--plot", tmp_path / "x.png", ok=False)

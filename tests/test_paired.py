@@ -144,3 +144,20 @@ def test_version_1_plain_caches_still_read(tmp_path, shards, teacher_ckpt):
     layout = schema.Layout.from_attrs(found)
     assert not layout.paired and schema.completed_shards(group, layout).all()
     assert schema.read_block(group, layout, 0, 1).mix_kind is None
+
+
+def test_inspect_shows_both_images_of_a_paired_view(paired, tmp_path):
+    x = paired["x"]
+    slot = next(s for s in range(len(x["keys"])) if x["labels"][s] >= 0 and (x["mix_kind"][s] != NO_MIX).all())
+    png = tmp_path / "pair.png"
+    r = CliRunner().invoke(main, ["inspect", str(paired["cache"]), "--slot", str(slot), "--shards",
+                                  str(paired["shards"]), "--plot", str(png)])
+    assert r.exit_code == 0, r.output
+    partner = str(x["keys"][int(x["mix_partner"][slot, 0])])
+    assert f"with view 0 of {partner}" in r.output and "lambda" in r.output
+    from PIL import Image
+    with Image.open(png) as im:
+        assert im.width > 1000 and im.height > 300
+    r = CliRunner().invoke(main, ["inspect", str(paired["cache"]), "--slot", str(slot), "--json"])
+    info = json.loads(r.output)["sample"]
+    assert info["paired"] and info["views"][0]["mix"]["partner_slot"] == int(x["mix_partner"][slot, 0])

@@ -5,6 +5,7 @@ one-line error by `one_line_errors`, never a traceback.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import pickle
@@ -63,7 +64,8 @@ def _unpickling_message(text: str) -> str:
     why = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln or "global" in ln), None)
     if why:
         return f"checkpoint refused: loading it would run code ({why[:200]})"
-    reason = next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), "")
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    reason = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith(boilerplate)), "")
     return f"not a PyTorch checkpoint (unpickling failed: {reason[:200]})"
 
 
@@ -173,7 +175,14 @@ def cache_command(config_path, as_json, **overrides):
     from .cache import format_summary, run_cache
     from .config import CacheConfig, load_stage_config
     cfg = load_stage_config(CacheConfig, "cache", config_path, overrides)
-    summary = run_cache(cfg)
+    try:
+        summary = run_cache(cfg)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # The write that failed names no file; stage 1 writes nothing but the cache.
+        raise click.ClickException(f"{cfg.out}: {e.strerror} while writing the cache; committed shards are "
+                                   f"kept: free space and run the same command again to resume") from None
     import os
     if os.environ.get("RANK", "0") == "0":
         click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))

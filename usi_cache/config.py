@@ -7,6 +7,7 @@ command-line options override YAML values (None = not given on the command line)
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -87,6 +88,8 @@ class CacheConfig:
                 raise ConfigError(f"cache.{name}: expected a positive integer, got {getattr(self, name)}")
         if self.workers < 0:
             raise ConfigError(f"cache.workers: expected >= 0, got {self.workers}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"cache.seed: expected 0 <= seed < 2**63, got {self.seed}")
         if self.input_size is not None and self.input_size < 1:
             raise ConfigError(f"cache.input_size: expected a positive integer, got {self.input_size}")
         if not self.shards:
@@ -152,6 +155,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps: expected a positive integer, got {self.max_steps}")
+        if not 0 <= self.seed < 2**63:  # torch.manual_seed overflows beyond 64 bits
+            raise ConfigError(f"train.seed: expected 0 <= seed < 2**63, got {self.seed}")
         if self.cache and self.teacher:
             raise ConfigError("train: give either cache (offline KD) or teacher (online KD), not both")
         if self.teacher_checkpoint and not self.teacher:
@@ -207,7 +212,13 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an int too large for a float
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}") from None
+            if not math.isfinite(value):  # nan/inf would silently poison a cache or a run
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            return value
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -224,7 +235,7 @@ def from_dict(cls: type, data: dict, where: str):
     """Build dataclass `cls` from `data`; unknown keys and wrong types raise ConfigError."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)  # YAML keys need not be strings
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
     kwargs = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
@@ -239,12 +250,16 @@ def read_yaml(path: str | Path | None) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text()) or {}  # safe: a !!python/... tag is an error
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not valid UTF-8)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    unknown = sorted(set(data) - {"view", "cache", "train"})
+    unknown = sorted(set(data) - {"view", "cache", "train"}, key=str)
     if unknown:
         raise ConfigError(f"{path}: unknown section {unknown[0]!r} (known: cache, train, view)")
     return data
@@ -256,6 +271,9 @@ def load_stage_config(cls: type, section: str, path: str | Path | None, override
     Overrides whose value is None were not given and leave the YAML value in place.
     """
     recipe = read_yaml(path)
+    for name in (section, "view"):
+        if not isinstance(recipe.get(name) or {}, dict):
+            raise ConfigError(f"{path}: section {name!r}: expected a mapping of keys, got {recipe[name]!r:.80}")
     data = dict(recipe.get(section) or {})
     if "view" in recipe and "view" in {f.name for f in dataclasses.fields(cls)}:
         data["view"] = dict(recipe["view"] or {})

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import schema
+from .mixing import CUTMIX, MIXUP, NO_MIX
 from .config import ViewSpec, from_dict
 from .randaugment import GEOMETRIC_OPS, AugOp
 from .shards import Manifest, ShardError, decode_image, load_manifest, read_shard
@@ -83,6 +84,8 @@ def shards_for(attrs: dict, shards_dir: str | Path | None) -> Manifest:
         if shards_dir is None:
             raise schema.CacheError("the cache's attributes do not record where its shards are: "
                                     "give --shards DIR")
+        if not Path(shards_dir).is_dir():
+            raise schema.CacheError(f"the cache's shards were at {shards_dir}, which is gone: give --shards DIR")
     manifest = load_manifest(shards_dir)
     diff = schema.attrs_difference(attrs["dataset"], manifest.to_dict(), "dataset.")
     if diff:
@@ -450,7 +453,7 @@ def sample_info(path: str | Path, slot: int) -> dict:
     group, attrs = schema.open_cache(path)
     layout = schema.Layout.from_attrs(attrs)
     rows = slice(slot, slot + 1)
-    x = {n: schema.read_array(group, n, rows)[0] for n in schema.ARRAYS}
+    x = {n: schema.read_array(group, n, rows)[0] for n in layout.arrays}
     names = list(attrs["dataset"]["classes"])
     op_names = list(attrs["op_names"])
     label = int(x["labels"])
@@ -459,7 +462,7 @@ def sample_info(path: str | Path, slot: int) -> dict:
            "label_name": names[label] if label >= 0 else None,
            "status": ("ok" if label >= 0 else "not written" if label == schema.NOT_WRITTEN
                       else "empty slot" if not x["keys"] else "undecodable image"),
-           "views": []}
+           "paired": layout.paired, "views": []}
     if label < 0:
         return out
     p, rest = bucket_probs(x["logits"], x["lse"])
@@ -477,7 +480,23 @@ def sample_info(path: str | Path, slot: int) -> dict:
             "tail_mass": float(rest[v]), "entropy_nats": float(h[v]),
             "top1_correct": bool(int(x["classes"][v][0]) == label),
         })
+        if layout.paired:
+            out["views"][-1]["mix"] = _mix_info(group, x, v, names)
     return out
+
+
+def _mix_info(group, x: dict, v: int, names: list[str]) -> dict:
+    """The pairing of view v of a paired cache: partner, kind, lambda, box."""
+    kind = int(x["mix_kind"][v])
+    if kind == NO_MIX:
+        return {"kind": "none"}
+    partner = int(x["mix_partner"][v])
+    rows = slice(partner, partner + 1)
+    plabel = int(schema.read_array(group, "labels", rows)[0])
+    return {"kind": "mixup" if kind == MIXUP else "cutmix", "partner_slot": partner,
+            "partner_key": str(schema.read_array(group, "keys", rows)[0]), "partner_label": plabel,
+            "partner_label_name": names[plabel] if plabel >= 0 else None, "lam": float(x["mix_lam"][v]),
+            "box": [float(b) for b in x["mix_box"][v]] if kind == CUTMIX else None}
 
 
 def view_params(info: dict, v: int, attrs: dict) -> ViewParams:
@@ -521,6 +540,15 @@ def format_sample(s: dict) -> str:
                         for o in v["ops"]) or "none"
         lines.append(f"  view {v['view']}: crop top {b['top']} left {b['left']} height {b['height']} width "
                      f"{b['width']}, flip {'yes' if v['flip'] else 'no'}, RandAugment: {ops}")
+        mix = v.get("mix")
+        if mix and mix["kind"] != "none":
+            box = (f", box (top, left, bottom, right) {tuple(round(f, 3) for f in mix['box'])} of the side"
+                   if mix["box"] else "")
+            lines.append(f"    mixed ({mix['kind']}, lambda {mix['lam']:.3f}{box}) with view {v['view']} of "
+                         f"{mix['partner_key']} (slot {mix['partner_slot']}, ground truth "
+                         f"{mix['partner_label_name']}); the top-k below is the teacher's on the mixed image")
+        elif mix:
+            lines.append("    not mixed (paired cache: this view was drawn without a partner)")
         for r, t in enumerate(v["topk"], 1):
             mark = "  <- ground truth" if t["class"] == s["label"] else ""
             lines.append(f"    {r:>3}. {t['name']:<24} p = {t['prob']:.4f}  (logit {t['logit']:+.3f}){mark}")
@@ -537,7 +565,33 @@ def replay_sample(path: str | Path, info: dict, shards_dir: str | Path | None):
     _, image = read_sample(manifest, info["shard"], info["position"], info["key"])
     spec = view_spec(attrs)
     size = int(attrs["teacher"]["input_size"])
-    return image, [replay_view(image, view_params(info, v, attrs), size, spec) for v in range(len(info["views"]))]
+    views = [replay_view(image, view_params(info, v, attrs), size, spec) for v in range(len(info["views"]))]
+    if info.get("paired"):
+        views = [_paired_panel(path, manifest, info, v, views[v], size, spec) for v in range(len(views))]
+    return image, views
+
+
+def _paired_panel(path, manifest, info: dict, v: int, own, size: int, spec):
+    """own view | partner's view | the mixed image the teacher saw, side by side (PIL)."""
+    from PIL import Image
+
+    from .mixing import PairParams, mix_pixels
+    mix = info["views"][v]["mix"]
+    if mix["kind"] == "none":
+        return own
+    q = mix["partner_slot"]
+    pinfo = sample_info(path, q)
+    _, pimage = read_sample(manifest, pinfo["shard"], pinfo["position"], pinfo["key"])
+    _, attrs = schema.open_cache(path)
+    from .views import replay_view
+    partner = replay_view(pimage, view_params(pinfo, v, attrs), size, spec)
+    pair = PairParams(q, MIXUP if mix["kind"] == "mixup" else CUTMIX, mix["lam"], tuple(mix["box"] or (0, 0, 0, 0)))
+    mixed = Image.fromarray(mix_pixels(np.asarray(own), np.asarray(partner), pair))
+    gap = max(1, size // 16)
+    panel = Image.new("RGB", (3 * size + 2 * gap, size), (255, 255, 255))
+    for i, im in enumerate((own, partner, mixed)):
+        panel.paste(im, (i * (size + gap), 0))
+    return panel
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,8 +37,9 @@ def plot_sample(info: dict, image, views: list, path: str | Path, *, title: str 
     pairs = 2 if n > 3 else 1  # views per figure row (each view = thumbnail + bar chart)
     rows = math.ceil(n / pairs)
     height = max(4.5, 2.1 * rows + 1.3)
-    fig = plt.figure(figsize=(4.5 + 5.4 * pairs, height), dpi=110)
-    gs = fig.add_gridspec(rows, 1 + 2 * pairs, width_ratios=[3.2] + [1.0, 2.0] * pairs,
+    thumb = 2.6 if info.get("paired") else 1.0  # paired: own view | partner's view | mixed image
+    fig = plt.figure(figsize=(4.5 + (5.4 + 1.6 * (thumb - 1)) * pairs, height), dpi=110)
+    gs = fig.add_gridspec(rows, 1 + 2 * pairs, width_ratios=[3.2] + [thumb, 2.0] * pairs,
                           left=0.02, right=0.98, top=1 - 1.25 / height, bottom=0.5 / height,
                           wspace=0.4, hspace=0.6)
     ax = fig.add_subplot(gs[:, 0])
@@ -67,7 +68,10 @@ def plot_sample(info: dict, image, views: list, path: str | Path, *, title: str 
         for side in tax.spines.values():
             side.set_edgecolor(c), side.set_linewidth(3)
         ops = ", ".join(f"{o['op']} {o['level']:+.1f}" for o in v["ops"]) or "no ops"
-        tax.set_title(f"view {v['view']}{' flip' if v['flip'] else ''}\n{ops}", fontsize=7)
+        mix = v.get("mix") or {"kind": "none"}
+        mixed = (f"\n+ {mix['partner_key']} ({mix['partner_label_name']}), {mix['kind']} lambda {mix['lam']:.2f}"
+                 if mix["kind"] != "none" else "")
+        tax.set_title(f"view {v['view']}{' flip' if v['flip'] else ''}\n{ops}{mixed}", fontsize=7)
         bax = fig.add_subplot(gs[r, 2 + 2 * col])
         top = v["topk"][:BARS]
         names = [t["name"] for t in top][::-1]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import hashlib
+import json
 import logging
 import pickle
 import sys
@@ -206,7 +207,14 @@ def build_model(name: str, *, num_classes: int, checkpoint: str | None, pretrain
     TeacherError. `pretrained=True` makes timm download its weights (network).
     """
     resolved = resolve_model_name(name)
-    model = timm.create_model(resolved, pretrained=pretrained, num_classes=num_classes, **(model_kwargs or {}))
+    try:
+        model = timm.create_model(resolved, pretrained=pretrained, num_classes=num_classes, **(model_kwargs or {}))
+    except (TypeError, ValueError) as e:
+        if not model_kwargs:
+            raise
+        # an unknown keyword or a value of the wrong kind, from the user's --model-kwargs
+        raise TeacherError(f"model {resolved}: model_kwargs {json.dumps(model_kwargs)[:200]} not accepted "
+                           f"({_first_line(e)})") from None
     if checkpoint is not None:
         load_checkpoint(model, read_state_dict(checkpoint), source=str(checkpoint), num_classes=num_classes)
     return model
