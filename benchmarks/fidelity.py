@@ -26,6 +26,8 @@ from bench_common import table, train_config, write_result
 from usi_cache import schema
 from usi_cache.shards import decode_image, load_manifest, read_shard
 from usi_cache.teacher import load_teacher
+from usi_cache.cache import run_cache
+from usi_cache.config import CacheConfig
 from usi_cache.train import _view_spec, run_train
 from usi_cache.views import decode_view, replay_array
 
@@ -33,7 +35,9 @@ from usi_cache.views import decode_view, replay_array
 def derive(src: Path, dst: Path, *, k: int | None = None, views: int | None = None) -> Path:
     """A cache holding the first k classes and/or the first `views` views of `src`."""
     if schema.exists(dst):
-        return dst
+        group, attrs = schema.open_cache(dst)
+        if schema.completed_shards(group, schema.Layout.from_attrs(attrs)).all():
+            return dst  # complete: reuse; an interrupted derivation is redone
     group, attrs = schema.open_cache(src)
     layout = schema.Layout.from_attrs(attrs)
     k, views = k or layout.topk, views or layout.views
@@ -87,6 +91,32 @@ def topk_fidelity(cache: Path, shards: Path, ckpt: Path, teacher_name: str, n_vi
             if k < C else torch.zeros_like(r)
         out[k] = {"tail_mass": float(r.mean()), "kl": float(kl.mean())}
     return {"views": len(images), "per_k": out}
+
+
+def paired_cache(cache: Path, demo: Path, work: Path, ckpt: Path, teacher: str, views: int) -> Path:
+    """A paired cache of the demo teacher: same shards, view spec, seed and k as the demo cache."""
+    _, attrs = schema.open_cache(cache)
+    out = work / f"paired-v{views}.zarr"
+    cfg = CacheConfig(shards=str(demo / "shards" / "train"), out=str(out), teacher=teacher,
+                      teacher_checkpoint=str(ckpt), views=views, topk=attrs["topk"], seed=attrs["seed"],
+                      input_size=attrs["teacher"]["input_size"], batch_size=256, workers=1, mix="paired",
+                      view=_view_spec(attrs["view_spec"]))
+    s = run_cache(cfg, progress=False)  # resumes / reuses a complete cache
+    print(f"  paired cache: {s['views']} views, {s['bytes_per_view']:.1f} bytes/view, "
+          f"{s['views_computed']} computed in {s['wall_s']:.0f} s", flush=True)
+    return out
+
+
+def paired_throughput(demo: Path, work: Path, plain: Path, paired: Path, student: str, rounds: int = 3,
+                      steps: int = 15) -> dict:
+    """Stage-2 images/s on the paired vs the plain cache, alternating short runs."""
+    speeds = {"plain cache": [], "paired cache": []}
+    for r in range(rounds):
+        for name, c in (("plain cache", plain), ("paired cache", paired)):
+            cfg = train_config(demo / "shards" / "train", demo / "shards" / "test", work / f"tp-{name[:5]}", student,
+                               epochs=1, warmup_epochs=0, max_steps=steps, ema_decay=0.0, cache=str(c))
+            speeds[name].append(run_train(cfg, progress=False)["last"]["img_per_s"])
+    return speeds
 
 
 def train_run(name, demo: Path, work: Path, seed: int, epochs: int, student: str, **extra) -> dict:
@@ -144,6 +174,7 @@ def main() -> None:
         f"(c) cached KD, V = {E} (= epochs)": {"cache": str(caches["c"])},
         f"(d) cached KD, V = {max(1, E // 4)} (= epochs / 4)": {"cache": str(caches["d"])},
         "(e) fixed teacher, V = 1": {"cache": str(caches["e"])},
+        f"(f) cached KD, paired mixing, V = {E}": {"cache": str(paired_cache(cache, demo, work, ckpt, a.teacher, E))},
     }
     print("\n5. accuracy fidelity", flush=True)
     results = {name: [train_run(name.split()[0].strip("()"), demo, work, s, E, a.student, **extra) for s in seeds]
@@ -164,10 +195,18 @@ def main() -> None:
     print()
     print(table(["k (cached KD, V = epochs, seed %d)" % seeds[0], "top-1", "top-1 EMA"],
                 [[k, f"{r['top1']:.2f}", f"{r['top1_ema']:.2f}"] for k, r in sorted(k_results.items())]))
+    print("\n6. stage-2 throughput, paired vs plain cache (alternating)", flush=True)
+    tp = paired_throughput(demo, work, caches["c"], work / f"paired-v{E}.zarr", a.student)
+    med = {k: statistics.median(v) for k, v in tp.items()}
+
     print()
     print(table([f"{a.student}, {E} epochs, seeds {a.seeds}", "top-1 (raw)", "top-1 (EMA)", "img/s"], rows))
+    print()
+    print(table(["stage 2 on", "median img/s", "runs"],
+                [[k, f"{med[k]:.0f}", ", ".join(f"{x:.0f}" for x in v)] for k, v in tp.items()]))
+    print(f"paired / plain: {med['paired cache'] / med['plain cache']:.3f}")
     path = write_result("fidelity", {"args": vars(a), "topk_fidelity": fid, "accuracy": results,
-                                     "accuracy_vs_k": k_results})
+                                     "accuracy_vs_k": k_results, "paired_throughput": tp})
     print(f"written {path}")
 
 

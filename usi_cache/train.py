@@ -154,6 +154,8 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best = state["epoch"] + 1, state["best"]
+        if state.get("torch_rng") is not None:
+            torch.set_rng_state(state["torch_rng"].cpu())
         log(f"resuming from {out / 'last.pth'} at epoch {start_epoch}")
     elif world.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -202,7 +204,10 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict
                 save_atomic((ema.module if use_ema else model).state_dict(), out / "best.pth")
             save_atomic({"model": model.state_dict(), "ema": ema.module.state_dict() if ema else None,
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "epoch": epoch, "best": best, "config": to_dict(cfg)}, out / "last.pth")
+                         "epoch": epoch, "best": best, "config": to_dict(cfg),
+                         # torch's generator drives dropout/drop-path; every other draw is a pure
+                         # function of (seed, epoch, step, rank, key). bf16 autocast needs no scaler.
+                         "torch_rng": torch.get_rng_state()}, out / "last.pth")
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             ema_txt = f", EMA {record['val_top1_ema']:.2f}" if ema_m else ""
