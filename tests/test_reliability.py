@@ -301,9 +301,11 @@ def test_torchrun_max_restarts_resumes_after_a_killed_rank(data, tmp_path):
 def test_stage1_torchrun_rank_killed_mid_shard_resumes_only_unfinished_shards(data, tmp_path):
     shards = make_shards(tmp_path / "shards", n=60, per_shard=6)
     full, killed = tmp_path / "full.zarr", tmp_path / "killed.zarr"
-    r = CliRunner().invoke(main, ["cache", *cache_args(shards, data["ckpt"], full)])
-    assert r.exit_code == 0, r.output
-    proc = popen(["cache_teacher.py", *cache_args(shards, data["ckpt"], killed)], torchrun=2)
+    # the reference runs with the same intra-op threads as the ranks (OMP_NUM_THREADS=1): on the
+    # CPU, torch.logsumexp's rounding of a shard's short last batch depends on the thread count
+    r = run_py(["cache_teacher.py", *cache_args(shards, data["ckpt"], full, "--views", "4")])
+    assert r.returncode == 0, r.stdout + r.stderr
+    proc = popen(["cache_teacher.py", *cache_args(shards, data["ckpt"], killed, "--views", "4")], torchrun=2)
     labels = killed / "labels" / "c"
     try:
         wait_for(lambda: labels.is_dir() and any(labels.iterdir()), 180, "the first committed shard", proc,
@@ -318,7 +320,8 @@ def test_stage1_torchrun_rank_killed_mid_shard_resumes_only_unfinished_shards(da
     done = committed(killed)
     assert 0 < done.sum() < len(done), f"kill landed at {done.sum()}/{len(done)} shards"
     kept = block_files(killed, np.flatnonzero(done))
-    r = run_py(["cache_teacher.py", *cache_args(shards, data["ckpt"], killed), "--json"], torchrun=2, env=ENV)
+    r = run_py(["cache_teacher.py", *cache_args(shards, data["ckpt"], killed, "--views", "4"), "--json"],
+               torchrun=2, env=ENV)
     assert r.returncode == 0, r.stdout + r.stderr
     summary = json.loads(r.stdout[r.stdout.index("{"):])
     assert summary["shards_reused"] == done.sum()
@@ -365,8 +368,24 @@ def test_stage1_disk_full_is_a_clear_error_and_the_next_run_resumes(data, tmp_pa
         _umount(disk)
 
 
-@pytest.mark.xfail(strict=True, reason="train.save_atomic lets torch.save's RuntimeError through "
-                                       "(a traceback); see the reliability report")
+def test_stage1_disk_full_before_the_cache_exists_says_to_overwrite(data, tmp_path):
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "12k")  # not even room for the arrays' metadata
+    try:
+        out = disk / "c.zarr"
+        args = ["cache", *cache_args(data["train"], data["ckpt"], out), "--views", "1"]
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 1
+        assert error_line(r.output) == (f"Error: {out}: No space left on device while writing the cache; the "
+                                        f"cache was not created: free space and run the same command with "
+                                        f"--overwrite")
+        subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
+        r = CliRunner().invoke(main, [*args, "--overwrite"])
+        assert r.exit_code == 0, r.output
+    finally:
+        _umount(disk)
+
+
 def test_stage2_disk_full_is_a_clear_error(data, tmp_path):
     disk = tmp_path / "disk"
     _mount_tmpfs(disk, "3m")  # best.pth (1.5 MB) fits, last.pth (6 MB) does not
@@ -451,8 +470,6 @@ def test_stage2_truncated_train_shard_is_a_one_line_error_naming_it(data, tmp_pa
     assert error_line(r.output) == f"Error: {bad}: damaged tar (unexpected end of data)"
 
 
-@pytest.mark.xfail(strict=True, reason="train_data.shard_samples does not compare a shard's sample count "
-                                       "with dataset.json; see the reliability report")
 def test_stage2_tar_cut_between_members_is_an_error(data, tmp_path):
     shards = tmp_path / "train"
     shutil.copytree(data["train"], shards)
@@ -461,7 +478,7 @@ def test_stage2_tar_cut_between_members_is_an_error(data, tmp_path):
         cut = t.getmembers()[10].offset
     _truncate(bad, cut)
     r = CliRunner().invoke(main, ["train", *train_args(data, tmp_path / "run", "--cache", str(data["cache"]),
-                                                       "--epochs", "1"), "--train-shards", str(shards)])
+                                                       "--epochs", "1", "--max-steps", "1"), "--train-shards", str(shards)])
     assert r.exit_code == 1 and str(bad) in error_line(r.output)
 
 
@@ -498,12 +515,11 @@ def test_tampered_last_pth_is_refused_on_resume(data, tmp_path):
     r = CliRunner().invoke(main, [*args, "--resume"])
     assert r.exit_code == 1
     line = error_line(r.output)
-    assert line.startswith("Error: checkpoint refused: loading it would run code (") and "system" in line, line
+    assert line.startswith(f"Error: {run / 'last.pth'}: checkpoint refused: loading it would run code ("), line
+    assert "system" in line, line
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="train._train loads last.pth without catching RuntimeError/EOFError "
-                                       "(a traceback); see the reliability report")
 def test_damaged_last_pth_on_resume_is_a_one_line_error(data, tmp_path):
     run = tmp_path / "run"
     args = ["train", *train_args(data, run, "--epochs", "1", "--max-steps", "1")]
@@ -529,12 +545,12 @@ def test_yaml_python_tag_is_refused_without_running_it(data, tmp_path, command):
 
 @pytest.mark.parametrize("command, text, message", [
     ("cache", "cache:\n  viewz: 3\n", "cache.viewz: unknown key"),
-    ("cache", "cache:\n  views: three\n", "cache.views: expected an integer, got 'three'"),
+    ("cache", "cache:\n  seed: three\n", "cache.seed: expected an integer, got 'three'"),
     ("cache", "view:\n  scale: [0.5, .nan]\n", "cache.view.scale[1]: expected a finite number, got nan"),
     ("cache", "cache: [1, 2]\n", "section 'cache': expected a mapping of keys, got [1, 2]"),
     ("cache", "cache:\n  1: 2\n  a: 3\n", "cache.1: unknown key"),
     ("train", "train:\n  lr: fast\n", "train.lr: expected a number, got 'fast'"),
-    ("train", "train:\n  epochs: 2.5\n", "train.epochs: expected an integer, got 2.5"),
+    ("train", "train:\n  shuffle_buffer: 2.5\n", "train.shuffle_buffer: expected an integer, got 2.5"),
     ("train", "train:\n  kd_only: 1\n", "train.kd_only: expected true/false, got 1"),
     ("train", "train:\n  optimizer: sgd\n", "train.optimizer: unknown key"),
     ("train", "view: hflip\n", "section 'view': expected a mapping of keys, got 'hflip'"),
@@ -548,6 +564,20 @@ def test_bad_config_through_the_cli_names_the_key(data, tmp_path, command, text,
     assert r.exit_code == 1
     assert message in error_line(r.output)
     assert not (tmp_path / "c.zarr").exists() and not (tmp_path / "run").exists()
+
+
+def test_overwrite_never_deletes_what_is_not_a_cache(data, tmp_path):
+    """A mistyped --out with --overwrite must not wipe a folder or a file of something else."""
+    folder, file = tmp_path / "thesis", tmp_path / "notes.txt"
+    folder.mkdir()
+    (folder / "chapter1.tex").write_text("years of work")
+    file.write_text("more work")
+    for out, message in ((folder, "folder is not a cache (no zarr.json) and is not empty"),
+                         (file, "is a file, not a cache")):
+        r = CliRunner().invoke(main, ["cache", *cache_args(data["train"], data["ckpt"], out), "--overwrite"])
+        assert r.exit_code == 1
+        assert error_line(r.output).startswith(f"Error: {out}: {message}")
+    assert (folder / "chapter1.tex").read_text() == "years of work" and file.read_text() == "more work"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 folder anyway: nothing to test")

@@ -126,7 +126,8 @@ def topk_targets(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, 
     """
     logits = logits.float()
     values, classes = torch.topk(logits, k, dim=1, largest=True, sorted=True)
-    lse = torch.logsumexp(logits, dim=1)
+    # float64: a float32 reduction's last bit depends on the CPU thread count and batch shape
+    lse = torch.logsumexp(logits.double(), dim=1).float()
     return (values.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).numpy(),
             classes.numpy(), lse.numpy().astype(np.float32))
 
@@ -153,7 +154,14 @@ def _mix_spec(cfg: CacheConfig) -> dict | None:
 def _prepare_store(cfg: CacheConfig, attrs: dict, layout: schema.Layout) -> str | None:
     """Rank 0: create the cache, or check that the existing one matches. Returns an error."""
     out = Path(cfg.out)
-    if cfg.overwrite or not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    if out.is_file() or out.is_symlink():
+        return f"{out}: is a file, not a cache" + ("; --overwrite only replaces a cache" if cfg.overwrite else "")
+    empty = not out.exists() or not any(out.iterdir())
+    if cfg.overwrite and not empty and not schema.exists(out):
+        # --overwrite deletes what is at OUT: only ever a Zarr store, never e.g. a mistyped folder
+        return (f"{out}: folder is not a cache (no zarr.json) and is not empty; "
+                f"--overwrite only replaces a cache: choose another --out")
+    if cfg.overwrite or empty:
         schema.create(out, attrs, layout)
         return None
     try:
@@ -229,38 +237,40 @@ def _compute(cfg, world, manifest: Manifest, layout, group, teacher, size, mine,
         expected = sum(manifest.shards[i].count for i in mine) * layout.views
         bar = tqdm(total=expected, unit="view", desc=f"teacher views (rank 0 of {world.size})",
                    dynamic_ncols=True)
-    t = time.perf_counter()
-    for msg in loader:
-        times.data_wait += time.perf_counter() - t
-        shard = msg["shard"]
-        block = blocks.setdefault(shard, schema.ShardBlock.empty(layout))
-        if msg["kind"] == "batch":
-            t = time.perf_counter()
-            images = torch.as_tensor(msg["images"])
-            logits = teacher(images)
-            values, classes, lse = topk_targets(logits, layout.topk)
-            p, v = np.asarray(msg["pos"]), np.asarray(msg["view"])
-            block.logits[p, v], block.classes[p, v], block.lse[p, v] = values, classes, lse
-            times.teacher += time.perf_counter() - t
-            times.views += len(p)
-            if bar is not None:
-                bar.update(len(p))
-        else:
-            t = time.perf_counter()
-            meta = msg["block"]
-            expected = manifest.shards[shard].count
-            if msg["count"] != expected:
-                raise ShardError(f"{manifest.path(shard)}: holds {msg['count']} samples, "
-                                 f"{Path(manifest.root) / 'dataset.json'} says {expected}")
-            per_slot = ("boxes", "flips", "aug_ops", "aug_levels", "aug_resample", "keys", "labels")
-            for name in per_slot + (schema.MIX_ARRAYS if layout.paired else ()):
-                setattr(block, name, getattr(meta, name))
-            schema.write_block(group, layout, shard, blocks.pop(shard))
-            times.write += time.perf_counter() - t
-            times.shards += 1
+    try:
         t = time.perf_counter()
-    if bar is not None:
-        bar.close()
+        for msg in loader:
+            times.data_wait += time.perf_counter() - t
+            shard = msg["shard"]
+            block = blocks.setdefault(shard, schema.ShardBlock.empty(layout))
+            if msg["kind"] == "batch":
+                t = time.perf_counter()
+                images = torch.as_tensor(msg["images"])
+                logits = teacher(images)
+                values, classes, lse = topk_targets(logits, layout.topk)
+                p, v = np.asarray(msg["pos"]), np.asarray(msg["view"])
+                block.logits[p, v], block.classes[p, v], block.lse[p, v] = values, classes, lse
+                times.teacher += time.perf_counter() - t
+                times.views += len(p)
+                if bar is not None:
+                    bar.update(len(p))
+            else:
+                t = time.perf_counter()
+                meta = msg["block"]
+                expected = manifest.shards[shard].count
+                if msg["count"] != expected:
+                    raise ShardError(f"{manifest.path(shard)}: holds {msg['count']} samples, "
+                                     f"{Path(manifest.root) / 'dataset.json'} says {expected}")
+                per_slot = ("boxes", "flips", "aug_ops", "aug_levels", "aug_resample", "keys", "labels")
+                for name in per_slot + (schema.MIX_ARRAYS if layout.paired else ()):
+                    setattr(block, name, getattr(meta, name))
+                schema.write_block(group, layout, shard, blocks.pop(shard))
+                times.write += time.perf_counter() - t
+                times.shards += 1
+            t = time.perf_counter()
+    finally:
+        if bar is not None:
+            bar.close()
     return times
 
 
@@ -269,10 +279,12 @@ def _finish(cfg, group, layout, manifest, all_times: list[StageTimes], pending: 
     n = layout.slots
     labels = schema.read_array(group, "labels", slice(0, n))
     keys = schema.read_array(group, "keys", slice(0, n))
-    invalid = sorted(str(k) for k, lab in zip(keys, labels) if lab == schema.INVALID and k)
+    bad_slots = [i for i, (k, lab) in enumerate(zip(keys, labels)) if lab == schema.INVALID and k]
+    invalid = sorted(str(keys[i]) for i in bad_slots)
     schema.set_invalid(group, invalid)
     if invalid:
-        shown = ", ".join(invalid[:5]) + (" ..." if len(invalid) > 5 else "")
+        shown = ", ".join(f"{keys[i]} ({manifest.shards[i // layout.slots_per_shard].name})"
+                          for i in bad_slots[:5]) + (" ..." if len(invalid) > 5 else "")
         print(f"warning: {len(invalid)} undecodable sample(s) stored with label -1: {shown}")
     complete = int(schema.completed_shards(group, layout).sum())
     usage = schema.disk_usage(cfg.out)

@@ -74,10 +74,9 @@ def _tar_message(e: tarfile.TarError, text: str) -> str:
     if len(e.args) >= 2 and isinstance(e.args[-1], str):
         url, reason = e.args[-1], str(e.args[0])
     else:  # re-raised from a DataLoader worker: only the repr of those args is left
-        m = re.search(r"'([^']*)'\)\s*$", text)
-        url = m.group(1) if m else None
-        reason = re.sub(r"^\('", "", text)
-    reason = reason.split(" @ ")[0].strip("(',\" ")
+        m = re.match(r"""\(\s*(['"])(.*?)\1\s*,.*'([^']*)'\)\s*$""", text, re.S)
+        url, reason = (m.group(3), m.group(2)) if m else (None, text)
+    reason = reason.split(" @ ")[0]  # WebDataset appends ' @ <stream repr>'
     return f"{url}: damaged tar ({reason})" if url else f"damaged tar ({reason})"
 
 
@@ -181,8 +180,13 @@ def cache_command(config_path, as_json, **overrides):
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         # The write that failed names no file; stage 1 writes nothing but the cache.
-        raise click.ClickException(f"{cfg.out}: {e.strerror} while writing the cache; committed shards are "
-                                   f"kept: free space and run the same command again to resume") from None
+        from .schema import CacheError, open_cache
+        try:
+            open_cache(cfg.out)
+            hint = "committed shards are kept: free space and run the same command again to resume"
+        except CacheError:  # it failed while creating the cache's metadata
+            hint = "the cache was not created: free space and run the same command with --overwrite"
+        raise click.ClickException(f"{cfg.out}: {e.strerror} while writing the cache; {hint}") from None
     import os
     if os.environ.get("RANK", "0") == "0":
         click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))

@@ -45,6 +45,11 @@ class ViewSpec:
             raise ConfigError(f"view.interpolation: unknown filter {self.interpolation!r}")
         if any(not 0 <= c <= 255 for c in self.fill):
             raise ConfigError(f"view.fill: expected three ints in [0, 255], got {list(self.fill)}")
+        from .randaugment import parse_policy  # (parsed here so a bad policy fails before any work)
+        try:
+            parse_policy(self.randaugment)
+        except ValueError as e:
+            raise ConfigError(f"view.randaugment: {e}") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,6 +176,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
         if self.kd_temperature <= 0:
             raise ConfigError(f"train.kd_temperature: expected > 0, got {self.kd_temperature}")
+        if self.eps <= 0:
+            raise ConfigError(f"train.eps: expected > 0, got {self.eps}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas: expected two values in [0, 1), got {list(self.betas)}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay: expected 0 <= decay < 1, got {self.ema_decay}")
 

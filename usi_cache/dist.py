@@ -42,7 +42,13 @@ def init_world() -> World:
     if size > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=float(os.environ.get("USI_DIST_TIMEOUT", "1800")))
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timeout)
+        # torchrun keeps one store for all restarts (--max-restarts): the process group's keys
+        # (each rank's address) would survive from the failed attempt, and a restarted rank
+        # could connect to a dead peer's port. A prefix per attempt keeps the attempts apart.
+        store, _, _ = next(dist.rendezvous("env://", rank, size, timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"usi_cache/attempt_{attempt}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
     return World(rank, size, local_rank, device)
 
 

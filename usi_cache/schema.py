@@ -219,7 +219,8 @@ def create(path: str | Path, attrs: dict, layout: Layout) -> zarr.Group:
     path = Path(path)
     if path.exists():
         shutil.rmtree(path)
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    # attributes with the group: a failure while creating the arrays leaves a recognisable cache
+    group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes={ATTR: attrs})
     for name, spec in _array_specs(layout).items():
         group.create_array(name, shape=spec["shape"], dtype=spec["dtype"], chunks=spec["chunks"],
                            shards=spec["shards"], fill_value=spec["fill_value"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,10 +101,48 @@ def _view_log(views: list[int]):
 
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temp file, then rename: a kill never leaves a half-written file."""
+    """torch.save to a temp file, fsync, then rename: a kill or a full disk never leaves a
+    half-written file in place of the previous one."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        reason = "No space left on device" if "unexpected pos" in str(e) else str(e).splitlines()[0]
+        raise TrainError(f"{path}: cannot write checkpoint ({reason}); the previous {path.name} is kept") from None
+
+
+# Settings that may change on --resume without changing what is trained.
+RESUMABLE_CHANGES = ("workers", "shuffle_buffer")
+
+
+def load_resume_state(path: Path, cfg: TrainConfig, device) -> dict:
+    """last.pth, checked: readable, complete, and made with the same config."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        for key in ("model", "optimizer", "scheduler", "epoch", "best", "config"):
+            state[key]
+    except pickle.UnpicklingError as e:
+        # the line naming the GLOBAL (the callable the pickle wants to import) says why
+        why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "global" in ln),
+                   str(e).splitlines()[0])
+        raise TrainError(f"{path}: checkpoint refused: loading it would run code ({why[:200]})") from None
+    except (RuntimeError, EOFError, OSError, KeyError, TypeError) as e:
+        raise TrainError(f"{path}: cannot resume from it ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+                         f"move it away to start over") from None
+    now = to_dict(cfg)
+    diff = sorted(k for k in set(now) | set(state["config"])
+                  if k not in RESUMABLE_CHANGES and now.get(k) != state["config"].get(k))
+    if diff:
+        k = diff[0]
+        raise TrainError(f"{path}: made with {k} = {state['config'].get(k)!r}, this run has {now.get(k)!r}"
+                         f"{f' (and {len(diff) - 1} more)' if len(diff) > 1 else ''}; --resume continues the "
+                         f"same run: use a new --out to change settings")
+    return state
 
 
 def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
@@ -147,7 +186,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict
 
     start_epoch, best = 0, {"top1": -1.0}
     if resume and (out / "last.pth").is_file():
-        state = torch.load(out / "last.pth", map_location=dev, weights_only=True)
+        state = load_resume_state(out / "last.pth", cfg, dev)
         model.load_state_dict(state["model"])
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
@@ -157,6 +196,10 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict
         if state.get("torch_rng") is not None:
             torch.set_rng_state(state["torch_rng"].cpu())
         log(f"resuming from {out / 'last.pth'} at epoch {start_epoch}")
+        if world.is_main and (out / "log.jsonl").is_file():  # drop lines of epochs after the checkpoint
+            lines = (out / "log.jsonl").read_text().splitlines()
+            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["epoch"] <= state["epoch"]]
+            (out / "log.jsonl").write_text("".join(ln + "\n" for ln in kept))
     elif world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
@@ -199,6 +242,8 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict
             "ranks": world.size, "rank_weights_equal": in_sync, "time_s": time.perf_counter() - t0,
         }
         if world.is_main:
+            with open(out / "log.jsonl", "a") as f:  # before last.pth: resume trims lines past it
+                f.write(json.dumps(record) + "\n")
             if better["top1"] > best["top1"]:
                 best = {"top1": better["top1"], "top5": better["top5"], "epoch": epoch, "ema": use_ema}
                 save_atomic((ema.module if use_ema else model).state_dict(), out / "best.pth")
@@ -208,8 +253,6 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict
                          # torch's generator drives dropout/drop-path; every other draw is a pure
                          # function of (seed, epoch, step, rank, key). bf16 autocast needs no scaler.
                          "torch_rng": torch.get_rng_state()}, out / "last.pth")
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
             ema_txt = f", EMA {record['val_top1_ema']:.2f}" if ema_m else ""
             log(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['img_per_s']:.0f} img/s, "
                 f"val top-1 {raw['top1']:.2f}{ema_txt} ({raw['count']} images), {record['time_s']:.1f} s")

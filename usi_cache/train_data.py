@@ -12,6 +12,7 @@ rank stop early and hang DDP.
 from __future__ import annotations
 
 import hashlib
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -49,10 +50,21 @@ def iter_tar(path: str) -> Iterator[tuple[str, bytes, int]]:
             if img is None or "cls" not in s:
                 raise ShardError(f"{path}: sample {s['__key__']!r} lacks an image or a cls entry")
             yield s["__key__"], img, int(s["cls"])
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, tarfile.TarError) as e:
         if isinstance(e, ShardError):
             raise
-        raise ShardError(f"{path}: damaged shard ({type(e).__name__}: {e})") from None
+        # webdataset re-raises with (message, stream, url) as the arguments
+        reason = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+        raise ShardError(f"{path}: damaged tar ({reason})") from None
+
+
+def check_count(manifest: Manifest, shard: int, count: int) -> None:
+    """A shard read to its end must hold what dataset.json says (a tar cut between members
+    reads without error)."""
+    expected = manifest.shards[shard].count
+    if count != expected:
+        raise ShardError(f"{manifest.path(shard)}: holds {count} samples, "
+                         f"{Path(manifest.root) / 'dataset.json'} says {expected}")
 
 
 @dataclass(frozen=True)
@@ -157,7 +169,9 @@ class TrainStream(IterableDataset):
         if blocks and s.layout.paired:  # partners may come later in the tar: hold its encoded bytes
             samples = list(samples)
             partners = PartnerImages([data for _, data, _ in samples])
+        count = 0
         for pos, (key, data, cls) in enumerate(samples):
+            count += 1
             if pos >= m.per_shard:
                 raise ShardError(f"{path}: more samples than the manifest's {m.per_shard} per shard")
             if blocks:
@@ -191,6 +205,7 @@ class TrainStream(IterableDataset):
                     out["t_classes"] = torch.from_numpy(b.classes[pos].astype(np.int64))
                     out["t_lse"] = float(b.lse[pos])
                 yield out
+        check_count(m, shard, count)
 
 
     def _paired(self, b: schema.ShardBlock, shard: int, pos: int, pixels: np.ndarray,
@@ -238,10 +253,13 @@ class EvalStream(IterableDataset):
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         shards = list(range(len(self.m.shards)))[self.rank::self.world][worker::workers]
         for shard in shards:
+            count = 0
             for key, data, cls in iter_tar(str(self.m.path(shard))):
+                count += 1
                 try:
                     image = decode_image(data)
                 except ValueError:
                     continue
                 pixels = eval_array(image, self.size, self.crop_pct, self.interp)
                 yield {"image": torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), "label": cls}
+            check_count(self.m, shard, count)
