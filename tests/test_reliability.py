@@ -590,3 +590,13 @@ def test_unreadable_shard_folder_is_a_one_line_error(data, tmp_path):
         assert r.exit_code == 1 and str(shards) in error_line(r.output)
     finally:
         shards.chmod(0o755)
+
+
+def test_resume_with_other_settings_is_refused(data, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", *train_args(data, run, "--epochs", "1", "--max-steps", "1")]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    r = CliRunner().invoke(main, [*args, "--lr", "0.5", "--resume"])
+    assert r.exit_code == 1
+    line = error_line(r.output)
+    assert "last.pth: made with lr = 0.002, this run has 0.5" in line and "new --out" in line, line
