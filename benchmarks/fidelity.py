@@ -93,14 +93,16 @@ def topk_fidelity(cache: Path, shards: Path, ckpt: Path, teacher_name: str, n_vi
     return {"views": len(images), "per_k": out}
 
 
-def paired_cache(cache: Path, demo: Path, work: Path, ckpt: Path, teacher: str, views: int) -> Path:
-    """A paired cache of the demo teacher: same shards, view spec, seed and k as the demo cache."""
+def paired_cache(cache: Path, demo: Path, work: Path, ckpt: Path, teacher: str, views: int,
+                 mix_prob: float = 0.5) -> Path:
+    """A paired cache of the demo teacher: same shards, view spec, seed and k as the demo cache,
+    and the demo recipe's mixing rate (mix_prob 0.5), so (f) mixes as often as (c)."""
     _, attrs = schema.open_cache(cache)
-    out = work / f"paired-v{views}.zarr"
+    out = work / f"paired-v{views}-p{mix_prob}.zarr"
     cfg = CacheConfig(shards=str(demo / "shards" / "train"), out=str(out), teacher=teacher,
                       teacher_checkpoint=str(ckpt), views=views, topk=attrs["topk"], seed=attrs["seed"],
                       input_size=attrs["teacher"]["input_size"], batch_size=256, workers=1, mix="paired",
-                      view=_view_spec(attrs["view_spec"]))
+                      mix_prob=mix_prob, view=_view_spec(attrs["view_spec"]))
     s = run_cache(cfg, progress=False)  # resumes / reuses a complete cache
     print(f"  paired cache: {s['views']} views, {s['bytes_per_view']:.1f} bytes/view, "
           f"{s['views_computed']} computed in {s['wall_s']:.0f} s", flush=True)
@@ -196,7 +198,7 @@ def main() -> None:
     print(table(["k (cached KD, V = epochs, seed %d)" % seeds[0], "top-1", "top-1 EMA"],
                 [[k, f"{r['top1']:.2f}", f"{r['top1_ema']:.2f}"] for k, r in sorted(k_results.items())]))
     print("\n6. stage-2 throughput, paired vs plain cache (alternating)", flush=True)
-    tp = paired_throughput(demo, work, caches["c"], work / f"paired-v{E}.zarr", a.student)
+    tp = paired_throughput(demo, work, caches["c"], work / f"paired-v{E}-p0.5.zarr", a.student)
     med = {k: statistics.median(v) for k, v in tp.items()}
 
     print()
