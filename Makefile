@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test venv data clean
 
 venv: $(STAMP)
 
@@ -15,10 +17,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+# Fashion-MNIST comes from Debian's package (the demo's data, and some tests').
+data:
+	@test -d $(FMNIST) || { echo "installing Debian's dataset-fashion-mnist"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
+
+demo: $(STAMP) data
 	$(BIN)/usi demo
 
-test: $(STAMP)
+test: $(STAMP) data
 	$(BIN)/python -m pytest -q tests
 
 clean:
