@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,13 +25,12 @@ WORKER_PROBE = r"""
 import json, resource, sys
 from usi_cache import schema
 from usi_cache.shards import load_manifest
-from usi_cache.train import _view_spec
 from usi_cache.train_data import TrainStream, TrainStreamSpec
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 group, attrs = schema.open_cache(sys.argv[1])
 layout = schema.Layout.from_attrs(attrs)
 m = load_manifest(sys.argv[2])
-s = TrainStream(TrainStreamSpec(manifest=m, cache=sys.argv[1], layout=layout, spec=_view_spec(attrs["view_spec"]),
+s = TrainStream(TrainStreamSpec(manifest=m, cache=sys.argv[1], layout=layout, spec=schema.view_spec(attrs),
                 size=int(sys.argv[3]), seed=42, batch_size=64, steps=m.num_samples // 64,
                 shuffle_buffer=int(sys.argv[4]), rank=0, world=1))
 n = sum(1 for _ in s)

@@ -28,7 +28,7 @@ from usi_cache.shards import decode_image, load_manifest, read_shard
 from usi_cache.teacher import load_teacher
 from usi_cache.cache import run_cache
 from usi_cache.config import CacheConfig
-from usi_cache.train import _view_spec, run_train
+from usi_cache.train import run_train
 from usi_cache.views import decode_view, replay_array
 
 
@@ -56,7 +56,7 @@ def derive(src: Path, dst: Path, *, k: int | None = None, views: int | None = No
 
 def topk_fidelity(cache: Path, shards: Path, ckpt: Path, teacher_name: str, n_views: int, ks: list[int]) -> dict:
     group, attrs = schema.open_cache(cache)
-    spec = _view_spec(attrs["view_spec"])
+    spec = schema.view_spec(attrs)
     teacher, info = load_teacher(teacher_name, str(ckpt), num_classes=attrs["num_classes"],
                                  input_size=attrs["teacher"]["input_size"])
     m = load_manifest(shards)
@@ -102,7 +102,7 @@ def paired_cache(cache: Path, demo: Path, work: Path, ckpt: Path, teacher: str, 
     cfg = CacheConfig(shards=str(demo / "shards" / "train"), out=str(out), teacher=teacher,
                       teacher_checkpoint=str(ckpt), views=views, topk=attrs["topk"], seed=attrs["seed"],
                       input_size=attrs["teacher"]["input_size"], batch_size=256, workers=1, mix="paired",
-                      mix_prob=mix_prob, view=_view_spec(attrs["view_spec"]))
+                      mix_prob=mix_prob, view=schema.view_spec(attrs))
     s = run_cache(cfg, progress=False)  # resumes / reuses a complete cache
     print(f"  paired cache: {s['views']} views, {s['bytes_per_view']:.1f} bytes/view, "
           f"{s['views_computed']} computed in {s['wall_s']:.0f} s", flush=True)

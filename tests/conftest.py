@@ -67,6 +67,27 @@ def cache_args(shards: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
             "--workers", "0", "--out", str(out), *extra]
 
 
+def make_train_data(root: Path, *, n: int, per_shard: int, n_val: int, val_per_shard: int) -> dict:
+    """Train and val shards, a teacher checkpoint and its V = 3 cache of the train shards."""
+    train = make_shards(root / "train", n=n, per_shard=per_shard)
+    val = make_shards(root / "val", n=n_val, per_shard=val_per_shard, seed=7)
+    ckpt = save_teacher(root / "teacher.pth")
+    cache = root / "cache.zarr"
+    from click.testing import CliRunner
+
+    from usi_cache.cli import main
+    r = CliRunner().invoke(main, ["cache", *cache_args(train, ckpt, cache), "--views", "3"])
+    assert r.exit_code == 0, r.output
+    return {"train": train, "val": val, "ckpt": ckpt, "cache": cache, "root": root}
+
+
+def train_args(data: dict, out: Path, *extra: str, batch_size: int, workers: int) -> list[str]:
+    """`usi train` arguments for a 2-epoch test run of the tiny teacher model on `data`."""
+    return ["--model", TEACHER, "--train-shards", str(data["train"]), "--val-shards", str(data["val"]),
+            "--out", str(out), "--epochs", "2", "--cooldown-epochs", "0", "--warmup-epochs", "1",
+            "--batch-size", str(batch_size), "--input-size", "32", "--workers", str(workers), "--quiet", *extra]
+
+
 def run_py(args: list[str], *, torchrun: int = 0, timeout: float = 300, env=None, **kw):
     """Run a project entry point in a fresh process (optionally under torchrun)."""
     e = {**os.environ, "USI_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1", **(env or {})}

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import subprocess
 
-import pytest
 
 from conftest import ROOT
 from usi_cache import demo

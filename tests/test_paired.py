@@ -14,7 +14,6 @@ from usi_cache.cli import main
 from usi_cache.mixing import CUTMIX, MIXUP, NO_MIX, PairParams, mix_pixels, pair_rng, sample_pair
 from usi_cache.shards import decode_image, load_manifest, read_shard
 from usi_cache.teacher import load_teacher
-from usi_cache.train import _view_spec
 from usi_cache.train_data import TrainStream, TrainStreamSpec
 from usi_cache.views import decode_view, replay_array
 
@@ -43,7 +42,7 @@ def paired(tmp_path_factory):
 
 def rebuild(d, slot: int, v: int, size: int) -> np.ndarray:
     """The mixed view of (slot, v), rebuilt from the arrays alone."""
-    x, spec = d["x"], _view_spec(d["attrs"]["view_spec"])
+    x, spec = d["x"], schema.view_spec(d["attrs"])
 
     def view(s):
         p = decode_view(tuple(x["boxes"][s, v]), bool(x["flips"][s, v]), x["aug_ops"][s, v], x["aug_levels"][s, v],
@@ -100,7 +99,7 @@ def test_stage2_rebuilds_the_mixed_pixels_bit_identically(paired):
     d, x, m = paired, paired["x"], paired["m"]
     layout = schema.Layout.from_attrs(d["attrs"])
     stream = TrainStream(TrainStreamSpec(manifest=m, cache=str(d["cache"]), layout=layout,
-                                         spec=_view_spec(d["attrs"]["view_spec"]), size=32, seed=42, batch_size=5,
+                                         spec=schema.view_spec(d["attrs"]), size=32, seed=42, batch_size=5,
                                          steps=5, shuffle_buffer=3, rank=0, world=1))
     stream.set_epoch(2)
     slot_of = {str(k): i for i, k in enumerate(x["keys"]) if k}

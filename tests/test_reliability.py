@@ -16,14 +16,24 @@ import tarfile
 import time
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 import timm
 import torch
 from click.testing import CliRunner
+from conftest import (
+    NUM_CLASSES,
+    ROOT,
+    TEACHER,
+    cache_args,
+    make_samples,
+    make_shards,
+    make_train_data,
+    run_py,
+)
 from PIL import Image
 
-from conftest import NUM_CLASSES, ROOT, TEACHER, cache_args, make_samples, make_shards, run_py, save_teacher
 from usi_cache import schema
 from usi_cache.cli import main
 from usi_cache.shards import Sample, write_shards
@@ -36,20 +46,11 @@ ENV = {"USI_DIST_TIMEOUT": "30"}  # a lost rank fails the survivors' collectives
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """4 train shards (10 each), 2 val shards, a teacher and its V = 3 cache."""
-    root = tmp_path_factory.mktemp("rel")
-    train = make_shards(root / "train", n=40, per_shard=10)
-    val = make_shards(root / "val", n=10, per_shard=5, seed=7)
-    ckpt = save_teacher(root / "teacher.pth")
-    cache = root / "cache.zarr"
-    r = CliRunner().invoke(main, ["cache", *cache_args(train, ckpt, cache), "--views", "3"])
-    assert r.exit_code == 0, r.output
-    return {"train": train, "val": val, "ckpt": ckpt, "cache": cache, "root": root}
+    return make_train_data(tmp_path_factory.mktemp("rel"), n=40, per_shard=10, n_val=10, val_per_shard=5)
 
 
 def train_args(data, out, *extra) -> list[str]:
-    return ["--model", TEACHER, "--train-shards", str(data["train"]), "--val-shards", str(data["val"]),
-            "--out", str(out), "--epochs", "2", "--cooldown-epochs", "0", "--warmup-epochs", "1",
-            "--batch-size", "4", "--input-size", "32", "--workers", "0", "--quiet", *extra]
+    return conftest.train_args(data, out, *extra, batch_size=4, workers=0)
 
 
 def error_line(output: str) -> str:

@@ -8,13 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 import timm
 import torch
 from click.testing import CliRunner
+from conftest import NUM_CLASSES, ROOT, TEACHER, make_shards, make_train_data, run_py
 
-from conftest import NUM_CLASSES, ROOT, TEACHER, cache_args, make_shards, run_py, save_teacher
 from usi_cache import schema
 from usi_cache.cli import main
 from usi_cache.shards import decode_image, load_manifest
@@ -28,20 +29,11 @@ LOG_FIELDS = {"epoch", "lr", "train_loss", "img_per_s", "val_top1", "val_top5", 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Uneven train shards (12,12,12,12,10), 3 val shards (10,10,5), a teacher and its cache."""
-    root = tmp_path_factory.mktemp("train")
-    train = make_shards(root / "train", n=58, per_shard=12)
-    val = make_shards(root / "val", n=25, per_shard=10, seed=7)
-    ckpt = save_teacher(root / "teacher.pth")
-    cache = root / "cache.zarr"
-    r = CliRunner().invoke(main, ["cache", *cache_args(train, ckpt, cache), "--views", "3"])
-    assert r.exit_code == 0, r.output
-    return {"train": train, "val": val, "ckpt": ckpt, "cache": cache, "root": root}
+    return make_train_data(tmp_path_factory.mktemp("train"), n=58, per_shard=12, n_val=25, val_per_shard=10)
 
 
 def train_args(data, out, *extra):
-    return ["--model", TEACHER, "--train-shards", str(data["train"]), "--val-shards", str(data["val"]),
-            "--out", str(out), "--epochs", "2", "--cooldown-epochs", "0", "--warmup-epochs", "1",
-            "--batch-size", "8", "--input-size", "32", "--workers", "1", "--quiet", *extra]
+    return conftest.train_args(data, out, *extra, batch_size=8, workers=1)
 
 
 def read_log(run: Path) -> list[dict]:
@@ -115,14 +107,19 @@ def test_online_teacher_sees_the_student_pixels(data, tmp_path):
         torch.testing.assert_close(t_in * std + mean, s_in * std + mean, rtol=0, atol=1e-6)
 
 
-def test_student_batch_equals_replayed_cache_views(data):
+def cache_stream(data, *, shuffle_buffer: int, repeats: int = 1):
+    """The train stream of the module's cache (32 px, 7 steps of 8), its manifest, group and spec."""
     m = load_manifest(data["train"])
     group, attrs = schema.open_cache(data["cache"])
-    layout = schema.Layout.from_attrs(attrs)
-    from usi_cache.train import _view_spec
-    spec = _view_spec(attrs["view_spec"])
-    stream = TrainStream(TrainStreamSpec(manifest=m, cache=str(data["cache"]), layout=layout, spec=spec, size=32,
-                                         seed=42, batch_size=8, steps=7, shuffle_buffer=10, rank=0, world=1))
+    spec = schema.view_spec(attrs)
+    stream = TrainStream(TrainStreamSpec(manifest=m, cache=str(data["cache"]), layout=schema.Layout.from_attrs(attrs),
+                                         spec=spec, size=32, seed=42, batch_size=8, steps=7,
+                                         shuffle_buffer=shuffle_buffer, rank=0, world=1, repeats=repeats))
+    return stream, m, group, spec
+
+
+def test_student_batch_equals_replayed_cache_views(data):
+    stream, m, group, spec = cache_stream(data, shuffle_buffer=10)
     stream.set_epoch(4)  # view 4 mod 3 = 1
     x = {n: group[n][:] for n in schema.ARRAYS}
     images = {}
@@ -174,14 +171,7 @@ def test_resume_after_kill_mid_epoch(data, tmp_path):
 
 
 def test_repeated_augmentation_uses_distinct_cached_views(data):
-    m = load_manifest(data["train"])
-    group, attrs = schema.open_cache(data["cache"])
-    layout = schema.Layout.from_attrs(attrs)
-    from usi_cache.train import _view_spec
-    spec = _view_spec(attrs["view_spec"])
-    stream = TrainStream(TrainStreamSpec(manifest=m, cache=str(data["cache"]), layout=layout, spec=spec, size=32,
-                                         seed=42, batch_size=8, steps=7, shuffle_buffer=4, rank=0, world=1,
-                                         repeats=2))
+    stream, _, group, _ = cache_stream(data, shuffle_buffer=4, repeats=2)
     stream.set_epoch(1)
     assert stream.view_indices(1) == [2, 0]  # (1*2 + r) mod 3
     x = {n: group[n][:] for n in schema.ARRAYS}

@@ -257,10 +257,7 @@ def _compute(cfg, world, manifest: Manifest, layout, group, teacher, size, mine,
             else:
                 t = time.perf_counter()
                 meta = msg["block"]
-                expected = manifest.shards[shard].count
-                if msg["count"] != expected:
-                    raise ShardError(f"{manifest.path(shard)}: holds {msg['count']} samples, "
-                                     f"{Path(manifest.root) / 'dataset.json'} says {expected}")
+                manifest.check_count(shard, msg["count"])
                 per_slot = ("boxes", "flips", "aug_ops", "aug_levels", "aug_resample", "keys", "labels")
                 for name in per_slot + (schema.MIX_ARRAYS if layout.paired else ()):
                     setattr(block, name, getattr(meta, name))

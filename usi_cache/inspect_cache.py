@@ -20,10 +20,9 @@ import numpy as np
 
 from . import schema
 from .mixing import CUTMIX, MIXUP, NO_MIX
-from .config import ViewSpec, from_dict
 from .randaugment import GEOMETRIC_OPS, AugOp
 from .shards import Manifest, ShardError, decode_image, load_manifest, read_shard
-from .views import ViewParams, decode_view
+from .views import ViewParams, decode_view, replay_view
 
 TOP5 = 5  # "top-5" agreement; top-min(5, k) when the cache keeps fewer than 5 classes
 WORST = 10  # classes listed as the teacher's worst
@@ -36,11 +35,6 @@ BIG = 8  # show a progress bar when reading at least this many shards
 
 # ---------------------------------------------------------------------------------------------
 # small helpers shared with verify.py
-
-
-def view_spec(attrs: dict) -> ViewSpec:
-    """The ViewSpec the cache was made with (from its attributes)."""
-    return from_dict(ViewSpec, dict(attrs["view_spec"]), "view_spec")
 
 
 def bucket_probs(logits: np.ndarray, lse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -559,19 +553,18 @@ def format_sample(s: dict) -> str:
 
 def replay_sample(path: str | Path, info: dict, shards_dir: str | Path | None):
     """(original RGB image, [replayed view images at the teacher's input size]) of a sample."""
-    from .views import replay_view
     _, attrs = schema.open_cache(path)
     manifest = shards_for(attrs, shards_dir)
     _, image = read_sample(manifest, info["shard"], info["position"], info["key"])
-    spec = view_spec(attrs)
+    spec = schema.view_spec(attrs)
     size = int(attrs["teacher"]["input_size"])
     views = [replay_view(image, view_params(info, v, attrs), size, spec) for v in range(len(info["views"]))]
     if info.get("paired"):
-        views = [_paired_panel(path, manifest, info, v, views[v], size, spec) for v in range(len(views))]
+        views = [_paired_panel(path, attrs, manifest, info, v, views[v], size, spec) for v in range(len(views))]
     return image, views
 
 
-def _paired_panel(path, manifest, info: dict, v: int, own, size: int, spec):
+def _paired_panel(path, attrs: dict, manifest, info: dict, v: int, own, size: int, spec):
     """own view | partner's view | the mixed image the teacher saw, side by side (PIL)."""
     from PIL import Image
 
@@ -582,8 +575,6 @@ def _paired_panel(path, manifest, info: dict, v: int, own, size: int, spec):
     q = mix["partner_slot"]
     pinfo = sample_info(path, q)
     _, pimage = read_sample(manifest, pinfo["shard"], pinfo["position"], pinfo["key"])
-    _, attrs = schema.open_cache(path)
-    from .views import replay_view
     partner = replay_view(pimage, view_params(pinfo, v, attrs), size, spec)
     pair = PairParams(q, MIXUP if mix["kind"] == "mixup" else CUTMIX, mix["lam"], tuple(mix["box"] or (0, 0, 0, 0)))
     mixed = Image.fromarray(mix_pixels(np.asarray(own), np.asarray(partner), pair))

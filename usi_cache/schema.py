@@ -45,6 +45,8 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from .config import ViewSpec, from_dict
+
 SCHEMA_VERSION = 2  # 2 added paired caches (mix_* arrays); version-1 caches are read as plain
 READABLE_VERSIONS = (1, 2)
 ATTR = "usi_cache"
@@ -181,6 +183,11 @@ def make_attrs(*, teacher: dict, num_classes: int, topk: int, views: int, view_s
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "invalid": [],  # keys of undecodable samples, filled in when the run completes
     }
+
+
+def view_spec(attrs: dict) -> ViewSpec:
+    """The ViewSpec the cache was made with (from its attributes)."""
+    return from_dict(ViewSpec, dict(attrs["view_spec"]), "view_spec")
 
 
 def attrs_difference(found: dict, expected: dict, prefix: str = "") -> str | None:

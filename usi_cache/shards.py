@@ -64,6 +64,14 @@ class Manifest:
     def path(self, index: int) -> Path:
         return Path(self.root) / self.shards[index].name
 
+    def check_count(self, index: int, count: int) -> None:
+        """A shard read to its end must hold what dataset.json says (a tar cut between members
+        reads without error)."""
+        expected = self.shards[index].count
+        if count != expected:
+            raise ShardError(f"{self.path(index)}: holds {count} samples, "
+                             f"{Path(self.root) / MANIFEST} says {expected}")
+
     def to_dict(self) -> dict:
         return {
             "format": MANIFEST_FORMAT,

@@ -8,7 +8,6 @@ One loop, three target sources:
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import time
@@ -54,13 +53,9 @@ class Targets:
     teacher: object = None  # usi_cache.teacher.Teacher (online mode)
 
 
-def _view_spec(d: dict) -> ViewSpec:
-    return ViewSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
 def resolve_targets(cfg: TrainConfig, world: World, fingerprint: str, num_classes: int, log) -> Targets:
     if cfg.cache:
-        _, attrs = schema.open_cache(cfg.cache)
+        group, attrs = schema.open_cache(cfg.cache)
         found = attrs["dataset"]["fingerprint"]
         if found != fingerprint:
             raise schema.CacheError(f"{cfg.cache}: dataset.fingerprint {found[:12]} does not match the train "
@@ -71,11 +66,10 @@ def resolve_targets(cfg: TrainConfig, world: World, fingerprint: str, num_classe
         if cfg.repeated_aug > layout.views:
             raise schema.CacheError(f"{cfg.cache}: train.repeated_aug = {cfg.repeated_aug} needs that many distinct "
                                     f"views per epoch, the cache has V = {layout.views}")
-        group, _ = schema.open_cache(cfg.cache)
         if not schema.completed_shards(group, layout).all():
             raise schema.CacheError(f"{cfg.cache}: incomplete (some shards were never committed); "
                                     f"finish it with cache_teacher.py first")
-        spec = _view_spec(attrs["view_spec"])
+        spec = schema.view_spec(attrs)
         if spec != cfg.view:
             log(f"using the cache's view spec (randaugment {spec.randaugment!r}); the config's view section is not used")
         total = cfg.epochs + cfg.cooldown_epochs

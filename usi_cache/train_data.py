@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -27,12 +26,7 @@ from . import schema
 from .config import ViewSpec
 from .shards import IMAGE_EXTS, Manifest, ShardError, decode_image
 from .mixing import NO_MIX, PairParams, PartnerImages, mix_pixels
-from .views import decode_view, replay_array, sample_view, view_rng
-
-PIL_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-               "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
-               "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
-
+from .views import decode_view, pil_filter, replay_array, sample_view, view_rng
 
 def stable_seed(*parts) -> int:
     """A 64-bit seed from a stable hash of `parts` (never Python's hash())."""
@@ -56,15 +50,6 @@ def iter_tar(path: str) -> Iterator[tuple[str, bytes, int]]:
         # webdataset re-raises with (message, stream, url) as the arguments
         reason = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
         raise ShardError(f"{path}: damaged tar ({reason})") from None
-
-
-def check_count(manifest: Manifest, shard: int, count: int) -> None:
-    """A shard read to its end must hold what dataset.json says (a tar cut between members
-    reads without error)."""
-    expected = manifest.shards[shard].count
-    if count != expected:
-        raise ShardError(f"{manifest.path(shard)}: holds {count} samples, "
-                         f"{Path(manifest.root) / 'dataset.json'} says {expected}")
 
 
 @dataclass(frozen=True)
@@ -205,7 +190,7 @@ class TrainStream(IterableDataset):
                     out["t_classes"] = torch.from_numpy(b.classes[pos].astype(np.int64))
                     out["t_lse"] = float(b.lse[pos])
                 yield out
-        check_count(m, shard, count)
+        m.check_count(shard, count)
 
 
     def _paired(self, b: schema.ShardBlock, shard: int, pos: int, pixels: np.ndarray,
@@ -235,7 +220,7 @@ def eval_array(image: Image.Image, size: int, crop_pct: float, interpolation: st
         nw, nh = scale, max(1, round(h * scale / w))
     else:
         nw, nh = max(1, round(w * scale / h)), scale
-    image = image.resize((nw, nh), PIL_FILTERS[interpolation])
+    image = image.resize((nw, nh), pil_filter(interpolation))
     left, top = (nw - size) // 2, (nh - size) // 2
     return np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
@@ -262,4 +247,4 @@ class EvalStream(IterableDataset):
                     continue
                 pixels = eval_array(image, self.size, self.crop_pct, self.interp)
                 yield {"image": torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), "label": cls}
-            check_count(self.m, shard, count)
+            self.m.check_count(shard, count)

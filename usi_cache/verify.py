@@ -35,7 +35,7 @@ from PIL import Image
 
 from . import schema
 from .config import ConfigError
-from .inspect_cache import BIG, view_spec
+from .inspect_cache import BIG
 from .randaugment import OP_NAMES, parse_policy
 from .shards import Manifest, ShardError, ShardInfo, decode_image, fingerprint, load_manifest, read_shard
 from .views import decode_view, encode_ops, replay_array, sample_view, view_rng
@@ -95,7 +95,7 @@ def verify_cache(path: str | Path, shards_dir: str | Path, *, recompute: int = 0
     if recompute:
         teacher = _load_teacher(rep, attrs, teacher_checkpoint, device)
     ctx = _Context(path=Path(path), group=group, attrs=attrs, layout=layout, manifest=manifest,
-                   spec=view_spec(attrs), invalid=set(attrs.get("invalid", [])), atol=atol, rtol=rtol,
+                   spec=schema.view_spec(attrs), invalid=set(attrs.get("invalid", [])), atol=atol, rtol=rtol,
                    teacher=teacher)
     if teacher is not None:
         ctx.picks = _pick_views(group, layout, recompute, seed)
@@ -159,7 +159,7 @@ def _check_attrs(rep: VerifyReport, group, attrs: dict) -> schema.Layout | None:
         rep.add("attributes", None, "op_names differs from this tool's RandAugment op table (append-only): "
                                     "the recorded op ids cannot be replayed")
     try:
-        spec = view_spec(attrs)
+        spec = schema.view_spec(attrs)
         spec.validate()
         n = parse_policy(spec.randaugment).num_ops
         if n != layout.op_slots:
