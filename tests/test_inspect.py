@@ -184,7 +184,7 @@ def test_incomplete_shard_is_reported_and_skipped(tiny, tmp_path):
     out = tmp_path / "c.zarr"
     shutil.copytree(tiny.out, out)
     layout = schema.Layout.from_attrs(tiny.attrs)
-    for f in schema.chunk_files(out, schema.COMMIT_ARRAY, 1, layout):
+    for f in map(Path, schema.chunk_files(out, schema.COMMIT_ARRAY, 1, layout)):
         f.unlink()  # as if stage 1 was killed before committing shard 1
     d = json.loads(inspect(out, "--json").output)
     assert d["summary"]["completeness"]["missing"] == [1]

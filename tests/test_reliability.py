@@ -153,7 +153,7 @@ def block_files(cache: Path, shards) -> dict[str, tuple[int, int]]:
     out = {}
     for shard in shards:
         for name in schema.ARRAYS:
-            for f in schema.chunk_files(cache, name, int(shard), layout):
+            for f in map(Path, schema.chunk_files(cache, name, int(shard), layout)):
                 st = f.stat()
                 out[str(f)] = (st.st_ino, st.st_mtime_ns)
     return out

@@ -45,7 +45,7 @@ def test_from_folder_is_byte_identical_and_manifest_matches(tmp_path):
     src_bytes = {p.read_bytes() for p in src.rglob("*.*")}
     seen = []
     for i, info in enumerate(m.shards):
-        assert hashlib.sha256(m.path(i).read_bytes()).hexdigest() == info.sha256
+        assert hashlib.sha256(Path(m.path(i)).read_bytes()).hexdigest() == info.sha256
         samples = list(read_shard(m.path(i)))
         assert len(samples) == info.count
         for s in samples:
@@ -111,7 +111,7 @@ def test_manifest_errors(tmp_path):
     (tmp_path / "s/dataset.json").write_text(json.dumps(d))
     with pytest.raises(ShardError, match="fingerprint"):
         load_manifest(tmp_path / "s")
-    m.path(1).unlink()
+    Path(m.path(1)).unlink()
     with pytest.raises(ShardError, match="missing"):
         load_manifest(tmp_path / "s")
 
@@ -119,8 +119,8 @@ def test_manifest_errors(tmp_path):
 def test_truncated_tar_is_named(tmp_path):
     src = make_folder(tmp_path / "src", per_class=3)
     m = write_shards(*_samples(src), tmp_path / "s", per_shard=9, progress=False)
-    data = m.path(0).read_bytes()
-    m.path(0).write_bytes(data[: len(data) // 2 + 100])
+    data = Path(m.path(0)).read_bytes()
+    Path(m.path(0)).write_bytes(data[: len(data) // 2 + 100])
     with pytest.raises(ShardError, match="shard-000000.tar"):
         list(read_shard(m.path(0)))
 

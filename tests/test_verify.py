@@ -86,7 +86,7 @@ def test_recompute_with_another_teacher_fails(tiny, tmp_path):
 
 
 def test_deleted_chunk_file(tiny, copy):
-    for f in schema.chunk_files(copy, "logits", 1, tiny.layout):
+    for f in map(Path, schema.chunk_files(copy, "logits", 1, tiny.layout)):
         f.unlink()
     output, verdict = verify(copy, tiny.shards, code=1)
     problems = failing(output)
@@ -96,7 +96,7 @@ def test_deleted_chunk_file(tiny, copy):
 
 
 def test_deleted_commit_marker(tiny, copy):
-    for f in schema.chunk_files(copy, schema.COMMIT_ARRAY, 2, tiny.layout):
+    for f in map(Path, schema.chunk_files(copy, schema.COMMIT_ARRAY, 2, tiny.layout)):
         f.unlink()
     output, verdict = verify(copy, tiny.shards, code=1)
     assert failing(output)["complete"][0].startswith("shard 2: not committed")
@@ -106,7 +106,7 @@ def test_deleted_commit_marker(tiny, copy):
 def test_corrupted_chunk_files_are_all_reported(tiny, copy):
     """Damage in two shards: both are found (no stop at the first), each named with its check."""
     for name, shard in (("classes", 2), ("lse", 0)):
-        f = schema.chunk_files(copy, name, shard, tiny.layout)[0]
+        f = Path(schema.chunk_files(copy, name, shard, tiny.layout)[0])
         data = bytearray(f.read_bytes())
         data[20:28] = b"\xa5" * 8  # inside the first inner chunk (view 0), not the index at the end
         f.write_bytes(bytes(data))
@@ -160,6 +160,6 @@ def test_chunks_that_zarr_leaves_out_are_not_problems(tiny, tmp_path):
     r = CliRunner().invoke(main, ["cache", "--config", str(config),
                                   *cache_args(tiny.shards, tiny.ckpt, out, "--views", "2")])
     assert r.exit_code == 0, r.output
-    assert not any(f.is_file() for f in schema.chunk_files(out, "flips", 0, tiny.layout))
+    assert not any(f.is_file() for f in map(Path, schema.chunk_files(out, "flips", 0, tiny.layout)))
     _, verdict = verify(out, tiny.shards, code=0)
     assert verdict.startswith("verdict: OK")

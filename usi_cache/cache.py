@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from . import __version__, schema
+from . import __version__, schema, storage
 from .config import CacheConfig, ViewSpec, to_dict
 from .dist import World, all_gather_objects, barrier, broadcast_object, close_world, init_world
 from .randaugment import OP_NAMES
@@ -49,7 +49,7 @@ def shard_batches(job: ViewJob, shard: int) -> Iterator[dict]:
     S, V, n = layout.slots_per_shard, layout.views, layout.op_slots
     meta = schema.ShardBlock.empty(layout)
     images, pos, views = [], [], []
-    path = Path(job.root) / job.shard_names[shard]
+    path = storage.join(job.root, job.shard_names[shard])
 
     def batch():
         out = {"kind": "batch", "shard": shard, "images": np.stack(images),
@@ -153,10 +153,10 @@ def _mix_spec(cfg: CacheConfig) -> dict | None:
 
 def _prepare_store(cfg: CacheConfig, attrs: dict, layout: schema.Layout) -> str | None:
     """Rank 0: create the cache, or check that the existing one matches. Returns an error."""
-    out = Path(cfg.out)
-    if out.is_file() or out.is_symlink():
+    out = cfg.out
+    if storage.is_file(out) or (not storage.is_url(out) and Path(out).is_symlink()):
         return f"{out}: is a file, not a cache" + ("; --overwrite only replaces a cache" if cfg.overwrite else "")
-    empty = not out.exists() or not any(out.iterdir())
+    empty = not storage.listdir(out)
     if cfg.overwrite and not empty and not schema.exists(out):
         # --overwrite deletes what is at OUT: only ever a Zarr store, never e.g. a mistyped folder
         return (f"{out}: folder is not a cache (no zarr.json) and is not empty; "
@@ -200,7 +200,7 @@ def _run(cfg: CacheConfig, world: World, progress: bool) -> dict:
     attrs = schema.make_attrs(teacher=info.to_dict(), num_classes=C, topk=cfg.topk, views=cfg.views,
                               view_spec=to_dict(cfg.view), op_names=list(OP_NAMES),
                               op_slots=layout.op_slots, seed=cfg.seed,
-                              manifest={**manifest.to_dict(), "root": str(Path(manifest.root).resolve())},
+                              manifest={**manifest.to_dict(), "root": storage.resolve(manifest.root)},
                               tool_version=__version__, mix=_mix_spec(cfg))
     error = _prepare_store(cfg, attrs, layout) if world.is_main else None
     error = broadcast_object(world, error)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import schema
+from . import schema, storage
 from .mixing import CUTMIX, MIXUP, NO_MIX
 from .randaugment import GEOMETRIC_OPS, AugOp
 from .shards import Manifest, ShardError, decode_image, load_manifest, read_shard
@@ -78,7 +78,7 @@ def shards_for(attrs: dict, shards_dir: str | Path | None) -> Manifest:
         if shards_dir is None:
             raise schema.CacheError("the cache's attributes do not record where its shards are: "
                                     "give --shards DIR")
-        if not Path(shards_dir).is_dir():
+        if not storage.is_dir(shards_dir):
             raise schema.CacheError(f"the cache's shards were at {shards_dir}, which is gone: give --shards DIR")
     manifest = load_manifest(shards_dir)
     diff = schema.attrs_difference(attrs["dataset"], manifest.to_dict(), "dataset.")
@@ -616,7 +616,7 @@ def run_inspect(path: str | Path, *, key: str | None = None, slot: int | None = 
             image, views = replay_sample(path, report["sample"], shards_dir)
             t = report["summary"]["teacher"]
             report["plot"] = str(plot_sample(report["sample"], image, views, plot,
-                                             title=f"{Path(path).name}: teacher {t['name']}, "
+                                             title=f"{storage.basename(path)}: teacher {t['name']}, "
                                                    f"views replayed at {t['input_size']} px"))
     elif stats:
         report["stats"] = teacher_stats(path, shard_range=shard_range, sample_views=sample_views, seed=seed,

@@ -36,8 +36,6 @@ Root attribute `usi_cache`: see `make_attrs`.
 from __future__ import annotations
 
 import datetime
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +43,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from . import storage
 from .config import ViewSpec, from_dict
 
 SCHEMA_VERSION = 2  # 2 added paired caches (mix_* arrays); version-1 caches are read as plain
@@ -222,12 +221,11 @@ def _short(x) -> str:
 
 
 def create(path: str | Path, attrs: dict, layout: Layout) -> zarr.Group:
-    """Create a new, empty cache at `path` (the caller has checked it may)."""
-    path = Path(path)
-    if path.exists():
-        shutil.rmtree(path)
+    """Create a new, empty cache at `path` (a folder or URL; the caller has checked it may)."""
+    storage.remove_tree(path)
     # attributes with the group: a failure while creating the arrays leaves a recognisable cache
-    group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes={ATTR: attrs})
+    group = zarr.open_group(storage.zarr_store(path, read_only=False), mode="w", zarr_format=3,
+                            attributes={ATTR: attrs})
     for name, spec in _array_specs(layout).items():
         group.create_array(name, shape=spec["shape"], dtype=spec["dtype"], chunks=spec["chunks"],
                            shards=spec["shards"], fill_value=spec["fill_value"],
@@ -237,19 +235,20 @@ def create(path: str | Path, attrs: dict, layout: Layout) -> zarr.Group:
 
 
 def exists(path: str | Path) -> bool:
-    return (Path(path) / "zarr.json").is_file()
+    return storage.is_file(storage.join(path, "zarr.json"))
 
 
 def open_cache(path: str | Path, mode: str = "r") -> tuple[zarr.Group, dict]:
-    """Open a cache; returns the group and its `usi_cache` attribute."""
-    path = Path(path)
+    """Open a cache (a folder or URL); returns the group and its `usi_cache` attribute."""
     if not exists(path):
         raise CacheError(f"{path}: no cache here (expected a Zarr group with zarr.json)")
     try:
-        group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        group = zarr.open_group(storage.zarr_store(path, read_only=mode == "r"), mode=mode, zarr_format=3)
         attrs = dict(group.attrs[ATTR])
     except KeyError:
         raise CacheError(f"{path}: Zarr group has no {ATTR!r} attribute: not a usi-cache cache") from None
+    except storage.StorageError:
+        raise
     except Exception as e:  # zarr raises many types for a damaged zarr.json
         raise CacheError(f"{path}: cannot open as a Zarr v3 group ({type(e).__name__}: {e})") from None
     if attrs.get("schema_version") not in READABLE_VERSIONS:
@@ -302,23 +301,29 @@ def completed_shards(group: zarr.Group, layout: Layout) -> np.ndarray:
 
 
 def disk_usage(path: str | Path) -> dict[str, int]:
-    """Bytes on disk per array (and 'total'), for local caches."""
-    path = Path(path)
+    """Bytes stored per array (and 'total'), for a local or remote cache."""
+    files = storage.sizes(path)
     out = {}
-    for name in ARRAYS + tuple(n for n in MIX_ARRAYS if (path / n).is_dir()):
-        out[name] = sum(f.stat().st_size for f in (path / name).rglob("*") if f.is_file())
-    out["total"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    for name in ARRAYS + MIX_ARRAYS:
+        found = [size for rel, size in files.items() if rel.split("/", 1)[0] == name]
+        if found or name in ARRAYS:
+            out[name] = sum(found)
+    out["total"] = sum(files.values())
     return out
 
 
-def chunk_files(path: str | Path, name: str, shard: int, layout: Layout) -> list[Path]:
-    """The file(s) holding one shard's block of array `name` (for verification tools)."""
-    base = Path(path) / name / "c" / str(shard)
-    if name in PER_SLOT:
-        return [base]
-    return [base.joinpath(*["0"] * (len(_array_specs(layout)[name]["shape"]) - 1))]
+def chunk_keys(name: str, shard: int, layout: Layout) -> list[str]:
+    """The store keys (paths relative to the cache) of one shard's block of array `name`."""
+    parts = [name, "c", str(shard)]
+    if name not in PER_SLOT:
+        parts += ["0"] * (len(_array_specs(layout)[name]["shape"]) - 1)
+    return ["/".join(parts)]
+
+
+def chunk_files(path: str | Path, name: str, shard: int, layout: Layout) -> list[str]:
+    """The file(s) or object(s) holding one shard's block of array `name` (for verification tools)."""
+    return [storage.join(path, *key.split("/")) for key in chunk_keys(name, shard, layout)]
 
 
 def remove(path: str | Path) -> None:
-    if os.path.isdir(path):
-        shutil.rmtree(path)
+    storage.remove_tree(path)

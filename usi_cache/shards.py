@@ -20,6 +20,8 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from . import storage
+
 MANIFEST = "dataset.json"
 MANIFEST_FORMAT = "usi-cache-shards/1"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
@@ -51,7 +53,7 @@ class ShardInfo:
 class Manifest:
     """What `dataset.json` says about a folder of shards."""
 
-    root: str  # the folder holding dataset.json
+    root: str  # the folder (or URL prefix) holding dataset.json
     classes: tuple[str, ...]
     per_shard: int  # samples per shard (the last may be short); also the cache's slots per shard
     shards: tuple[ShardInfo, ...]
@@ -61,8 +63,9 @@ class Manifest:
     def num_samples(self) -> int:
         return sum(s.count for s in self.shards)
 
-    def path(self, index: int) -> Path:
-        return Path(self.root) / self.shards[index].name
+    def path(self, index: int) -> str:
+        """Shard `index`'s tar: a local path or a URL, like the root."""
+        return storage.join(self.root, self.shards[index].name)
 
     def check_count(self, index: int, count: int) -> None:
         """A shard read to its end must hold what dataset.json says (a tar cut between members
@@ -70,7 +73,7 @@ class Manifest:
         expected = self.shards[index].count
         if count != expected:
             raise ShardError(f"{self.path(index)}: holds {count} samples, "
-                             f"{Path(self.root) / MANIFEST} says {expected}")
+                             f"{storage.join(self.root, MANIFEST)} says {expected}")
 
     def to_dict(self) -> dict:
         return {
@@ -91,24 +94,25 @@ def fingerprint(classes: Iterable[str], per_shard: int, shards: Iterable[ShardIn
 
 
 def load_manifest(root: str | Path) -> Manifest:
-    """Read and check `ROOT/dataset.json`; every listed shard must exist."""
-    root = Path(root)
-    path = root / MANIFEST
-    if not root.is_dir():
+    """Read and check `ROOT/dataset.json` (ROOT a folder or a URL); every listed shard must exist."""
+    root = str(root).rstrip("/") if storage.is_url(root) else str(root)
+    path = storage.join(root, MANIFEST)
+    if not storage.is_dir(root):
         raise ShardError(f"{root}: shard folder not found")
-    if not path.is_file():
+    if not storage.is_file(path):
         raise ShardError(f"{path}: no dataset manifest (make shards with `usi shards ...`)")
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(storage.read_bytes(path))
         shards = tuple(ShardInfo(s["name"], int(s["count"]), s["sha256"]) for s in d["shards"])
-        m = Manifest(str(root), tuple(d["classes"]), int(d["per_shard"]), shards, d["fingerprint"])
+        m = Manifest(root, tuple(d["classes"]), int(d["per_shard"]), shards, d["fingerprint"])
     except (ValueError, KeyError, TypeError) as e:
         raise ShardError(f"{path}: not a valid dataset manifest ({type(e).__name__}: {e})") from None
     if not m.shards:
         raise ShardError(f"{path}: lists no shards")
-    for s in m.shards:
-        if not (root / s.name).is_file():
-            raise ShardError(f"{root / s.name}: shard listed in {MANIFEST} is missing")
+    present = set(storage.listdir(root))  # one listing, not a request per shard
+    for i, s in enumerate(m.shards):
+        if s.name not in present and ("/" not in s.name or not storage.is_file(m.path(i))):
+            raise ShardError(f"{m.path(i)}: shard listed in {MANIFEST} is missing")
     if fingerprint(m.classes, m.per_shard, m.shards) != m.fingerprint:
         raise ShardError(f"{path}: fingerprint does not match its own contents (edited by hand?)")
     return m
@@ -127,12 +131,12 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def write_shards(samples: list[Sample], classes: Iterable[str], out: str | Path, *,
                  per_shard: int = 1000, seed: int = 0, prefix: str = "shard",
                  progress: bool = True) -> Manifest:
-    """Write `samples` as deterministic tar shards plus `dataset.json` into `out`.
+    """Write `samples` as deterministic tar shards plus `dataset.json` into `out` (a folder or URL).
 
     Samples are sorted by key, then shuffled with `seed`, so that shards mix classes and the
     result depends only on the input.
     """
-    out = Path(out)
+    out = str(out).rstrip("/") if storage.is_url(out) else str(out)
     classes = tuple(classes)
     if per_shard < 1:
         raise ShardError(f"per_shard: expected a positive integer, got {per_shard}")
@@ -143,7 +147,8 @@ def write_shards(samples: list[Sample], classes: Iterable[str], out: str | Path,
     if len(set(keys)) != len(keys):
         raise ShardError("duplicate sample keys in the input")
     order = np.random.default_rng(seed).permutation(len(samples))
-    out.mkdir(parents=True, exist_ok=True)
+    if not storage.is_url(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
     infos = []
     n_shards = (len(samples) + per_shard - 1) // per_shard
     for i in _progress(range(n_shards), progress, f"writing {n_shards} shards to {out}"):
@@ -156,10 +161,11 @@ def write_shards(samples: list[Sample], classes: Iterable[str], out: str | Path,
                 _tar_member(tar, f"{s.key}.{s.ext}", s.data)
                 _tar_member(tar, f"{s.key}.cls", str(s.cls).encode())
         data = buf.getvalue()
-        (out / name).write_bytes(data)
+        storage.write_bytes(storage.join(out, name), data)
         infos.append(ShardInfo(name, len(idx), hashlib.sha256(data).hexdigest()))
-    m = Manifest(str(out), classes, per_shard, tuple(infos), fingerprint(classes, per_shard, infos))
-    (out / MANIFEST).write_text(json.dumps(m.to_dict(), indent=1) + "\n")
+    m = Manifest(out, classes, per_shard, tuple(infos), fingerprint(classes, per_shard, infos))
+    # the manifest last: a folder without one is not taken for a complete set of shards
+    storage.write_bytes(storage.join(out, MANIFEST), (json.dumps(m.to_dict(), indent=1) + "\n").encode())
     return m
 
 
@@ -271,8 +277,8 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def read_shard(path: str | Path) -> Iterator[Sample]:
-    """Yield the samples of one shard in tar order (a damaged tar raises ShardError)."""
-    path = Path(path)
+    """Yield the samples of one shard (a path or URL) in tar order (a damaged tar raises ShardError)."""
+    path = str(path)
     current: dict = {}
     key = None
 
@@ -289,7 +295,7 @@ def read_shard(path: str | Path) -> Iterator[Sample]:
         return Sample(key, img[0][0], img[0][1], cls)
 
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with storage.open_read(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -303,5 +309,7 @@ def read_shard(path: str | Path) -> Iterator[Sample]:
             s = flush()
             if s is not None:
                 yield s
+    except storage.StorageError:
+        raise  # unreachable storage is not a damaged tar
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ShardError(f"{path}: damaged tar ({e})") from None

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import hashlib
+import io
 import json
 import logging
 import pickle
@@ -34,6 +35,8 @@ import timm
 import timm.data
 import timm.models
 import torch
+
+from . import storage
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +126,10 @@ _SAFE_GLOBALS = [argparse.Namespace]
 
 
 def sha256_file(path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    """Hex SHA-256 of a file (a path or URL), read in 1 MiB blocks."""
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
+        with storage.open_read(path) as f:
             while block := f.read(1 << 20):
                 h.update(block)
     except OSError as e:
@@ -135,14 +138,15 @@ def sha256_file(path) -> str:
 
 
 def read_state_dict(path) -> dict[str, torch.Tensor]:
-    """Load a state_dict (CPU tensors) from a checkpoint file; see the module doc for formats."""
-    p = Path(path)
-    if not p.is_file():
+    """Load a state_dict (CPU tensors) from a checkpoint file (a path or URL); see the module doc."""
+    if not storage.is_file(path):
         raise TeacherError(f"checkpoint {path}: no such file")
-    if p.suffix == ".safetensors":
+    # a URL's checkpoint is read into memory once (teachers are a few hundred MB at most)
+    p = io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else Path(path)
+    if str(path).endswith(".safetensors"):
         try:
-            from safetensors.torch import load_file
-            return load_file(str(p), device="cpu")
+            from safetensors.torch import load, load_file
+            return load(p.getvalue()) if isinstance(p, io.BytesIO) else load_file(str(p), device="cpu")
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise TeacherError(f"checkpoint {path}: not a safetensors file ({_first_line(e)})") from None
     try:

@@ -22,7 +22,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from . import schema
+from . import schema, storage
 from .config import ViewSpec
 from .shards import IMAGE_EXTS, Manifest, ShardError, decode_image
 from .mixing import NO_MIX, PairParams, PartnerImages, mix_pixels
@@ -35,17 +35,21 @@ def stable_seed(*parts) -> int:
 
 
 def iter_tar(path: str) -> Iterator[tuple[str, bytes, int]]:
-    """(key, encoded image, class) of each sample of one shard, streamed by WebDataset."""
-    ds = wds.WebDataset(path, shardshuffle=False, nodesplitter=None, workersplitter=None,
-                        empty_check=False)
+    """(key, encoded image, class) of each sample of one shard (a path or URL), streamed.
+
+    The file is opened here (fsspec for URLs); WebDataset's tar iterator and key grouping do
+    the rest, exactly as `wds.WebDataset` would for a local file.
+    """
     try:
-        for s in ds:
-            img = next((s[e] for e in IMAGE_EXTS if e in s), None)
-            if img is None or "cls" not in s:
-                raise ShardError(f"{path}: sample {s['__key__']!r} lacks an image or a cls entry")
-            yield s["__key__"], img, int(s["cls"])
+        with storage.open_read(path) as stream:
+            files = wds.tariterators.tar_file_expander([{"url": path, "stream": stream}])
+            for s in wds.tariterators.group_by_keys(files):
+                img = next((s[e] for e in IMAGE_EXTS if e in s), None)
+                if img is None or "cls" not in s:
+                    raise ShardError(f"{path}: sample {s['__key__']!r} lacks an image or a cls entry")
+                yield s["__key__"], img, int(s["cls"])
     except (OSError, ValueError, tarfile.TarError) as e:
-        if isinstance(e, ShardError):
+        if isinstance(e, (ShardError, storage.StorageError)):
             raise
         # webdataset re-raises with (message, stream, url) as the arguments
         reason = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
@@ -144,7 +148,7 @@ class TrainStream(IterableDataset):
         `view_indices(epoch)`; the image is decoded once for all of them.
         """
         s, m = self.s, self.s.manifest
-        path = str(m.path(shard))
+        path = m.path(shard)
         views = self.view_indices(self.epoch)
         blocks = []
         if group is not None:  # one read per array per view of the epoch
@@ -239,7 +243,7 @@ class EvalStream(IterableDataset):
         shards = list(range(len(self.m.shards)))[self.rank::self.world][worker::workers]
         for shard in shards:
             count = 0
-            for key, data, cls in iter_tar(str(self.m.path(shard))):
+            for key, data, cls in iter_tar(self.m.path(shard)):
                 count += 1
                 try:
                     image = decode_image(data)

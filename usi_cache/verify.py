@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import schema
+from . import schema, storage
 from .config import ConfigError
 from .inspect_cache import BIG
 from .randaugment import OP_NAMES, parse_policy
@@ -94,7 +94,7 @@ def verify_cache(path: str | Path, shards_dir: str | Path, *, recompute: int = 0
     teacher = None
     if recompute:
         teacher = _load_teacher(rep, attrs, teacher_checkpoint, device)
-    ctx = _Context(path=Path(path), group=group, attrs=attrs, layout=layout, manifest=manifest,
+    ctx = _Context(path=str(path), stored=set(storage.sizes(path)), group=group, attrs=attrs, layout=layout, manifest=manifest,
                    spec=schema.view_spec(attrs), invalid=set(attrs.get("invalid", [])), atol=atol, rtol=rtol,
                    teacher=teacher)
     if teacher is not None:
@@ -224,7 +224,8 @@ def _short(x) -> str:
 
 @dataclass
 class _Context:
-    path: Path
+    path: str
+    stored: set  # keys of the cache's files/objects, listed once (one listing, not a request per chunk)
     group: object
     attrs: dict
     layout: schema.Layout
@@ -377,8 +378,8 @@ def _check_shard(rep: VerifyReport, ctx: _Context, i: int) -> set[str]:
     for name in schema.ARRAYS:
         if x.get(name) is None or x[name].size == 0:
             continue
-        files = schema.chunk_files(ctx.path, name, i, layout)
-        if all(f.is_file() for f in files):
+        keys = schema.chunk_keys(name, i, layout)
+        if all(k in ctx.stored for k in keys):
             continue
         if name in VIEW_PARAMS:
             fine = known.sum() == valid.sum() and np.array_equal(x[name][valid], expected[name][valid])
@@ -389,7 +390,7 @@ def _check_shard(rep: VerifyReport, ctx: _Context, i: int) -> set[str]:
         else:
             fine = not valid.any()
         if not fine:
-            rel = ", ".join(str(f.relative_to(ctx.path)) for f in files if not f.is_file())
+            rel = ", ".join(k for k in keys if k not in ctx.stored)
             fill = np.asarray(ctx.group[name].fill_value).item()
             rep.add("chunk files", i, f"{name}: chunk file {rel} is missing (reads as fill value "
                                       f"{fill!r}: the values are lost)")
