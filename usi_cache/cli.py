@@ -137,13 +137,12 @@ def shards_from_folder(src, out, per_shard, seed):
 @one_line_errors
 def shards_fashion_mnist(out, source, per_shard, seed, limit_train, limit_test):
     """Shard Fashion-MNIST into OUT/train and OUT/test (PNG)."""
-    from pathlib import Path
-
+    from .storage import join
     from .shards import FMNIST_CLASSES, FMNIST_DIR, samples_from_fashion_mnist, write_shards
     for split, limit in (("train", limit_train), ("test", limit_test)):
         samples = samples_from_fashion_mnist(source or FMNIST_DIR, split, limit)
-        m = write_shards(samples, FMNIST_CLASSES, Path(out) / split, per_shard=per_shard, seed=seed)
-        click.echo(f"{Path(out) / split}: {m.num_samples} samples, {len(m.shards)} shards, "
+        m = write_shards(samples, FMNIST_CLASSES, join(out, split), per_shard=per_shard, seed=seed)
+        click.echo(f"{m.root}: {m.num_samples} samples, {len(m.shards)} shards, "
                    f"fingerprint {m.fingerprint[:12]}")
 
 

@@ -14,12 +14,28 @@ shard object per array, and `labels` is written last.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import IO, Iterator
 
 EXTRAS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+
+
+class _ForkedSessionFilter(logging.Filter):
+    """Drop aiohttp's "Unclosed client session/connector" in forked DataLoader workers.
+
+    fsspec discards the parent's cached filesystems in a forked child; their aiohttp sessions
+    belong to the parent's event loop and cannot be closed there, so garbage collection reports
+    them. They were never used in the child, and the parent still owns and closes them.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Unclosed client session", "Unclosed connector"))
+
+
+logging.getLogger("asyncio").addFilter(_ForkedSessionFilter())
 
 
 class StorageError(OSError):
@@ -54,11 +70,17 @@ def resolve(path: str | os.PathLike) -> str:
 
 
 def filesystem(url: str):
-    """(fsspec filesystem, path inside it) for a URL, with a one-line error when it can't."""
+    """(fsspec filesystem, path inside it) for a URL, with a one-line error when it can't.
+
+    The filesystem's listing cache is dropped for the path: other processes (ranks, the Zarr
+    store's own client) write to the same bucket, and a stale listing would hide their objects.
+    """
     import fsspec
     protocol = str(url).split("://", 1)[0]
     try:
-        return fsspec.core.url_to_fs(str(url))
+        fs, path = fsspec.core.url_to_fs(str(url))
+        fs.invalidate_cache(path)
+        return fs, path
     except ImportError:
         pkg = EXTRAS.get(protocol)
         hint = f"pip install {pkg}" + (" (or 'usi-cache[s3]')" if protocol == "s3" else "") if pkg else \
@@ -93,7 +115,10 @@ def is_file(path: str | os.PathLike) -> bool:
         return _local(path).is_file()
     fs, p = filesystem(path)
     with errors(str(path), "checking"):
-        return fs.isfile(p)
+        try:  # not fs.isfile(): that answers False for an unreachable server too
+            return fs.info(p)["type"] == "file"
+        except FileNotFoundError:
+            return False
 
 
 def is_dir(path: str | os.PathLike) -> bool:
@@ -102,7 +127,10 @@ def is_dir(path: str | os.PathLike) -> bool:
         return _local(path).is_dir()
     fs, p = filesystem(path)
     with errors(str(path), "checking"):
-        return fs.isdir(p)
+        try:
+            return fs.info(p)["type"] == "directory"
+        except FileNotFoundError:
+            return False
 
 
 def listdir(path: str | os.PathLike) -> list[str]:
@@ -113,7 +141,7 @@ def listdir(path: str | os.PathLike) -> list[str]:
     fs, p = filesystem(path)
     with errors(str(path), "listing"):
         try:
-            return sorted(basename(x) for x in fs.ls(p, detail=False, refresh=True))
+            return sorted(basename(x) for x in fs.ls(p, detail=False))
         except FileNotFoundError:
             return []
 
@@ -136,6 +164,17 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     fs, p = filesystem(path)
     with errors(str(path), "writing"):
         fs.pipe_file(p, data)
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append to a small text file (a run log). Object storage has no append: the object is
+    read and written back whole, which is fine for a log of one line per epoch."""
+    if not is_url(path):
+        with open(_local(path), "a") as f:
+            f.write(text)
+        return
+    old = read_bytes(path) if is_file(path) else b""
+    write_bytes(path, old + text.encode())
 
 
 def open_read(path: str | os.PathLike) -> IO[bytes]:

@@ -7,6 +7,7 @@ One loop, three target sources:
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -23,7 +24,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from . import schema
+from . import schema, storage
 from .config import TrainConfig, ViewSpec, to_dict
 from .dist import World, barrier, broadcast_object, close_world, init_world
 from .evaluate import evaluate
@@ -94,9 +95,19 @@ def _view_log(views: list[int]):
     return views[0] if len(views) == 1 else views
 
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temp file, fsync, then rename: a kill or a full disk never leaves a
-    half-written file in place of the previous one."""
+def save_atomic(obj, path: str) -> None:
+    """torch.save so that a kill or a full disk never leaves a half-written file in place of
+    the previous one: locally a temp file, fsync, then rename; on object storage one PUT of
+    the whole object (atomic for readers)."""
+    if storage.is_url(path):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        try:
+            storage.write_bytes(path, buf.getvalue())
+        except storage.StorageError as e:
+            raise TrainError(f"{e}; the previous {storage.basename(path)} is kept") from None
+        return
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -114,10 +125,11 @@ def save_atomic(obj, path: Path) -> None:
 RESUMABLE_CHANGES = ("workers", "shuffle_buffer")
 
 
-def load_resume_state(path: Path, cfg: TrainConfig, device) -> dict:
-    """last.pth, checked: readable, complete, and made with the same config."""
+def load_resume_state(path: str, cfg: TrainConfig, device) -> dict:
+    """last.pth (a path or URL), checked: readable, complete, and made with the same config."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        src = io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path
+        state = torch.load(src, map_location=device, weights_only=True)
         for key in ("model", "optimizer", "scheduler", "epoch", "best", "config"):
             state[key]
     except pickle.UnpicklingError as e:
@@ -148,7 +160,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) 
 
 
 def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict:
-    out = Path(cfg.out)
+    out = cfg.out  # a folder or a URL prefix
+    last, run_log = storage.join(out, "last.pth"), storage.join(out, "log.jsonl")
     log = (lambda msg: print(msg, flush=True)) if world.is_main else (lambda msg: None)
     train_m, val_m = load_manifest(cfg.train_shards), load_manifest(cfg.val_shards)
     if val_m.classes != train_m.classes:
@@ -179,8 +192,8 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict
     amp = cuda and cfg.amp
 
     start_epoch, best = 0, {"top1": -1.0}
-    if resume and (out / "last.pth").is_file():
-        state = load_resume_state(out / "last.pth", cfg, dev)
+    if resume and storage.is_file(last):
+        state = load_resume_state(last, cfg, dev)
         model.load_state_dict(state["model"])
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
@@ -189,15 +202,16 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict
         start_epoch, best = state["epoch"] + 1, state["best"]
         if state.get("torch_rng") is not None:
             torch.set_rng_state(state["torch_rng"].cpu())
-        log(f"resuming from {out / 'last.pth'} at epoch {start_epoch}")
-        if world.is_main and (out / "log.jsonl").is_file():  # drop lines of epochs after the checkpoint
-            lines = (out / "log.jsonl").read_text().splitlines()
+        log(f"resuming from {last} at epoch {start_epoch}")
+        if world.is_main and storage.is_file(run_log):  # drop lines of epochs after the checkpoint
+            lines = storage.read_bytes(run_log).decode().splitlines()
             kept = [ln for ln in lines if ln.strip() and json.loads(ln)["epoch"] <= state["epoch"]]
-            (out / "log.jsonl").write_text("".join(ln + "\n" for ln in kept))
+            storage.write_bytes(run_log, "".join(ln + "\n" for ln in kept).encode())
     elif world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
-        (out / "log.jsonl").write_text("")
+        if not storage.is_url(out):
+            Path(out).mkdir(parents=True, exist_ok=True)
+        storage.write_bytes(storage.join(out, "config.json"), (json.dumps(to_dict(cfg), indent=1) + "\n").encode())
+        storage.write_bytes(run_log, b"")
     barrier(world)
 
     steps = max(1, train_m.num_samples // (world.size * cfg.batch_size))
@@ -236,17 +250,16 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict
             "ranks": world.size, "rank_weights_equal": in_sync, "time_s": time.perf_counter() - t0,
         }
         if world.is_main:
-            with open(out / "log.jsonl", "a") as f:  # before last.pth: resume trims lines past it
-                f.write(json.dumps(record) + "\n")
+            storage.append_text(run_log, json.dumps(record) + "\n")  # before last.pth: resume trims lines past it
             if better["top1"] > best["top1"]:
                 best = {"top1": better["top1"], "top5": better["top5"], "epoch": epoch, "ema": use_ema}
-                save_atomic((ema.module if use_ema else model).state_dict(), out / "best.pth")
+                save_atomic((ema.module if use_ema else model).state_dict(), storage.join(out, "best.pth"))
             save_atomic({"model": model.state_dict(), "ema": ema.module.state_dict() if ema else None,
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "epoch": epoch, "best": best, "config": to_dict(cfg),
                          # torch's generator drives dropout/drop-path; every other draw is a pure
                          # function of (seed, epoch, step, rank, key). bf16 autocast needs no scaler.
-                         "torch_rng": torch.get_rng_state()}, out / "last.pth")
+                         "torch_rng": torch.get_rng_state()}, last)
             ema_txt = f", EMA {record['val_top1_ema']:.2f}" if ema_m else ""
             log(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['img_per_s']:.0f} img/s, "
                 f"val top-1 {raw['top1']:.2f}{ema_txt} ({raw['count']} images), {record['time_s']:.1f} s")

@@ -114,6 +114,23 @@ class TrainStream(IterableDataset):
                              f"(use fewer workers or ranks than shards)")
         rng = np.random.default_rng(stable_seed("shuffle", self.s.seed, self.epoch, self.s.rank, worker))
         group = schema.open_cache(self.s.cache)[0] if self.s.cache else None
+        if quota <= self.s.shuffle_buffer:
+            # The worker's whole epoch fits in the buffer: read whole shards until there are
+            # `quota` samples and shuffle those, instead of wrapping around the shards again just
+            # to fill the buffer (costly when each shard read is a request to object storage).
+            # Whole shards: each one read is read to its end, so its sample count is checked.
+            epoch: list[dict] = []
+            while len(epoch) < quota:
+                before = len(epoch)
+                for shard in shards:
+                    epoch += self.shard_samples(shard, group)
+                    if len(epoch) >= quota:
+                        break
+                if len(epoch) == before:
+                    raise ShardError(f"shards {shards} hold no valid sample")
+            for j in rng.permutation(len(epoch))[:quota]:
+                yield epoch[j]
+            return
         buffer: list[dict] = []
         produced = 0
         for sample in self._cycle(shards, group):
