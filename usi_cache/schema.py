@@ -261,6 +261,13 @@ def open_cache(path: str | Path, mode: str = "r") -> tuple[zarr.Group, dict]:
     return group, attrs
 
 
+def open_arrays(group: zarr.Group, layout: Layout) -> dict[str, zarr.Array]:
+    """The layout's arrays, opened once: read_array/read_block accept this in place of the
+    group, and then read only chunks (on object storage, each `group[name]` is a metadata
+    request, which would double the requests of a per-shard read)."""
+    return {name: group[name] for name in layout.arrays}
+
+
 def set_invalid(group: zarr.Group, invalid: list[str]) -> None:
     attrs = dict(group.attrs[ATTR])
     attrs["invalid"] = invalid
@@ -277,8 +284,9 @@ def write_block(group: zarr.Group, layout: Layout, shard: int, block: ShardBlock
         group[name][rows] = value
 
 
-def read_array(group: zarr.Group, name: str, rows: slice, view: int | None = None) -> np.ndarray:
-    """Read rows of one array (optionally one view), naming the array and rows on corruption."""
+def read_array(group: zarr.Group | dict, name: str, rows: slice, view: int | None = None) -> np.ndarray:
+    """Read rows of one array (optionally one view), naming the array and rows on corruption.
+    `group` is the cache's group or its `open_arrays`."""
     try:
         arr = group[name]
         return arr[rows] if view is None or name in PER_SLOT else arr[rows, view]
@@ -288,7 +296,7 @@ def read_array(group: zarr.Group, name: str, rows: slice, view: int | None = Non
                          f"({type(e).__name__}: {e})") from None
 
 
-def read_block(group: zarr.Group, layout: Layout, shard: int, view: int | None = None) -> ShardBlock:
+def read_block(group: zarr.Group | dict, layout: Layout, shard: int, view: int | None = None) -> ShardBlock:
     """Read one shard's block: all views, or only `view` (then per-view arrays lose axis 1)."""
     rows = layout.rows(shard)
     return ShardBlock(**{name: read_array(group, name, rows, view) for name in layout.arrays})

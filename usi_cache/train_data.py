@@ -113,7 +113,7 @@ class TrainStream(IterableDataset):
             raise ShardError(f"rank {self.s.rank} worker {worker} has no train shard "
                              f"(use fewer workers or ranks than shards)")
         rng = np.random.default_rng(stable_seed("shuffle", self.s.seed, self.epoch, self.s.rank, worker))
-        group = schema.open_cache(self.s.cache)[0] if self.s.cache else None
+        group = schema.open_arrays(schema.open_cache(self.s.cache)[0], self.s.layout) if self.s.cache else None
         if quota <= self.s.shuffle_buffer:
             # The worker's whole epoch fits in the buffer: read whole shards until there are
             # `quota` samples and shuffle those, instead of wrapping around the shards again just
