@@ -261,7 +261,8 @@ def _compute(cfg, world, manifest: Manifest, layout, group, teacher, size, mine,
                 per_slot = ("boxes", "flips", "aug_ops", "aug_levels", "aug_resample", "keys", "labels")
                 for name in per_slot + (schema.MIX_ARRAYS if layout.paired else ()):
                     setattr(block, name, getattr(meta, name))
-                schema.write_block(group, layout, shard, blocks.pop(shard))
+                with storage.errors(cfg.out, f"writing shard {shard}", "committed shards are kept: rerun to resume"):
+                    schema.write_block(group, layout, shard, blocks.pop(shard))
                 times.write += time.perf_counter() - t
                 times.shards += 1
             t = time.perf_counter()

@@ -91,8 +91,12 @@ def filesystem(url: str):
 
 
 @contextlib.contextmanager
-def errors(url: str, what: str) -> Iterator[None]:
-    """Turn a storage client's exception (botocore, aiohttp, ...) into a StorageError naming `url`."""
+def errors(url: str, what: str, hint: str = "") -> Iterator[None]:
+    """Turn a storage client's exception (botocore, aiohttp, ...) into a StorageError naming `url`.
+    A no-op for local paths: their OSErrors (a full disk, ...) pass through unchanged."""
+    if not is_url(url):
+        yield
+        return
     try:
         yield
     except StorageError:
@@ -101,8 +105,20 @@ def errors(url: str, what: str) -> Iterator[None]:
         raise StorageError(f"{url}: not found") from None
     except PermissionError as e:
         raise StorageError(f"{url}: permission denied ({_first_line(e)})") from None
-    except Exception as e:  # clients raise their own types for network and credential failures
-        raise StorageError(f"{url}: {what} failed ({type(e).__name__}: {_first_line(e)})") from None
+    except Exception as e:
+        if not _is_client_error(e):
+            raise  # a bug, not the storage: keep its traceback
+        raise StorageError(f"{url}: {what} failed ({type(e).__name__}: {_first_line(e)})"
+                           + (f"; {hint}" if hint else "")) from None
+
+
+# Clients raise their own types for network and credential failures (botocore's
+# EndpointConnectionError and NoCredentialsError are not OSErrors).
+_CLIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs", "google", "adlfs", "azure")
+
+
+def _is_client_error(e: BaseException) -> bool:
+    return isinstance(e, (OSError, TimeoutError)) or type(e).__module__.split(".")[0] in _CLIENT_MODULES
 
 
 def _first_line(e: BaseException) -> str:
