@@ -235,3 +235,15 @@ def test_unreachable_endpoint_is_one_line(tmp_path):
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("Error: s3://bucket/cache.zarr"), r.stderr
     assert "EndpointConnectionError" in err[0], err[0]  # not "no cache here": the server was never asked
+
+
+def test_any_fsspec_filesystem_works(tmp_path):
+    """Not only S3: shards, cache and verify through fsspec's in-memory filesystem."""
+    from usi_cache.shards import write_shards
+    write_shards(make_samples(20), [f"class{c}" for c in range(5)], "memory://usi/train", per_shard=8,
+                 progress=False)
+    ckpt = save_teacher(tmp_path / "teacher.pth")
+    invoke("cache", "--shards", "memory://usi/train", "--teacher", TEACHER, "--teacher-checkpoint", str(ckpt),
+           "--views", "2", "--topk", "3", "--input-size", "32", "--workers", "0", "--out", "memory://usi/c.zarr")
+    out = invoke("verify", "memory://usi/c.zarr", "--shards", "memory://usi/train")
+    assert "verdict: OK: the cache matches its shards (3 shards, 20 samples, 40 views" in out, out

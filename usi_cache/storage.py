@@ -31,8 +31,13 @@ class _ForkedSessionFilter(logging.Filter):
     them. They were never used in the child, and the parent still owns and closes them.
     """
 
+    def __init__(self):
+        super().__init__()
+        self.pid = os.getpid()  # the process that imported this module: its messages pass
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(("Unclosed client session", "Unclosed connector"))
+        return os.getpid() == self.pid or not str(record.msg).startswith(
+            ("Unclosed client session", "Unclosed connector"))
 
 
 logging.getLogger("asyncio").addFilter(_ForkedSessionFilter())
