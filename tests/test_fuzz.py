@@ -141,6 +141,7 @@ def wrong_yaml_value(kind: str):
     return {
         "int": st.one_of(letters, st.floats(), st.booleans(), st.lists(st.integers(), max_size=2)),
         "int>=0": st.one_of(negative, letters, st.floats()),
+        "int>=1": st.one_of(st.integers(max_value=0), letters, st.floats()),
         "bool": st.one_of(st.integers(), letters, st.floats()),
         "float>=0": st.one_of(negative_float, letters, st.sampled_from([float("nan"), float("inf")]), st.booleans()),
         "prob": st.one_of(st.floats(1.0001, 1e9), negative_float, letters),
@@ -172,7 +173,7 @@ CACHE_FIELDS = {"seed": "seed", "pretrained": "bool", "compile": "bool", "overwr
                 "mix_switch": "prob"}
 TRAIN_FIELDS = {"warmup_lr": "float>=0", "min_lr": "float>=0", "weight_decay": "float>=0", "betas": "betas",
                 "eps": "eps", "eval_crop": "crop", "mix_prob": "prob", "mix_switch": "prob", "amp": "bool",
-                "channels_last": "bool", "shuffle_buffer": "int>=0", "model_kwargs": "dict", "seed": "seed",
+                "channels_last": "bool", "shuffle_buffer": "int>=1", "model_kwargs": "dict", "seed": "seed",
                 "kd_only": "bool", "lr": "float>=0"}
 FIELD_NAMES = {"cache": {f.name for f in CacheConfig.__dataclass_fields__.values()},
                "train": {f.name for f in TrainConfig.__dataclass_fields__.values()},

@@ -279,7 +279,8 @@ def _finish(cfg, group, layout, manifest, all_times: list[StageTimes], pending: 
     keys = schema.read_array(group, "keys", slice(0, n))
     bad_slots = [i for i, (k, lab) in enumerate(zip(keys, labels)) if lab == schema.INVALID and k]
     invalid = sorted(str(keys[i]) for i in bad_slots)
-    schema.set_invalid(group, invalid)
+    with storage.errors(cfg.out, "writing the cache's attributes", "every shard is committed: rerun to finish"):
+        schema.set_invalid(group, invalid)
     if invalid:
         shown = ", ".join(f"{keys[i]} ({manifest.shards[i // layout.slots_per_shard].name})"
                           for i in bad_slots[:5]) + (" ..." if len(invalid) > 5 else "")

@@ -152,10 +152,10 @@ class TrainConfig:
         for name in ("model", "train_shards", "val_shards", "out"):
             if not getattr(self, name):
                 raise ConfigError(f"train.{name}: required")
-        for name in ("epochs", "batch_size", "input_size", "repeated_aug"):
+        for name in ("epochs", "batch_size", "input_size", "repeated_aug", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: expected a positive integer, got {getattr(self, name)}")
-        for name in ("cooldown_epochs", "warmup_epochs", "workers", "shuffle_buffer"):
+        for name in ("cooldown_epochs", "warmup_epochs", "workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:

@@ -222,6 +222,11 @@ def _short(x) -> str:
 
 def create(path: str | Path, attrs: dict, layout: Layout) -> zarr.Group:
     """Create a new, empty cache at `path` (a folder or URL; the caller has checked it may)."""
+    with storage.errors(str(path), "creating the cache"):
+        return _create(path, attrs, layout)
+
+
+def _create(path: str | Path, attrs: dict, layout: Layout) -> zarr.Group:
     storage.remove_tree(path)
     # attributes with the group: a failure while creating the arrays leaves a recognisable cache
     group = zarr.open_group(storage.zarr_store(path, read_only=False), mode="w", zarr_format=3,
@@ -291,9 +296,22 @@ def read_array(group: zarr.Group | dict, name: str, rows: slice, view: int | Non
         arr = group[name]
         return arr[rows] if view is None or name in PER_SLOT else arr[rows, view]
     except Exception as e:
+        url = _store_url(group)
+        if url and storage.is_client_error(e):  # the network, not the chunk: not "damaged"
+            raise storage.StorageError(f"{url}: reading array {name!r} rows {rows.start}:{rows.stop} failed "
+                                       f"({type(e).__name__}: {str(e).strip()[:200]})") from None
         raise CacheError(f"array {name!r} rows {rows.start}:{rows.stop}"
                          f"{'' if view is None else f' view {view}'}: unreadable chunk "
                          f"({type(e).__name__}: {e})") from None
+
+
+def _store_url(group) -> str | None:
+    """The URL of a cache opened from object storage (None for a local one)."""
+    store = getattr(group, "store", None) or getattr(next(iter(group.values()), None), "store", None)
+    fs = getattr(store, "fs", None)
+    if fs is None:
+        return None
+    return f"{fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol}://{store.path}"
 
 
 def read_block(group: zarr.Group | dict, layout: Layout, shard: int, view: int | None = None) -> ShardBlock:

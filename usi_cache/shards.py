@@ -295,7 +295,9 @@ def read_shard(path: str | Path) -> Iterator[Sample]:
         return Sample(key, img[0][0], img[0][1], cls)
 
     try:
-        with storage.open_read(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        # for a URL, a network failure mid-read is a StorageError, not a "damaged tar"
+        with storage.errors(path, "reading"), storage.open_read(path) as f, \
+                tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 if not member.isfile():
                     continue

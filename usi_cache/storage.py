@@ -111,7 +111,7 @@ def errors(url: str, what: str, hint: str = "") -> Iterator[None]:
     except PermissionError as e:
         raise StorageError(f"{url}: permission denied ({_first_line(e)})") from None
     except Exception as e:
-        if not _is_client_error(e):
+        if not is_client_error(e):
             raise  # a bug, not the storage: keep its traceback
         raise StorageError(f"{url}: {what} failed ({type(e).__name__}: {_first_line(e)})"
                            + (f"; {hint}" if hint else "")) from None
@@ -122,7 +122,8 @@ def errors(url: str, what: str, hint: str = "") -> Iterator[None]:
 _CLIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs", "google", "adlfs", "azure")
 
 
-def _is_client_error(e: BaseException) -> bool:
+def is_client_error(e: BaseException) -> bool:
+    """An exception of the storage (OS or a storage client), not of the program."""
     return isinstance(e, (OSError, TimeoutError)) or type(e).__module__.split(".")[0] in _CLIENT_MODULES
 
 

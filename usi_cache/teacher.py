@@ -129,9 +129,11 @@ def sha256_file(path) -> str:
     """Hex SHA-256 of a file (a path or URL), read in 1 MiB blocks."""
     h = hashlib.sha256()
     try:
-        with storage.open_read(path) as f:
+        with storage.errors(str(path), "reading"), storage.open_read(path) as f:
             while block := f.read(1 << 20):
                 h.update(block)
+    except storage.StorageError:
+        raise
     except OSError as e:
         raise TeacherError(f"checkpoint {path}: cannot read ({e.strerror or e})") from None
     return h.hexdigest()

@@ -41,7 +41,7 @@ def iter_tar(path: str) -> Iterator[tuple[str, bytes, int]]:
     the rest, exactly as `wds.WebDataset` would for a local file.
     """
     try:
-        with storage.open_read(path) as stream:
+        with storage.errors(path, "reading"), storage.open_read(path) as stream:
             files = wds.tariterators.tar_file_expander([{"url": path, "stream": stream}])
             for s in wds.tariterators.group_by_keys(files):
                 img = next((s[e] for e in IMAGE_EXTS if e in s), None)
@@ -114,11 +114,12 @@ class TrainStream(IterableDataset):
                              f"(use fewer workers or ranks than shards)")
         rng = np.random.default_rng(stable_seed("shuffle", self.s.seed, self.epoch, self.s.rank, worker))
         group = schema.open_arrays(schema.open_cache(self.s.cache)[0], self.s.layout) if self.s.cache else None
-        if quota <= self.s.shuffle_buffer:
+        if quota + self.s.manifest.per_shard * self.s.repeats <= self.s.shuffle_buffer:
             # The worker's whole epoch fits in the buffer: read whole shards until there are
             # `quota` samples and shuffle those, instead of wrapping around the shards again just
             # to fill the buffer (costly when each shard read is a request to object storage).
-            # Whole shards: each one read is read to its end, so its sample count is checked.
+            # Whole shards: each one read is read to its end, so its sample count is checked;
+            # at most quota - 1 + one shard's samples are held, within the buffer's bound.
             epoch: list[dict] = []
             while len(epoch) < quota:
                 before = len(epoch)
