@@ -254,8 +254,7 @@ def test_torchrun_training_with_a_killed_rank_fails_fast_and_resumes(data, tmp_p
                                              "--workers", "1")]
     proc = popen(args, torchrun=2)
     try:
-        wait_for(lambda: (run / "log.jsonl").is_file() and (run / "log.jsonl").read_text(), 180,
-                 "epoch 0 to finish", proc)
+        wait_for(lambda: (run / "last.pth").is_file(), 180, "epoch 0's checkpoint", proc)
         victim, survivor = rank_pid(proc.pid, 1), rank_pid(proc.pid, 0)
         assert victim and survivor, children(proc.pid)
         os.kill(victim, signal.SIGKILL)
@@ -267,12 +266,14 @@ def test_torchrun_training_with_a_killed_rank_fails_fast_and_resumes(data, tmp_p
     assert time.time() - t_kill < 90
     assert not alive(survivor), "rank 0 outlived the run"
     done = [e["epoch"] for e in read_log(run)]
-    assert done and done[-1] < 2, f"the kill should land before the last epoch: {done}"
-    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == done[-1]
+    saved = torch.load(run / "last.pth", weights_only=True)["epoch"]
+    assert saved < 2, f"the kill should land before the last epoch: {done}"
+    # the log line is written before last.pth: torchrun may stop rank 0 between the two
+    assert saved in (done[-1], done[-1] - 1), (saved, done)
 
     r = run_py([*args, "--resume"], torchrun=2, env=ENV, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"resuming from {run / 'last.pth'} at epoch {done[-1] + 1}" in r.stdout
+    assert f"resuming from {run / 'last.pth'} at epoch {saved + 1}" in r.stdout
     log = read_log(run)
     assert [e["epoch"] for e in log] == [0, 1, 2]
     assert all(e["rank_weights_equal"] and e["ranks"] == 2 and e["val_count"] == 10 for e in log)
