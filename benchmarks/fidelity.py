@@ -60,7 +60,7 @@ def topk_fidelity(cache: Path, shards: Path, ckpt: Path, teacher_name: str, n_vi
     teacher, info = load_teacher(teacher_name, str(ckpt), num_classes=attrs["num_classes"],
                                  input_size=attrs["teacher"]["input_size"])
     m = load_manifest(shards)
-    x = {n: group[n][:] for n in ("boxes", "flips", "aug_ops", "aug_levels", "aug_resample", "labels")}
+    x = {n: group[n][:] for n in (*schema.VIEW_PARAMS, "labels")}
     images = []
     rng = np.random.default_rng(0)
     per_sample = max(1, n_views // m.num_samples + 1)

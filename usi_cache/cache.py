@@ -258,8 +258,8 @@ def _compute(cfg, world, manifest: Manifest, layout, group, teacher, size, mine,
                 t = time.perf_counter()
                 meta = msg["block"]
                 manifest.check_count(shard, msg["count"])
-                per_slot = ("boxes", "flips", "aug_ops", "aug_levels", "aug_resample", "keys", "labels")
-                for name in per_slot + (schema.MIX_ARRAYS if layout.paired else ()):
+                # what the worker drew (all but the teacher's outputs)
+                for name in schema.VIEW_PARAMS + schema.PER_SLOT + (schema.MIX_ARRAYS if layout.paired else ()):
                     setattr(block, name, getattr(meta, name))
                 with storage.errors(cfg.out, f"writing shard {shard}", "committed shards are kept: rerun to resume"):
                     schema.write_block(group, layout, shard, blocks.pop(shard))

@@ -61,7 +61,8 @@ def _message(e: BaseException) -> str:
 
 def _unpickling_message(text: str) -> str:
     """torch.load(weights_only=True)'s many-line refusal -> the line that says why."""
-    why = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln or "global" in ln), None)
+    from .teacher import refused_global
+    why = refused_global(text)
     if why:
         return f"checkpoint refused: loading it would run code ({why[:200]})"
     boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")

@@ -53,7 +53,9 @@ NOT_WRITTEN = -2  # labels fill value: the shard's block has not been committed
 INVALID = -1  # label of an empty or undecodable slot
 COMMIT_ARRAY = "labels"
 # Written in this order; the commit marker last.
-PER_VIEW = ("logits", "classes", "lse", "boxes", "flips", "aug_ops", "aug_levels", "aug_resample")
+TEACHER_OUTPUTS = ("logits", "classes", "lse")
+VIEW_PARAMS = ("boxes", "flips", "aug_ops", "aug_levels", "aug_resample")  # the augmentation of each view
+PER_VIEW = TEACHER_OUTPUTS + VIEW_PARAMS
 MIX_ARRAYS = ("mix_partner", "mix_kind", "mix_lam", "mix_box")  # paired caches only
 PER_SLOT = ("keys", "labels")
 ARRAYS = PER_VIEW + PER_SLOT  # every cache has these
@@ -350,6 +352,3 @@ def chunk_files(path: str | Path, name: str, shard: int, layout: Layout) -> list
     """The file(s) or object(s) holding one shard's block of array `name` (for verification tools)."""
     return [storage.join(path, *key.split("/")) for key in chunk_keys(name, shard, layout)]
 
-
-def remove(path: str | Path) -> None:
-    storage.remove_tree(path)

@@ -139,6 +139,15 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
+def refused_global(text: str) -> str | None:
+    """The line of torch.load(weights_only=True)'s refusal that names the GLOBAL it refused.
+
+    Running code from a pickle always goes through a GLOBAL (a callable to import); the
+    weights-only unpickler names the one it refused. None: the failure was just bad bytes.
+    """
+    return next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln or "global" in ln), None)
+
+
 def read_state_dict(path) -> dict[str, torch.Tensor]:
     """Load a state_dict (CPU tensors) from a checkpoint file (a path or URL); see the module doc."""
     if not storage.is_file(path):
@@ -155,9 +164,7 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # Running code from a pickle always goes through a GLOBAL (a callable to import); the
-        # weights-only unpickler names the one it refused. Other failures are just bad bytes.
-        why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "global" in ln), None)
+        why = refused_global(str(e))
         if why:
             raise TeacherError(f"checkpoint {path}: refused, loading it would run code ({why[:200]})") from None
         raise TeacherError(f"checkpoint {path}: not a PyTorch checkpoint (unpickling failed)") from None

@@ -31,7 +31,7 @@ from .evaluate import evaluate
 from .mixing import apply_mix, sample_mix
 from .shards import ShardError, load_manifest
 from .targets import one_hot_mix, soft_cross_entropy, teacher_distribution, mix_targets, usi_loss
-from .teacher import build_model, load_teacher
+from .teacher import build_model, load_teacher, refused_global
 from .train_data import TrainStream, TrainStreamSpec, stable_seed
 
 
@@ -133,9 +133,7 @@ def load_resume_state(path: str, cfg: TrainConfig, device) -> dict:
         for key in ("model", "optimizer", "scheduler", "epoch", "best", "config"):
             state[key]
     except pickle.UnpicklingError as e:
-        # the line naming the GLOBAL (the callable the pickle wants to import) says why
-        why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "global" in ln),
-                   str(e).splitlines()[0])
+        why = refused_global(str(e)) or str(e).splitlines()[0]
         raise TrainError(f"{path}: checkpoint refused: loading it would run code ({why[:200]})") from None
     except (RuntimeError, EOFError, OSError, KeyError, TypeError) as e:
         raise TrainError(f"{path}: cannot resume from it ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "

@@ -43,7 +43,6 @@ from .views import decode_view, encode_ops, replay_array, sample_view, view_rng
 CHECKS = ("attributes", "fingerprint", "complete", "chunk files", "checksums", "keys", "labels", "finite",
           "class range", "sorted", "top-k mass", "boxes", "view params", "recompute")
 SHOWN = 8  # problems listed per check; the rest are counted
-VIEW_PARAMS = ("boxes", "flips", "aug_ops", "aug_levels", "aug_resample")
 
 
 @dataclass
@@ -363,7 +362,7 @@ def _check_shard(rep: VerifyReport, ctx: _Context, i: int) -> set[str]:
     rep.compared += int(known.sum())
     rep.valid += int(valid.sum())
     empty = schema.ShardBlock.empty(layout)  # fill values where no view is expected
-    expected = {name: getattr(empty, name) for name in VIEW_PARAMS}
+    expected = {name: getattr(empty, name) for name in schema.VIEW_PARAMS}
     keys_now = x["keys"] if x["keys"] is not None else [""] * S
     for p in np.flatnonzero(known):
         h, w = sizes[p]
@@ -381,7 +380,7 @@ def _check_shard(rep: VerifyReport, ctx: _Context, i: int) -> set[str]:
         keys = schema.chunk_keys(name, i, layout)
         if all(k in ctx.stored for k in keys):
             continue
-        if name in VIEW_PARAMS:
+        if name in schema.VIEW_PARAMS:
             fine = known.sum() == valid.sum() and np.array_equal(x[name][valid], expected[name][valid])
         elif name == "classes":
             fine = layout.topk == 1 or not valid.any()  # k >= 2 distinct classes cannot all be 0
@@ -443,7 +442,7 @@ def _check_shard(rep: VerifyReport, ctx: _Context, i: int) -> set[str]:
             rep.add("boxes", i, f"crop box outside the image in {_first(bad, base)} (box {b[s, v].tolist()}, "
                                 f"image {hw[s, 0]}x{hw[s, 1]})")
     differ, first = [], None
-    for name in VIEW_PARAMS:
+    for name in schema.VIEW_PARAMS:
         if x[name] is None or not known.any():
             continue
         diff = (x[name] != expected[name]).reshape(S, V, -1).any(-1) & known[:, None]
@@ -512,7 +511,7 @@ def _recompute(rep: VerifyReport, ctx: _Context, i: int, x: dict, known: np.ndar
     rc, layout = ctx.rc, ctx.layout
     slots, views = ctx.picks[i]
     usable = [(p, v) for p, v in zip(slots.tolist(), views.tolist()) if known[p]]
-    if tar is None or any(x[n] is None for n in ("logits", "classes", "lse", *VIEW_PARAMS)):
+    if tar is None or any(x[n] is None for n in schema.PER_VIEW):
         usable = []
     rc["skipped"] += len(slots) - len(usable)
     if not usable:
