@@ -1,0 +1,104 @@
+"""Benchmark 7 — S3 requests of a stage-2 epoch, counted at a real S3 server.
+
+Starts moto's S3 server on 127.0.0.1 (its access log lists every request), writes synthetic
+shards and a stage-1 cache to s3://, then runs one epoch of `usi train` reading shards and
+cache from s3:// and counts the requests that epoch made, by kind.
+
+    .venv/bin/python benchmarks/s3_requests.py
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from bench_common import synthetic_shards, table, write_result
+
+ROOT = Path(__file__).resolve().parent.parent
+N_TRAIN, N_VAL, PER_SHARD = 40, 16, 8
+REQUEST = re.compile(r'"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP')
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the server colours some status lines
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _usi(*args: str, env: dict) -> None:
+    r = subprocess.run([str(ROOT / ".venv" / "bin" / "usi"), *args], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"usi {args[0]} failed:\n{r.stderr[-2000:]}")
+
+
+def _kind(method: str, path: str) -> str:
+    if "/train/" in path and path.endswith(".tar"):
+        return "train shard (tar)"
+    if "/val/" in path and path.endswith(".tar"):
+        return "val shard (tar)"
+    if "/cache.zarr/" in path and "/c/" in path:
+        return "cache chunk"
+    if path.endswith("zarr.json"):
+        return "cache metadata (zarr.json)"
+    return "other (manifests, listings)"
+
+
+def main() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="usi-s3-"))
+    port = _free_port()
+    log_path = tmp / "moto.log"
+    log = open(log_path, "w")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+           "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+           "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "OMP_NUM_THREADS": "1"}
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        os.environ.update(env)
+        import s3fs
+        fs = s3fs.S3FileSystem(endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"])
+        fs.mkdir("bench")
+        for split, n, seed in (("train", N_TRAIN, 0), ("val", N_VAL, 1)):
+            local = synthetic_shards(tmp / split, n, classes=5, size=40, per_shard=PER_SHARD, seed=seed)
+            fs.put(str(local), f"bench/{split}", recursive=True)
+        url = "s3://bench"
+        _usi("cache", "--shards", f"{url}/train", "--teacher", "test_resnet", "--views", "3", "--topk", "3",
+             "--input-size", "32", "--batch-size", "16", "--workers", "1", "--out", f"{url}/cache.zarr", env=env)
+        log.flush()
+        start = len(log_path.read_text().splitlines())
+        _usi("train", "--model", "test_resnet", "--train-shards", f"{url}/train", "--val-shards", f"{url}/val",
+             "--cache", f"{url}/cache.zarr", "--out", str(tmp / "run"), "--epochs", "1", "--cooldown-epochs", "0",
+             "--warmup-epochs", "1", "--batch-size", "4", "--input-size", "32", "--workers", "1", "--quiet", env=env)
+        time.sleep(0.5)  # let the server flush its last log lines
+        lines = log_path.read_text().splitlines()[start:]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+    counts = Counter(_kind(*m.groups()) for ln in lines if (m := REQUEST.search(ANSI.sub("", ln))))
+    n_train_shards = -(-N_TRAIN // PER_SHARD)
+    per_shard = {k: counts[k] / n_train_shards for k in ("train shard (tar)", "cache chunk")}
+    rows = [[k, v, f"{v / n_train_shards:.1f}" if k in per_shard else "-"] for k, v in sorted(counts.items())]
+    rows.append(["total", sum(counts.values()), "-"])
+    print(f"one stage-2 epoch, 1 process, 1 worker, {n_train_shards} train shards of {PER_SHARD} "
+          f"(cache V = 3, k = 3), {-(-N_VAL // PER_SHARD)} val shards:")
+    print(table(["requests", "count", "per train shard"], rows))
+    write_result("s3_requests", {"train_shards": n_train_shards, "per_shard": PER_SHARD,
+                                 "counts": dict(counts), "per_train_shard": per_shard})
+
+
+if __name__ == "__main__":
+    main()
