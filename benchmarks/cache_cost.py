@@ -25,14 +25,15 @@ WORKER_PROBE = r"""
 import json, resource, sys
 from usi_cache import schema
 from usi_cache.shards import load_manifest
-from usi_cache.train_data import TrainStream, TrainStreamSpec
+from usi_cache.epoch_plan import PlanSpec
+from usi_cache.train_data import TrainStream, TrainStreamSpec, valid_counts
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 group, attrs = schema.open_cache(sys.argv[1])
 layout = schema.Layout.from_attrs(attrs)
 m = load_manifest(sys.argv[2])
+plan = PlanSpec(counts=valid_counts(m, group, layout), seed=42, world=1, workers=0, batch=64)
 s = TrainStream(TrainStreamSpec(manifest=m, cache=sys.argv[1], layout=layout, spec=schema.view_spec(attrs),
-                size=int(sys.argv[3]), seed=42, batch_size=64, steps=m.num_samples // 64,
-                shuffle_buffer=int(sys.argv[4]), rank=0, world=1))
+                size=int(sys.argv[3]), plan=plan, rank=0, shuffle_buffer=int(sys.argv[4])))
 n = sum(1 for _ in s)
 print(json.dumps({"samples": n, "base_kib": base, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """

@@ -14,7 +14,8 @@ from usi_cache.cli import main
 from usi_cache.mixing import CUTMIX, MIXUP, NO_MIX, PairParams, mix_pixels, pair_rng, sample_pair
 from usi_cache.shards import decode_image, load_manifest, read_shard
 from usi_cache.teacher import load_teacher
-from usi_cache.train_data import TrainStream, TrainStreamSpec
+from usi_cache.epoch_plan import PlanSpec
+from usi_cache.train_data import TrainStream, TrainStreamSpec, valid_counts
 from usi_cache.views import decode_view, replay_array
 
 
@@ -98,9 +99,11 @@ def test_replay_invariant_for_paired_views(paired):
 def test_stage2_rebuilds_the_mixed_pixels_bit_identically(paired):
     d, x, m = paired, paired["x"], paired["m"]
     layout = schema.Layout.from_attrs(d["attrs"])
+    group = schema.open_cache(d["cache"])[0]
+    plan = PlanSpec(counts=valid_counts(m, group, layout), seed=42, world=1, workers=0, batch=5, max_steps=5)
     stream = TrainStream(TrainStreamSpec(manifest=m, cache=str(d["cache"]), layout=layout,
-                                         spec=schema.view_spec(d["attrs"]), size=32, seed=42, batch_size=5,
-                                         steps=5, shuffle_buffer=3, rank=0, world=1))
+                                         spec=schema.view_spec(d["attrs"]), size=32, plan=plan, rank=0,
+                                         shuffle_buffer=3))
     stream.set_epoch(2)
     slot_of = {str(k): i for i, k in enumerate(x["keys"]) if k}
     n = 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,8 +19,9 @@ from conftest import NUM_CLASSES, ROOT, TEACHER, make_shards, make_train_data, r
 
 from usi_cache import schema
 from usi_cache.cli import main
-from usi_cache.shards import decode_image, load_manifest
-from usi_cache.train_data import TrainStream, TrainStreamSpec, iter_tar
+from usi_cache.epoch_plan import PlanSpec
+from usi_cache.shards import decode_image, load_manifest, read_shard
+from usi_cache.train_data import TrainStream, TrainStreamSpec, valid_counts
 from usi_cache.views import decode_view, replay_array
 
 LOG_FIELDS = {"epoch", "lr", "train_loss", "img_per_s", "val_top1", "val_top5", "val_top1_ema",
@@ -52,12 +54,25 @@ def test_two_rank_ddp_on_uneven_shards(data, tmp_path):
         assert e["ranks"] == 2 and e["rank_weights_equal"] is True
         assert e["val_count"] == 25  # every val image exactly once across the two ranks
         assert e["view"] == e["epoch"] % 3
+        # 58 valid samples, 2 ranks x 8: 3 steps, 48 samples each used once (10 rotate out)
+        assert (e["samples_used"], e["sample_uses"], e["max_uses_per_sample"]) == (48, 48, 1)
     assert json.loads((run / "config.json").read_text())["cache"] == str(data["cache"])
     # best.pth is a plain state_dict that timm loads
     model = timm.create_model(TEACHER, num_classes=NUM_CLASSES, checkpoint_path=str(run / "best.pth"))
     assert model is not None
     last = torch.load(run / "last.pth", weights_only=True)
     assert last["epoch"] == 1 and {"model", "ema", "optimizer", "scheduler", "best"} <= set(last)
+
+
+def test_two_rank_repeated_augmentation_counts_real_keys(data, tmp_path):
+    run = tmp_path / "run"
+    r = run_py(["train_student.py", *train_args(data, run, "--cache", str(data["cache"]), "--epochs", "1",
+                                                "--repeated-aug", "2")], torchrun=2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "24 distinct samples x 2 views = 48 uses per epoch" in r.stdout, r.stdout
+    (e,) = read_log(run)
+    assert (e["samples_used"], e["sample_uses"], e["max_uses_per_sample"]) == (24, 48, 2)
+    assert e["in_batch_duplicates"] == 0
 
 
 def test_views_repeat_is_logged(data, tmp_path):
@@ -111,10 +126,10 @@ def cache_stream(data, *, shuffle_buffer: int, repeats: int = 1):
     """The train stream of the module's cache (32 px, 7 steps of 8), its manifest, group and spec."""
     m = load_manifest(data["train"])
     group, attrs = schema.open_cache(data["cache"])
-    spec = schema.view_spec(attrs)
-    stream = TrainStream(TrainStreamSpec(manifest=m, cache=str(data["cache"]), layout=schema.Layout.from_attrs(attrs),
-                                         spec=spec, size=32, seed=42, batch_size=8, steps=7,
-                                         shuffle_buffer=shuffle_buffer, rank=0, world=1, repeats=repeats))
+    spec, layout = schema.view_spec(attrs), schema.Layout.from_attrs(attrs)
+    plan = PlanSpec(counts=valid_counts(m, group, layout), seed=42, world=1, workers=0, batch=8, repeats=repeats)
+    stream = TrainStream(TrainStreamSpec(manifest=m, cache=str(data["cache"]), layout=layout, spec=spec, size=32,
+                                         plan=plan, rank=0, shuffle_buffer=shuffle_buffer))
     return stream, m, group, spec
 
 
@@ -124,10 +139,10 @@ def test_student_batch_equals_replayed_cache_views(data):
     x = {n: group[n][:] for n in schema.ARRAYS}
     images = {}
     for shard in range(len(m.shards)):
-        for pos, (key, data_, cls) in enumerate(iter_tar(str(m.path(shard)))):
-            images[key] = (shard * m.per_shard + pos, decode_image(data_))
+        for pos, sample in enumerate(read_shard(str(m.path(shard)))):
+            images[sample.key] = (shard * m.per_shard + pos, decode_image(sample.data))
     samples = list(stream)
-    assert len(samples) == 56
+    assert len(samples) == 56 and len({s["key"] for s in samples}) == 56  # 58 // 8 * 8, each once
     for s in samples:
         slot, image = images[s["key"]]
         params = decode_view(tuple(x["boxes"][slot, 1]), bool(x["flips"][slot, 1]), x["aug_ops"][slot, 1],
@@ -146,11 +161,15 @@ def test_cache_from_other_shards_is_refused(data, tmp_path):
     assert r.exit_code == 1 and "dataset.fingerprint" in r.output and "other shards" in r.output, r.output
 
 
-def test_resume_after_kill_mid_epoch(data, tmp_path):
+def test_resume_after_kill_mid_epoch_is_bit_identical(data, tmp_path):
+    """Kill in epoch 1, resume: the final weights equal an uninterrupted run's bit for bit, with
+    drop-path on (each rank's generator is saved in last.pth and put back)."""
     run = tmp_path / "run"
-    args = [sys.executable, "train_student.py", *train_args(data, run, "--cache", str(data["cache"]),
-                                                             "--epochs", "3", "--batch-size", "4")]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    extra = ("--cache", str(data["cache"]), "--epochs", "3", "--batch-size", "4",
+             "--model-kwargs", '{"drop_path_rate": 0.2}')
+    args = [sys.executable, "train_student.py", *train_args(data, run, *extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as run_py: the thread count changes CPU summation order
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     deadline = time.time() + 180
     while time.time() < deadline and not (run / "log.jsonl").is_file() or not (run / "log.jsonl").read_text():
         time.sleep(0.05)
@@ -160,31 +179,47 @@ def test_resume_after_kill_mid_epoch(data, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert [e["epoch"] for e in read_log(run)] == [0], "the kill should land in epoch 1"
-    r = run_py(["train_student.py", *train_args(data, run, "--cache", str(data["cache"]), "--epochs", "3",
-                                                 "--batch-size", "4"), "--resume"])
+    r = run_py(["train_student.py", *train_args(data, run, *extra), "--resume"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resuming from" in r.stdout and "at epoch 1" in r.stdout
     log = read_log(run)
     assert [e["epoch"] for e in log] == [0, 1, 2]
     assert [e["lr"] for e in log] == sorted(e["lr"] for e in log) or len({e["lr"] for e in log}) == 3
-    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 2
+    resumed = torch.load(run / "last.pth", weights_only=True)
+    assert resumed["epoch"] == 2
+    r = run_py(["train_student.py", *train_args(data, tmp_path / "straight", *extra)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    straight = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
+    for part in ("model", "ema"):
+        for k, v in straight[part].items():
+            assert torch.equal(v, resumed[part][k]), (part, k)
 
 
 def test_repeated_augmentation_uses_distinct_cached_views(data):
+    """R = 2 keeps the 7 steps of 8: 28 distinct samples, each twice, with two distinct cached views;
+    the next epoch selects the other samples first, and their first use starts at view 0."""
     stream, _, group, _ = cache_stream(data, shuffle_buffer=4, repeats=2)
-    stream.set_epoch(1)
-    assert stream.view_indices(1) == [2, 0]  # (1*2 + r) mod 3
     x = {n: group[n][:] for n in schema.ARRAYS}
     slots = {str(k): i for i, k in enumerate(x["keys"]) if k}
-    seen: dict[str, list] = {}
-    for s in stream:
-        seen.setdefault(s["key"], []).append(s["t_logits"].numpy())
-    twice = [k for k, v in seen.items() if len(v) == 2]
-    assert len(twice) >= 20
-    for k in twice:
-        got = sorted(tuple(v) for v in seen[k])
-        want = sorted(tuple(x["logits"][slots[k], v].astype(np.float32)) for v in (2, 0))
-        assert got == want
+    chosen = []
+    for epoch in (0, 1):
+        stream.set_epoch(epoch)
+        seen: dict[str, list] = {}
+        batches = [list(range(i, i + 8)) for i in range(0, 56, 8)]
+        samples = list(stream)
+        assert len(samples) == 56
+        for b in batches:  # the two copies of a sample never share a batch of this worker
+            assert len({samples[i]["key"] for i in b}) == 8
+        for s in samples:
+            seen.setdefault(s["key"], []).append((s["view"], s["t_logits"].numpy()))
+        assert len(seen) == 28 and all(len(v) == 2 for v in seen.values())
+        for k, uses in seen.items():
+            assert len({v for v, _ in uses}) == 2
+            for v, logits in uses:
+                np.testing.assert_array_equal(logits, x["logits"][slots[k], v].astype(np.float32))
+        chosen.append(seen)
+    assert set(chosen[0]).isdisjoint(chosen[1])  # 28 + 28 of the 58: no sample twice before all once
+    assert all(sorted(v for v, _ in uses) == [0, 1] for uses in chosen[1].values())
 
 
 def test_repeated_aug_larger_than_views_is_refused(data, tmp_path):

@@ -200,14 +200,11 @@ def usi_loss(student_logits: Tensor, gt_probs: Tensor, P: Tensor, rest: Tensor, 
     rest (N,): the (mixed) teacher target. kd_only drops the CE term: total = alpha · KD.
 
     Returns (total, parts): total is the scalar to backpropagate; parts holds the unweighted
-    terms as Python floats, "kd" always and "ce" only when it was computed (no made-up 0).
-    Reading them is a CPU–GPU sync point (one, for both terms).
+    terms as detached 0-d tensors on the device (reading them is a CPU-GPU sync point, left to
+    the caller), "kd" always and "ce" only when it was computed (no made-up 0).
     """
     kd = kd_loss(student_logits, P, rest, temperature)
     if kd_only:
-        total = alpha * kd
-        return total, {"kd": kd.item()}
+        return alpha * kd, {"kd": kd.detach()}
     ce = soft_cross_entropy(student_logits, gt_probs)
-    total = ce + alpha * kd
-    ce_value, kd_value = torch.stack([ce.detach(), kd.detach()]).tolist()
-    return total, {"ce": ce_value, "kd": kd_value}
+    return ce + alpha * kd, {"ce": ce.detach(), "kd": kd.detach()}

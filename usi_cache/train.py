@@ -26,13 +26,14 @@ from torch.utils.data import DataLoader
 
 from . import schema, storage
 from .config import TrainConfig, ViewSpec, to_dict
-from .dist import World, barrier, broadcast_object, close_world, init_world
+from .dist import World, all_gather_objects, barrier, broadcast_object, close_world, init_world
+from .epoch_plan import PlanError, PlanSpec, summarize
 from .evaluate import evaluate
 from .mixing import apply_mix, sample_mix
 from .shards import ShardError, load_manifest
 from .targets import one_hot_mix, soft_cross_entropy, teacher_distribution, mix_targets, usi_loss
 from .teacher import build_model, load_teacher, refused_global
-from .train_data import TrainStream, TrainStreamSpec, stable_seed
+from .train_data import TrainStream, TrainStreamSpec, stable_seed, valid_counts
 
 
 class TrainError(RuntimeError):
@@ -73,13 +74,13 @@ def resolve_targets(cfg: TrainConfig, world: World, fingerprint: str, num_classe
         spec = schema.view_spec(attrs)
         if spec != cfg.view:
             log(f"using the cache's view spec (randaugment {spec.randaugment!r}); the config's view section is not used")
-        total = cfg.epochs + cfg.cooldown_epochs
-        needed = total * cfg.repeated_aug
-        if layout.views < needed:
+        total = cfg.epochs + cfg.cooldown_epochs  # ~ uses of each sample over the run, whatever R
+        if layout.views < total:
             rule = (f"epoch e uses view e mod {layout.views}" if cfg.repeated_aug == 1 else
-                    f"epoch e uses views (e*{cfg.repeated_aug} + r) mod {layout.views}, r < {cfg.repeated_aug}")
+                    f"a sample selected for the s-th time uses views (s*{cfg.repeated_aug} + r) mod "
+                    f"{layout.views}, r < {cfg.repeated_aug}")
             log(f"cache has V = {layout.views} views for {total} epochs: {rule}, "
-                f"so each view repeats about {needed / layout.views:.1f} times")
+                f"so each view repeats about {total / layout.views:.1f} times")
         if layout.paired:
             log(f"paired cache: each view is rebuilt mixed exactly as the teacher saw it "
                 f"({attrs['mix_spec']}); the config's batch-level mixup/cutmix is not used")
@@ -89,10 +90,6 @@ def resolve_targets(cfg: TrainConfig, world: World, fingerprint: str, num_classe
                                      device=world.device)
         return Targets("online", cfg.view, teacher=teacher)
     return Targets("labels", cfg.view)
-
-
-def _view_log(views: list[int]):
-    return views[0] if len(views) == 1 else views
 
 
 def save_atomic(obj, path: str) -> None:
@@ -175,6 +172,8 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     model = build_model(cfg.model, num_classes=C, checkpoint=cfg.pretrained_checkpoint,
                         model_kwargs=cfg.model_kwargs).to(dev)
+    # from here on each rank draws its own dropout / drop-path masks (CPU and CUDA generators)
+    torch.manual_seed(stable_seed("rank", cfg.seed, world.rank) % 2**63)
     if cuda and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     data_cfg = timm.data.resolve_model_data_config(model)
@@ -198,8 +197,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best = state["epoch"] + 1, state["best"]
-        if state.get("torch_rng") is not None:
-            torch.set_rng_state(state["torch_rng"].cpu())
+        restore_rng(state, world)
         log(f"resuming from {last} at epoch {start_epoch}")
         if world.is_main and storage.is_file(run_log):  # drop lines of epochs after the checkpoint
             lines = storage.read_bytes(run_log).decode().splitlines()
@@ -212,26 +210,33 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict
         storage.write_bytes(run_log, b"")
     barrier(world)
 
-    steps = max(1, train_m.num_samples // (world.size * cfg.batch_size))
-    if cfg.max_steps:
-        steps = min(steps, cfg.max_steps)
+    counts = None
+    if world.is_main:  # the cache's labels say which slots hold a trainable sample
+        group = schema.open_cache(cfg.cache)[0] if cfg.cache else None
+        counts = valid_counts(train_m, group, targets.layout)
+    plan = PlanSpec(counts=broadcast_object(world, counts), seed=cfg.seed, world=world.size, workers=cfg.workers,
+                    batch=cfg.batch_size, repeats=cfg.repeated_aug, max_steps=cfg.max_steps)
+    try:
+        steps = plan.steps
+    except PlanError as e:
+        raise TrainError(f"{cfg.train_shards}: {e}") from None
     stream = TrainStream(TrainStreamSpec(
         manifest=train_m, cache=cfg.cache, layout=targets.layout, spec=targets.spec, size=cfg.input_size,
-        seed=cfg.seed, batch_size=cfg.batch_size, steps=steps, shuffle_buffer=cfg.shuffle_buffer,
-        rank=world.rank, world=world.size, repeats=cfg.repeated_aug))
-    workers = min(cfg.workers, len(train_m.shards) // world.size)
+        plan=plan, rank=world.rank, shuffle_buffer=cfg.shuffle_buffer))
     log(f"training {cfg.model} ({targets.mode} targets) on {world.size} process(es), {steps} steps/epoch "
         f"of {cfg.batch_size} per process, epochs {start_epoch}..{total_epochs - 1}")
+    log(f"epoch plan: {summarize(plan).describe(plan)}")
 
     summary = {}
     for epoch in range(start_epoch, total_epochs):
         t0 = time.perf_counter()
         scheduler.step(epoch)
         stream.set_epoch(epoch)
-        loader = DataLoader(stream, batch_size=cfg.batch_size, num_workers=workers,
-                            pin_memory=cuda, prefetch_factor=4 if workers else None)
+        loader = DataLoader(stream, batch_size=cfg.batch_size, num_workers=cfg.workers,
+                            pin_memory=cuda, prefetch_factor=4 if cfg.workers else None)
         stats = train_epoch(cfg, epoch, steps, loader, ddp, model, ema, optimizer, targets, C, mean, std,
                             world, amp, progress)
+        usage = gather_usage(stats.pop("sids"), stats.pop("duplicates"), world)
         train_s = time.perf_counter() - t0
         raw = evaluate(model, val_m, cfg, mean, std, world, amp)
         ema_m = evaluate(ema.module, val_m, cfg, mean, std, world, amp) if ema is not None else None
@@ -244,9 +249,11 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict
             "img_per_s": stats["img_per_s"], "train_s": train_s,
             "val_top1": raw["top1"], "val_top5": raw["top5"],
             "val_top1_ema": ema_m["top1"] if ema_m else None, "val_top5_ema": ema_m["top5"] if ema_m else None,
-            "val_count": raw["count"], "view": _view_log(stream.view_indices(epoch)) if targets.mode == "cache" else None,
+            "val_count": raw["count"], **usage,
+            "view": epoch % targets.layout.views if targets.mode == "cache" and cfg.repeated_aug == 1 else None,
             "ranks": world.size, "rank_weights_equal": in_sync, "time_s": time.perf_counter() - t0,
         }
+        rng = all_gather_objects(world, rng_state(cuda))  # every rank's generators, saved by rank 0
         if world.is_main:
             storage.append_text(run_log, json.dumps(record) + "\n")  # before last.pth: resume trims lines past it
             if better["top1"] > best["top1"]:
@@ -255,9 +262,9 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict
             save_atomic({"model": model.state_dict(), "ema": ema.module.state_dict() if ema else None,
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "epoch": epoch, "best": best, "config": to_dict(cfg),
-                         # torch's generator drives dropout/drop-path; every other draw is a pure
-                         # function of (seed, epoch, step, rank, key). bf16 autocast needs no scaler.
-                         "torch_rng": torch.get_rng_state()}, last)
+                         # torch's generators drive dropout/drop-path, one per rank; every other draw
+                         # is a pure function of (seed, epoch, step, rank, key). bf16 autocast needs no scaler.
+                         "rng": rng}, last)
             ema_txt = f", EMA {record['val_top1_ema']:.2f}" if ema_m else ""
             log(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['img_per_s']:.0f} img/s, "
                 f"val top-1 {raw['top1']:.2f}{ema_txt} ({raw['count']} images), {record['time_s']:.1f} s")
@@ -274,11 +281,19 @@ def train_epoch(cfg, epoch, steps, loader, ddp, model, ema, optimizer, targets: 
     if progress and world.is_main:
         from tqdm import tqdm
         bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True, leave=False)
-    loss_sum = torch.zeros((), device=dev)  # summed on the device: no per-step CPU-GPU sync
-    parts_sum: dict[str, float] = {}
+    # Loss parts and the first non-finite step are kept on the device: reading them is a CPU-GPU
+    # sync point, done every CHECK_EVERY steps (and at the end), not every step.
+    loss_sum = torch.zeros((), device=dev)
+    parts_sum: dict[str, torch.Tensor] = {}
+    first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
+    recent_keys: dict[int, list[str]] = {}  # batch keys since the last check, for the error message
+    sids, duplicates = [], 0  # which samples this rank trained on (CPU tensors from the loader)
     seen, n_steps = 0, 0
     t0 = time.perf_counter()
     for step, batch in enumerate(loader):
+        sids.append(batch["sid"])
+        duplicates += len(batch["sid"]) - len(torch.unique(batch["sid"]))
+        recent_keys[step] = batch["key"][:4]
         x = batch["image"].to(dev, non_blocking=True).float().div_(255)
         labels = batch["label"].to(dev)
         if targets.paired:  # each image is already the mixed view the teacher saw: no batch mixing
@@ -310,9 +325,7 @@ def train_epoch(cfg, epoch, steps, loader, ddp, model, ema, optimizer, targets: 
         else:
             loss, parts = usi_loss(logits, gt, P, rest, alpha=cfg.kd_alpha, temperature=cfg.kd_temperature,
                                    kd_only=cfg.kd_only)
-        if not torch.isfinite(loss):
-            raise TrainError(f"non-finite loss at epoch {epoch} step {step} "
-                             f"(batch keys {', '.join(batch['key'][:4])}, ...)")
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -321,25 +334,68 @@ def train_epoch(cfg, epoch, steps, loader, ddp, model, ema, optimizer, targets: 
         loss_sum += loss.detach()
         for k, v in parts.items():
             parts_sum[k] = parts_sum.get(k, 0.0) + v
+        if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
+            check_finite(first_bad, recent_keys, epoch)
+            recent_keys.clear()
         seen += x.shape[0]
         n_steps += 1
         if n_steps == 1:  # throughput excludes the first step (worker start-up, allocator warm-up)
             t_first, seen_first = time.perf_counter(), seen
         if bar is not None:
-            if step % 10 == 0:  # loss.item() is a CPU-GPU sync point: not every step
+            if step % CHECK_EVERY == 0:  # loss.item() is a CPU-GPU sync point: not every step
                 bar.set_postfix(loss=f"{loss.item():.3f}",
                                 img_s=f"{seen * world.size / (time.perf_counter() - t0):.0f}")
             bar.update(1)
     if bar is not None:
         bar.close()
+    check_finite(first_bad, recent_keys, epoch)
     if n_steps != steps:
         raise TrainError(f"rank {world.rank} ran {n_steps} steps, expected {steps}")
     if n_steps > 1:
         t0, seen = t_first, seen - seen_first
     elapsed = time.perf_counter() - t0
     return {"loss": float(loss_sum) / max(n_steps, 1),
-            "parts": {k: v / max(n_steps, 1) for k, v in parts_sum.items()},
-            "img_per_s": seen * world.size / elapsed if elapsed > 0 else 0.0}
+            "parts": {k: float(v) / max(n_steps, 1) for k, v in parts_sum.items()},
+            "img_per_s": seen * world.size / elapsed if elapsed > 0 else 0.0,
+            "sids": torch.cat(sids).numpy() if sids else np.zeros(0, np.int64), "duplicates": duplicates}
+
+
+CHECK_EVERY = 20  # steps between CPU-GPU syncs (finite-loss check, progress bar)
+
+
+def check_finite(first_bad: torch.Tensor, recent_keys: dict[int, list[str]], epoch: int) -> None:
+    """Stop at a non-finite loss, naming its step and batch (a CPU-GPU sync point)."""
+    step = int(first_bad)
+    if step >= 0:
+        keys = recent_keys.get(step)
+        raise TrainError(f"non-finite loss at epoch {epoch} step {step}"
+                         + (f" (batch keys {', '.join(keys)}, ...)" if keys else ""))
+
+
+def gather_usage(sids: np.ndarray, duplicates: int, world: World) -> dict:
+    """The epoch's sample accounting over all ranks: distinct samples, total uses, the most
+    uses of one sample, and copies of a sample that shared a local batch."""
+    gathered = all_gather_objects(world, (sids, duplicates))
+    every = np.concatenate([g[0] for g in gathered])
+    _, uses = np.unique(every, return_counts=True)
+    return {"samples_used": int(len(uses)), "sample_uses": int(len(every)),
+            "max_uses_per_sample": int(uses.max()) if len(uses) else 0,
+            "in_batch_duplicates": int(sum(g[1] for g in gathered))}
+
+
+def rng_state(cuda: bool) -> dict:
+    """This rank's torch generators (dropout, drop-path)."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None}
+
+
+def restore_rng(state: dict, world: World) -> None:
+    """Put back this rank's generators from last.pth (one entry per rank)."""
+    saved = state.get("rng")
+    if saved is None or len(saved) != world.size:  # older checkpoint, or another world size
+        return
+    torch.set_rng_state(saved[world.rank]["cpu"].cpu())
+    if saved[world.rank].get("cuda") is not None and world.device.type == "cuda":
+        torch.cuda.set_rng_state(saved[world.rank]["cuda"].cpu())
 
 
 @torch.no_grad()

@@ -1,59 +1,38 @@
 """Stage 2 data path: stream WebDataset shards, join each sample to its cache row, replay the view.
 
-Per epoch, the shard order is a seeded permutation; rank r takes every world-th shard of it
-and DataLoader worker w every W-th shard of the rank's list. For each shard, a worker reads
-the cache ONCE per array (that shard's rows, the epoch's view), joins every tar sample to its
-row by position, checks the key and replays the stored view at the student's input size.
-
-Every rank runs exactly `steps` batches per epoch: a worker that exhausts its shards starts
-over on them (a wrap-around, like WebDataset's `with_epoch`), so uneven shards never make one
-rank stop early and hang DDP.
+What each rank and DataLoader worker reads is `epoch_plan`'s pure function of (seed, epoch,
+world, workers, valid samples per shard): a worker reads its shard pieces in order, joins every
+tar sample to its cache row by position (one read per array per shard piece and view), checks
+the key, replays the stored view at the student's input size and shuffles through a bounded
+buffer that emits every sample exactly once. Every rank runs the same number of batches.
 """
 from __future__ import annotations
 
-import hashlib
-import tarfile
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from . import schema, storage
+from . import schema
 from .config import ViewSpec
-from .shards import IMAGE_EXTS, Manifest, ShardError, decode_image
+from .epoch_plan import Piece, PlanSpec, exact_shuffle, stable_seed, view_index, worker_pieces
 from .mixing import NO_MIX, PairParams, PartnerImages, mix_pixels
+from .shards import Manifest, ShardError, decode_image, read_shard
 from .views import decode_view, pil_filter, replay_array, sample_view, view_rng
 
-def stable_seed(*parts) -> int:
-    """A 64-bit seed from a stable hash of `parts` (never Python's hash())."""
-    h = hashlib.blake2b(repr(parts).encode(), digest_size=8)
-    return int.from_bytes(h.digest(), "little")
+__all__ = ["stable_seed", "valid_counts", "TrainStreamSpec", "TrainStream", "EvalStream", "eval_array"]
 
 
-def iter_tar(path: str) -> Iterator[tuple[str, bytes, int]]:
-    """(key, encoded image, class) of each sample of one shard (a path or URL), streamed.
-
-    The file is opened here (fsspec for URLs); WebDataset's tar iterator and key grouping do
-    the rest, exactly as `wds.WebDataset` would for a local file.
-    """
-    try:
-        with storage.errors(path, "reading"), storage.open_read(path) as stream:
-            files = wds.tariterators.tar_file_expander([{"url": path, "stream": stream}])
-            for s in wds.tariterators.group_by_keys(files):
-                img = next((s[e] for e in IMAGE_EXTS if e in s), None)
-                if img is None or "cls" not in s:
-                    raise ShardError(f"{path}: sample {s['__key__']!r} lacks an image or a cls entry")
-                yield s["__key__"], img, int(s["cls"])
-    except (OSError, ValueError, tarfile.TarError) as e:
-        if isinstance(e, (ShardError, storage.StorageError)):
-            raise
-        # webdataset re-raises with (message, stream, url) as the arguments
-        reason = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-        raise ShardError(f"{path}: damaged tar ({reason})") from None
+def valid_counts(manifest: Manifest, group=None, layout: schema.Layout | None = None) -> tuple[int, ...]:
+    """Samples per shard that can be trained on: the cache's labelled slots (an undecodable
+    image has label −1 there), or every sample of the manifest without a cache."""
+    if group is None:
+        return tuple(s.count for s in manifest.shards)
+    labels = schema.read_array(group, "labels", slice(0, layout.slots))
+    return tuple(int(n) for n in (labels.reshape(layout.num_shards, layout.slots_per_shard) >= 0).sum(axis=1))
 
 
 @dataclass(frozen=True)
@@ -63,18 +42,14 @@ class TrainStreamSpec:
     layout: schema.Layout | None
     spec: ViewSpec
     size: int  # student input size
-    seed: int
-    batch_size: int  # per rank
-    steps: int  # batches per rank per epoch
-    shuffle_buffer: int
+    plan: PlanSpec  # who reads what (seed, world, workers, batch, repeats, valid counts)
     rank: int
-    world: int
-    repeats: int = 1  # repeated augmentation: views of each sample per epoch
+    shuffle_buffer: int  # samples held for shuffling, per worker
 
 
 class TrainStream(IterableDataset):
-    """Yields dicts: image uint8 (3, H, W), label, key, and in cache mode the teacher's
-    top-k logits (k,) float32, classes (k,) int64 and lse (float)."""
+    """Yields dicts: image uint8 (3, H, W), label, key, sid (the sample's slot), view, and in
+    cache mode the teacher's top-k logits (k,) float32, classes (k,) int64 and lse float32."""
 
     def __init__(self, s: TrainStreamSpec):
         self.s = s
@@ -83,137 +58,89 @@ class TrainStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def view_indices(self, epoch: int) -> list[int]:
-        """The views of epoch e: e mod V in cache mode (a fresh view every epoch otherwise).
-
-        With repeated augmentation R > 1, the R distinct views (e·R + r) mod V, r < R.
-        """
-        R = self.s.repeats
-        first = [epoch * R + r for r in range(R)]
-        return [v % self.s.layout.views for v in first] if self.s.cache else first
-
-    def worker_plan(self, worker: int, workers: int) -> tuple[list[int], int]:
-        """This worker's shard list and its number of batches."""
-        s = self.s
-        order = np.random.default_rng(stable_seed("shard-order", s.seed, self.epoch)).permutation(
-            len(s.manifest.shards))
-        rank_shards = [int(i) for i in order[s.rank::s.world]]
-        shards = rank_shards[worker::workers]
-        batches = s.steps // workers + (1 if worker < s.steps % workers else 0)
-        return shards, batches
-
     def __iter__(self):
+        s = self.s
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        shards, batches = self.worker_plan(worker, workers)
-        quota = batches * self.s.batch_size
-        if quota == 0:
+        if workers != max(s.plan.workers, 1):
+            raise RuntimeError(f"the plan has {s.plan.workers} workers per rank, the DataLoader {workers}")
+        pieces = worker_pieces(s.plan, self.epoch, s.rank, worker)
+        if not pieces:
             return
-        if not shards:
-            raise ShardError(f"rank {self.s.rank} worker {worker} has no train shard "
-                             f"(use fewer workers or ranks than shards)")
-        rng = np.random.default_rng(stable_seed("shuffle", self.s.seed, self.epoch, self.s.rank, worker))
-        group = schema.open_arrays(schema.open_cache(self.s.cache)[0], self.s.layout) if self.s.cache else None
-        if quota + self.s.manifest.per_shard * self.s.repeats <= self.s.shuffle_buffer:
-            # The worker's whole epoch fits in the buffer: read whole shards until there are
-            # `quota` samples and shuffle those, instead of wrapping around the shards again just
-            # to fill the buffer (costly when each shard read is a request to object storage).
-            # Whole shards: each one read is read to its end, so its sample count is checked;
-            # at most quota - 1 + one shard's samples are held, within the buffer's bound.
-            epoch: list[dict] = []
-            while len(epoch) < quota:
-                before = len(epoch)
-                for shard in shards:
-                    epoch += self.shard_samples(shard, group)
-                    if len(epoch) >= quota:
-                        break
-                if len(epoch) == before:
-                    raise ShardError(f"shards {shards} hold no valid sample")
-            for j in rng.permutation(len(epoch))[:quota]:
-                yield epoch[j]
-            return
-        buffer: list[dict] = []
-        produced = 0
-        for sample in self._cycle(shards, group):
-            if len(buffer) < self.s.shuffle_buffer:
-                buffer.append(sample)
-                continue
-            j = int(rng.integers(len(buffer)))
-            buffer[j], sample = sample, buffer[j]
-            yield sample
-            produced += 1
-            if produced == quota:
-                return
-        while buffer and produced < quota:  # only reached if the stream ran dry
-            yield buffer.pop(int(rng.integers(len(buffer))))
-            produced += 1
+        group = schema.open_arrays(schema.open_cache(s.cache)[0], s.layout) if s.cache else None
+        rng = np.random.default_rng(stable_seed("shuffle", s.plan.seed, self.epoch, s.rank, worker))
+        samples = (x for p in pieces for x in self.piece_samples(p, group))
+        yield from exact_shuffle(samples, s.shuffle_buffer, rng, s.plan.batch, key=lambda x: x["sid"])
 
-    def _cycle(self, shards: list[int], group) -> Iterator[dict]:
-        """The worker's shards over and over (the wrap-around that equalises ranks)."""
-        any_valid = False
-        while True:
-            for shard in shards:
-                for sample in self.shard_samples(shard, group):
-                    any_valid = True
-                    yield sample
-            if not any_valid:
-                raise ShardError(f"shards {shards} hold no valid sample")
-
-    def shard_samples(self, shard: int, group) -> Iterator[dict]:
-        """The replayed samples of one shard for this epoch (label -1 slots skipped).
-
-        With repeated augmentation (R > 1) each sample is yielded R times, once per view of
-        `view_indices(epoch)`; the image is decoded once for all of them.
-        """
+    def piece_samples(self, piece: Piece, group) -> Iterator[dict]:
+        """The replayed samples of one shard piece (valid samples lo..hi−1, one copy)."""
         s, m = self.s, self.s.manifest
-        path = m.path(shard)
-        views = self.view_indices(self.epoch)
-        blocks = []
-        if group is not None:  # one read per array per view of the epoch
-            blocks = [schema.read_block(group, s.layout, shard, v) for v in views]
-        samples = iter_tar(path)
+        path = m.path(piece.shard)
+        V = s.layout.views if s.cache else None
+        slots = s.layout.slots_per_shard if s.cache else m.per_shard
+        views = view_index(piece.position + np.arange(piece.lo, piece.hi), piece.copy, self.epoch, s.plan, V)
+        blocks = {}
+        if group is not None:  # one read per array per view this piece uses (one, or two at a boundary)
+            blocks = {int(v): schema.read_block(group, s.layout, piece.shard, int(v)) for v in np.unique(views)}
+        samples = read_shard(path)
         partners = None
         if blocks and s.layout.paired:  # partners may come later in the tar: hold its encoded bytes
             samples = list(samples)
-            partners = PartnerImages([data for _, data, _ in samples])
-        count = 0
-        for pos, (key, data, cls) in enumerate(samples):
+            partners = PartnerImages([x.data for x in samples])
+        total = s.plan.counts[piece.shard]
+        j = count = 0  # valid index; samples read
+        for pos, sample in enumerate(samples):
             count += 1
-            if pos >= m.per_shard:
-                raise ShardError(f"{path}: more samples than the manifest's {m.per_shard} per shard")
+            if pos >= slots:
+                raise ShardError(f"{path}: more samples than the manifest's {slots} per shard")
             if blocks:
-                cached_key = str(blocks[0].keys[pos])
-                if cached_key != key:
-                    raise schema.CacheError(f"{path} position {pos}: shard has key {key!r}, "
+                first = next(iter(blocks.values()))
+                cached_key = str(first.keys[pos])
+                if cached_key != sample.key:
+                    raise schema.CacheError(f"{path} position {pos}: shard has key {sample.key!r}, "
                                             f"cache has key {cached_key!r}")
-                if blocks[0].labels[pos] < 0:
-                    continue  # undecodable at caching time: no target
-            try:
-                image = decode_image(data)
-            except ValueError as e:
-                if blocks:
-                    raise ShardError(f"{path}: sample {key!r} no longer decodes ({e}) "
-                                     f"but the cache holds a target for it") from None
+                if first.labels[pos] < 0:
+                    continue  # undecodable at caching time: no target, not in the plan
+            j += 1
+            if j <= piece.lo:
                 continue
-            for r, view in enumerate(views):
-                if blocks:
-                    b = blocks[r]
-                    params = decode_view(tuple(b.boxes[pos]), bool(b.flips[pos]), b.aug_ops[pos],
-                                         b.aug_levels[pos], b.aug_resample[pos])
-                else:
-                    params = sample_view(view_rng(s.seed, key, view), image.height, image.width, s.spec)
-                pixels = replay_array(image, params, s.size, s.spec)
-                out = {"label": cls, "key": key}
-                if partners is not None:
-                    pixels = self._paired(b, shard, pos, pixels, partners, out)
-                out["image"] = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
-                if blocks:
-                    out["t_logits"] = torch.from_numpy(b.logits[pos].astype(np.float32))
-                    out["t_classes"] = torch.from_numpy(b.classes[pos].astype(np.int64))
-                    out["t_lse"] = float(b.lse[pos])
-                yield out
-        m.check_count(shard, count)
+            if j > piece.hi:
+                if piece.hi < total:
+                    return  # the rest of the shard belongs to other pieces
+                continue
+            yield self.replay(sample, pos, int(views[j - 1 - piece.lo]), piece.shard, slots, blocks, partners)
+        if j != total:
+            raise ShardError(f"{path}: {j} valid samples, the epoch plan expected {total}")
+        m.check_count(piece.shard, count)
 
+    def replay(self, sample, pos: int, view: int, shard: int, slots: int, blocks: dict,
+               partners: PartnerImages | None) -> dict:
+        """One training sample: the stored (or, without a cache, freshly drawn) view replayed."""
+        s = self.s
+        path = s.manifest.path(shard)
+        try:
+            image = decode_image(sample.data)
+        except ValueError as e:
+            why = ("the cache holds a target for it" if blocks else
+                   "training without a cache needs every sample to decode (shards made by `usi shards` "
+                   "leave such files out; a cache marks them)")
+            raise ShardError(f"{path}: sample {sample.key!r} does not decode ({e}); {why}") from None
+        out = {"label": sample.cls, "key": sample.key, "sid": shard * slots + pos, "view": view}
+        if blocks:
+            b = blocks[view]
+            params = decode_view(tuple(b.boxes[pos]), bool(b.flips[pos]), b.aug_ops[pos],
+                                 b.aug_levels[pos], b.aug_resample[pos])
+        else:
+            params = sample_view(view_rng(s.plan.seed, sample.key, view), image.height, image.width, s.spec)
+        pixels = replay_array(image, params, s.size, s.spec)
+        if partners is not None:
+            pixels = self._paired(b, shard, pos, pixels, partners, out)
+        out["image"] = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+        if blocks:
+            out["t_logits"] = torch.from_numpy(b.logits[pos].astype(np.float32))
+            out["t_classes"] = torch.from_numpy(b.classes[pos].astype(np.int64))
+            out["t_lse"] = torch.tensor(b.lse[pos], dtype=torch.float32)  # float32 in the loss, not float64
+        return out
 
     def _paired(self, b: schema.ShardBlock, shard: int, pos: int, pixels: np.ndarray,
                 partners: PartnerImages, out: dict) -> np.ndarray:
@@ -261,12 +188,12 @@ class EvalStream(IterableDataset):
         shards = list(range(len(self.m.shards)))[self.rank::self.world][worker::workers]
         for shard in shards:
             count = 0
-            for key, data, cls in iter_tar(self.m.path(shard)):
+            for sample in read_shard(self.m.path(shard)):
                 count += 1
                 try:
-                    image = decode_image(data)
+                    image = decode_image(sample.data)
                 except ValueError:
                     continue
                 pixels = eval_array(image, self.size, self.crop_pct, self.interp)
-                yield {"image": torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), "label": cls}
+                yield {"image": torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), "label": sample.cls}
             self.m.check_count(shard, count)
