@@ -5,23 +5,20 @@ run on ImageNet-1k has them; the counts asserted here are what a real run's log.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from usi_cache.epoch_plan import (PlanError, PlanSpec, enumerate_plan, exact_shuffle, summarize,
                                   worker_pieces)
 
-
-def imagenet_counts(seed: int = 0) -> tuple[int, ...]:
-    """1,281,167 samples in 1,282 shards of uneven size (a few emptied by undecodable images)."""
-    rng = np.random.default_rng(seed)
-    counts = rng.integers(960, 1040, 1282)
-    counts[rng.choice(1282, 5, replace=False)] = 0  # shards whose every image failed to decode
-    counts[-1] += 1_281_167 - counts.sum()
-    return tuple(int(c) for c in counts)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from epoch_plan import imagenet_counts  # noqa: E402  (the benchmark's shapes, one definition)
 
 
-IMAGENET = dict(counts=imagenet_counts(), seed=42, world=8, workers=8, batch=128)
+IMAGENET = dict(counts=imagenet_counts(empty=5), seed=42, world=8, workers=8, batch=128)
 
 
 def test_r1_every_valid_sample_exactly_once_but_a_rotating_remainder():

@@ -53,6 +53,11 @@ class PlanSpec:
     repeats: int = 1  # R: copies (distinct views) of each selected sample per epoch
     max_steps: int | None = None  # cap on steps per epoch
 
+    def __post_init__(self):
+        if not self.counts or min(self.counts) < 0:
+            raise PlanError(f"valid samples per shard: expected counts >= 0 for at least one shard, "
+                            f"got {self.counts[:8]}")
+
     @property
     def num_samples(self) -> int:
         return int(sum(self.counts))
