@@ -387,7 +387,7 @@ def _tar_samples(f: IO[bytes], path: str) -> Iterator[Sample]:
         ext = next((e for e in IMAGE_EXTS if e in entries), None)
         if ext is None or "cls" not in entries:
             what = "an image (" + ", ".join(IMAGE_EXTS) + ")" if ext is None else "a cls entry"
-            raise ShardError(f"{path}: sample {key!r} has no {what}; it has {sorted(entries) or 'nothing'}")
+            raise ShardError(f"{path}: sample {key!r} lacks {what}; it has {sorted(entries) or 'nothing'}")
         text = entries["cls"].decode(errors="replace").strip()
         if not re.fullmatch(r"[0-9]+", text):
             raise ShardError(f"{path}: sample {key!r} has cls {text[:40]!r}, expected a non-negative integer")
