@@ -55,6 +55,7 @@ def test_rerun_keeps_finished_shards_and_rebuilds_the_rest(tmp_path):
     assert r.exit_code == 0, r.output
     after = stats(out)
     assert tar_hashes(out) == reference and (out / "dataset.json").read_bytes() == manifest
+    assert not list(out.glob("*.tmp-*"))
     assert after["shard-000000.tar"] == before["shard-000000.tar"]  # kept, not re-read
     assert after["shard-000004.tar"] == before["shard-000004.tar"]
     for rebuilt in ("shard-000001.tar", "shard-000002.tar", "shard-000003.tar"):

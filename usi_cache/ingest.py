@@ -171,6 +171,9 @@ def shards_from_folder(src: str | Path, out: str | Path, *, per_shard: int = 100
     out = output_folder(out)
     names = [f"{prefix}-{i:06d}.tar" for i in range(len(plan))]
     done = _finished(out, names, [_plan_id(s) for s in plan])
+    if not storage.is_url(out):  # tars a killed run was writing (write_tar's temporary names)
+        for tmp in Path(out).glob(f"{glob.escape(prefix)}-*.tar.tmp-*"):
+            tmp.unlink()
     todo = [i for i in range(len(plan)) if i not in done]
     n_images = sum(len(s) for s in plan)
     bar = _progress(progress, f"{len(todo)} of {len(plan)} shards to {out}", "img", total=n_images,
