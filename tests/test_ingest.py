@@ -231,3 +231,19 @@ def test_index_errors_are_one_line(tmp_path):
     r = CliRunner().invoke(main, ["shards", "index", str(shards), "--quiet", "--workers", "1"])
     assert error_line(r.output) == f"Error: {bad}: sample 's0500' lacks a cls entry; it has ['jpg', 'json']"
     assert not (shards / "dataset.json").exists()
+
+
+def test_ingest_memory_benchmark_runs_small(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    r = subprocess.run([sys.executable, "benchmarks/ingest_memory.py", "--sizes", "30,60", "--classes", "3",
+                        "--per-shard", "20", "--workers", "2", "--work", str(tmp_path / "work")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "USI_BENCH_RESULTS": str(tmp_path / "results")})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    result = json.loads((tmp_path / "results/ingest_memory.json").read_text())
+    assert [run["images"] for run in result["runs"]] == [30, 60] and result["peak_ratio"] > 0
+    assert all(run["processes"] >= 3 and run["peak_mib"] > 10 for run in result["runs"])  # workers counted
+    assert "peak RSS ratio 60 / 30 images" in (tmp_path / "results/ingest_memory.txt").read_text()
