@@ -247,3 +247,25 @@ def test_ingest_memory_benchmark_runs_small(tmp_path):
     assert [run["images"] for run in result["runs"]] == [30, 60] and result["peak_ratio"] > 0
     assert all(run["processes"] >= 3 and run["peak_mib"] > 10 for run in result["runs"])  # workers counted
     assert "peak RSS ratio 60 / 30 images" in (tmp_path / "results/ingest_memory.txt").read_text()
+
+
+def test_index_shards_at_a_url(tmp_path):
+    from usi_cache import storage
+    shards = webdataset_shards(tmp_path / "wds")
+    for p in sorted(shards.glob("*.tar")):
+        storage.write_bytes(f"memory://byo/{p.name}", p.read_bytes())
+    local = load_manifest_of(shards)
+    # memory:// lives in this process only, hence one worker
+    for spec in ("memory://byo/", "memory://byo/train-*.tar", "memory://byo/train-{000000..000002}.tar"):
+        r = CliRunner().invoke(main, ["shards", "index", spec, "--workers", "1", "--quiet"])
+        assert r.exit_code == 0, r.output
+        m = load_manifest("memory://byo")
+        assert [s.sha256 for s in m.shards] == [s.sha256 for s in local.shards if s.name in
+                                                {x.name for x in m.shards}]
+        assert [s.key for s in read_shard(m.path(len(m.shards) - 1))] == ["s0020", "s0021", "s0022"]
+
+
+def load_manifest_of(shards: Path):
+    r = CliRunner().invoke(main, ["shards", "index", str(shards), "--workers", "1", "--quiet"])
+    assert r.exit_code == 0, r.output
+    return load_manifest(shards)
