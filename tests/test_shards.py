@@ -143,3 +143,13 @@ def test_fashion_mnist_cli(tmp_path):
 def test_fashion_mnist_missing_source_is_clear(tmp_path):
     r = CliRunner().invoke(main, ["shards", "fashion-mnist", str(tmp_path / "o"), "--source", str(tmp_path)])
     assert r.exit_code == 1 and "Fashion-MNIST file not found" in r.output
+
+
+def test_write_shards_streams_in_order_without_a_seed(tmp_path):
+    from conftest import make_samples
+    samples = make_samples(7)
+    m = write_shards(iter(samples), ["a", "b", "c", "d", "e"], tmp_path / "s", per_shard=3, seed=None,
+                     progress=False)
+    assert [s.count for s in m.shards] == [3, 3, 1]
+    got = [s for i in range(len(m.shards)) for s in read_shard(m.path(i))]
+    assert got == samples  # the stream's own order, bytes and classes unchanged

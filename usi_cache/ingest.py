@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from . import storage
-from .shards import (IMAGE_EXTS, Manifest, Rejected, Sample, ShardError, ShardInfo, _progress,
+from .shards import (IMAGE_EXTS, Manifest, Rejected, Sample, ShardError, ShardInfo, progress_bar,
                      check_image, output_folder, sanitize_key, scan_shard, write_manifest, write_tar)
 
 SIDECARS = ".ingest"  # OUT/.ingest/<tar name>.json: one finished shard's result, for resuming
@@ -176,12 +176,13 @@ def shards_from_folder(src: str | Path, out: str | Path, *, per_shard: int = 100
             tmp.unlink()
     todo = [i for i in range(len(plan)) if i not in done]
     n_images = sum(len(s) for s in plan)
-    bar = _progress(progress, f"{len(todo)} of {len(plan)} shards to {out}", "img", total=n_images,
-                    initial=n_images - sum(len(plan[i]) for i in todo))
+    bar = progress_bar(progress, f"{len(todo)} of {len(plan)} shards to {out}", "img", total=n_images,
+                       initial=n_images - sum(len(plan[i]) for i in todo))
     src = str(src)  # workers inherit the working directory
     tasks = ((src, out, names[i], plan[i]) for i in todo)
+    index = {name: i for i, name in enumerate(names)}
     for result in _run_parallel(_build_shard, tasks, min(workers or default_workers(), len(todo))):
-        done[names.index(result["name"])] = result
+        done[index[result["name"]]] = result
         bar.update(result["count"] + len(result["rejected"]))
     bar.close()
     results = [done[i] for i in range(len(plan))]
@@ -270,7 +271,7 @@ def index_shards(spec: str, *, out: str | None = None, classes_file: str | None 
     root, paths = find_shards(spec)
     root = output_folder(out) if out else root
     counts = {}
-    bar = _progress(progress, f"indexing {len(paths)} shards", "shard", total=len(paths))
+    bar = progress_bar(progress, f"indexing {len(paths)} shards", "shard", total=len(paths))
     for path, count, digest, top in _run_parallel(_scan, paths, min(workers or default_workers(), len(paths))):
         if count == 0:
             raise ShardError(f"{path}: holds no samples")

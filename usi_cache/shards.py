@@ -10,6 +10,7 @@ index`); `write_tar` the one tar writer (in-memory sources here, folders in `ing
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -107,7 +108,8 @@ def fingerprint(classes: Iterable[str], per_shard: int, shards: Iterable[ShardIn
 
 
 def load_manifest(root: str | Path) -> Manifest:
-    """Read and check `ROOT/dataset.json` (ROOT a folder or a URL); every listed shard must exist."""
+    """Read and check `ROOT/dataset.json` (ROOT a folder or a URL); every listed shard must exist.
+    Shard names are relative to ROOT, or full paths / URLs (`usi shards index --out`)."""
     root = str(root).rstrip("/") if storage.is_url(root) else str(root)
     path = storage.join(root, MANIFEST)
     if not storage.is_dir(root):
@@ -238,7 +240,7 @@ def write_shards(samples: Iterable[Sample], classes: Iterable[str], out: str | P
         samples = [samples[j] for j in order]
     out = output_folder(out)
     stream, infos = iter(samples), []
-    bar = _progress(progress, f"writing shards to {out}", "shard")
+    bar = progress_bar(progress, f"writing shards to {out}", "shard")
     while chunk := list(islice(stream, per_shard)):
         name = f"{prefix}-{len(infos):06d}.tar"
         count, digest = write_tar(storage.join(out, name), chunk)
@@ -250,7 +252,7 @@ def write_shards(samples: Iterable[Sample], classes: Iterable[str], out: str | P
     return write_manifest(out, classes, per_shard, infos)
 
 
-def _progress(enabled: bool, desc: str, unit: str, total: int | None = None, initial: int = 0):
+def progress_bar(enabled: bool, desc: str, unit: str, total: int | None = None, initial: int = 0):
     """A tqdm bar (rate and ETA), or a silent stand-in with the same update/close."""
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, disable=not enabled,
@@ -351,32 +353,34 @@ def read_shard(path: str | Path) -> Iterator[Sample]:
     (`Manifest.check_count`): a tar cut between members reads without error.
     """
     path = str(path)
-    try:
-        # for a URL, a network failure mid-read is a StorageError, not a "damaged tar"
-        with storage.errors(path, "reading"), storage.open_read(path) as f:
-            yield from _tar_samples(f, path)
-    except storage.StorageError:
-        raise  # unreachable storage is not a damaged tar
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise ShardError(f"{path}: damaged tar ({e})") from None
+    with _open_shard(path) as f:
+        yield from _tar_samples(f, path)
 
 
 def scan_shard(path: str) -> tuple[int, str, int]:
     """(samples, sha256 of the file, largest cls) of one shard, read once front to back."""
     path = str(path)
     count, top = 0, -1
+    with _open_shard(path) as f:
+        hashed = _Hashed(f)
+        for s in _tar_samples(hashed, path):
+            count, top = count + 1, max(top, s.cls)
+        while hashed.read(1 << 20):  # the end-of-archive padding counts in the sha256 too
+            pass
+    return count, hashed.sha256.hexdigest(), top
+
+
+@contextlib.contextmanager
+def _open_shard(path: str) -> Iterator[IO[bytes]]:
+    """A shard opened for reading; what goes wrong while it is read becomes one line naming it."""
     try:
+        # for a URL, a network failure mid-read is a StorageError, not a "damaged tar"
         with storage.errors(path, "reading"), storage.open_read(path) as f:
-            hashed = _Hashed(f)
-            for s in _tar_samples(hashed, path):
-                count, top = count + 1, max(top, s.cls)
-            while hashed.read(1 << 20):  # the end-of-archive padding counts in the sha256 too
-                pass
+            yield f
     except storage.StorageError:
-        raise
+        raise  # unreachable storage is not a damaged tar
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ShardError(f"{path}: damaged tar ({e})") from None
-    return count, hashed.sha256.hexdigest(), top
 
 
 def _tar_samples(f: IO[bytes], path: str) -> Iterator[Sample]:
