@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from usi_cache.cli import main
+from usi_cache.ingest import shards_from_folder
 from usi_cache.shards import (FMNIST_DIR, ShardError, load_manifest, read_shard,
                               samples_from_fashion_mnist, write_shards)
 
@@ -65,17 +66,15 @@ def test_from_folder_is_byte_identical_and_manifest_matches(tmp_path):
 
 def test_different_seed_changes_order_not_content(tmp_path):
     src = make_folder(tmp_path / "src")
-    a = write_shards(*_samples(src), tmp_path / "a", per_shard=4, seed=0, progress=False)
-    b = write_shards(*_samples(src), tmp_path / "b", per_shard=4, seed=1, progress=False)
+    a = folder_shards(src, tmp_path / "a", per_shard=4, seed=0)
+    b = folder_shards(src, tmp_path / "b", per_shard=4, seed=1)
     assert a.fingerprint != b.fingerprint
     keys = lambda m: sorted(s.key for i in range(len(m.shards)) for s in read_shard(m.path(i)))
     assert keys(a) == keys(b)
 
 
-def _samples(src):
-    from usi_cache.shards import samples_from_folder
-    samples, classes, _ = samples_from_folder(src)
-    return samples, classes
+def folder_shards(src, out, **kw):
+    return shards_from_folder(src, out, workers=1, progress=False, **kw)[0]
 
 
 def test_bad_files_are_reported_and_left_out(tmp_path):
@@ -105,7 +104,7 @@ def test_manifest_errors(tmp_path):
     with pytest.raises(ShardError, match="no dataset manifest"):
         load_manifest(tmp_path)
     src = make_folder(tmp_path / "src", per_class=2)
-    m = write_shards(*_samples(src), tmp_path / "s", per_shard=4, progress=False)
+    m = folder_shards(src, tmp_path / "s", per_shard=4)
     d = json.loads((tmp_path / "s/dataset.json").read_text())
     d["shards"][0]["count"] = 3
     (tmp_path / "s/dataset.json").write_text(json.dumps(d))
@@ -118,7 +117,7 @@ def test_manifest_errors(tmp_path):
 
 def test_truncated_tar_is_named(tmp_path):
     src = make_folder(tmp_path / "src", per_class=3)
-    m = write_shards(*_samples(src), tmp_path / "s", per_shard=9, progress=False)
+    m = folder_shards(src, tmp_path / "s", per_shard=9)
     data = Path(m.path(0)).read_bytes()
     Path(m.path(0)).write_bytes(data[: len(data) // 2 + 100])
     with pytest.raises(ShardError, match="shard-000000.tar"):
@@ -144,3 +143,13 @@ def test_fashion_mnist_cli(tmp_path):
 def test_fashion_mnist_missing_source_is_clear(tmp_path):
     r = CliRunner().invoke(main, ["shards", "fashion-mnist", str(tmp_path / "o"), "--source", str(tmp_path)])
     assert r.exit_code == 1 and "Fashion-MNIST file not found" in r.output
+
+
+def test_write_shards_streams_in_order_without_a_seed(tmp_path):
+    from conftest import make_samples
+    samples = make_samples(7)
+    m = write_shards(iter(samples), ["a", "b", "c", "d", "e"], tmp_path / "s", per_shard=3, seed=None,
+                     progress=False)
+    assert [s.count for s in m.shards] == [3, 3, 1]
+    got = [s for i in range(len(m.shards)) for s in read_shard(m.path(i))]
+    assert got == samples  # the stream's own order, bytes and classes unchanged

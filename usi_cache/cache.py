@@ -21,7 +21,7 @@ from . import __version__, schema, storage
 from .config import CacheConfig, ViewSpec, to_dict
 from .dist import World, all_gather_objects, barrier, broadcast_object, close_world, init_world
 from .randaugment import OP_NAMES
-from .shards import Manifest, ShardError, decode_image, load_manifest, read_shard
+from .shards import Manifest, ShardError, decode_image, load_manifest, read_shard, shard_path
 from .teacher import load_teacher
 from .mixing import NO_MIX, PartnerImages, mix_pixels, pair_rng, sample_pair
 from .views import encode_ops, op_slots, replay_array, sample_view, view_rng
@@ -49,7 +49,7 @@ def shard_batches(job: ViewJob, shard: int) -> Iterator[dict]:
     S, V, n = layout.slots_per_shard, layout.views, layout.op_slots
     meta = schema.ShardBlock.empty(layout)
     images, pos, views = [], [], []
-    path = storage.join(job.root, job.shard_names[shard])
+    path = shard_path(job.root, job.shard_names[shard])
 
     def batch():
         out = {"kind": "batch", "shard": shard, "images": np.stack(images),

@@ -102,29 +102,63 @@ def main():
 # ---------------------------------------------------------------- shards
 @main.group()
 def shards():
-    """Make WebDataset shards (+ dataset.json) from images."""
+    """Make WebDataset shards (+ dataset.json) from images, or index existing ones."""
+
+
+def _workers_option(fn):
+    return click.option("--workers", type=click.IntRange(min=1), default=None,
+                        help="Worker processes [default: the CPU cores].")(fn)
 
 
 @shards.command("from-folder")
 @click.argument("src", type=click.Path(file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--per-shard", default=1000, show_default=True, type=click.IntRange(min=1),
-              help="Samples per shard (the last may be short).")
+              help="Samples per shard (fewer where files are left out; the last may be short).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the shuffle across shards.")
+@_workers_option
+@click.option("--allow-empty-classes", is_flag=True,
+              help="Keep a class folder without images as a class with no samples (default: an error).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @one_line_errors
-def shards_from_folder(src, out, per_shard, seed):
-    """Shard an ImageNet-style folder SRC/<class>/<image>, keeping the original bytes."""
-    from .shards import samples_from_folder, write_shards
-    samples, classes, rejected = samples_from_folder(src)
+def shards_from_folder(src, out, per_shard, seed, workers, allow_empty_classes, quiet):
+    """Shard an ImageNet-style folder SRC/<class>/<image>, keeping the original bytes.
+
+    Streams: holds paths only, workers build whole tars in parallel. Rerun the same command
+    after an interruption: finished shards are kept and skipped.
+    """
+    from .ingest import shards_from_folder as ingest
+    m, rejected = ingest(src, out, per_shard=per_shard, seed=seed, workers=workers,
+                         allow_empty_classes=allow_empty_classes, progress=not quiet)
     if rejected:
         click.echo(f"warning: left out {len(rejected)} file(s):", err=True)
         for r in rejected[:20]:
             click.echo(f"  {r.path}: {r.reason}", err=True)
         if len(rejected) > 20:
             click.echo(f"  ... and {len(rejected) - 20} more", err=True)
-    m = write_shards(samples, classes, out, per_shard=per_shard, seed=seed)
     click.echo(f"{out}: {m.num_samples} samples, {len(m.classes)} classes, {len(m.shards)} shards, "
                f"fingerprint {m.fingerprint[:12]}")
+
+
+@shards.command("index")
+@click.argument("shards_spec", metavar="SHARDS")
+@click.option("--out", default=None, help="Folder (or URL) for dataset.json [default: the shards' folder].")
+@click.option("--classes", "classes_file", default=None, type=click.Path(dir_okay=False),
+              help="Class names, one per line, in cls order [default: 0..max(cls)].")
+@_workers_option
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@one_line_errors
+def shards_index(shards_spec, out, classes_file, workers, quiet):
+    """Write dataset.json for existing WebDataset tars, without rewriting them.
+
+    SHARDS: a folder or URL prefix (its *.tar), a glob ('/data/train-*.tar') or a brace pattern
+    ('/data/train-{000000..001281}.tar'). Each sample needs an image entry and an integer cls.
+    """
+    from .ingest import index_shards
+    m = index_shards(shards_spec, out=out, classes_file=classes_file, workers=workers, progress=not quiet)
+    sizes = sorted({s.count for s in m.shards})
+    click.echo(f"{m.root}/dataset.json: {m.num_samples} samples, {len(m.classes)} classes, {len(m.shards)} shards "
+               f"of {sizes[0]}..{sizes[-1]} samples (per_shard {m.per_shard}), fingerprint {m.fingerprint[:12]}")
 
 
 @shards.command("fashion-mnist")

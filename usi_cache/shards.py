@@ -4,18 +4,24 @@ Shards are plain tar files in the WebDataset layout: each sample is `KEY.<ext>` 
 encoded image bytes) plus `KEY.cls` (the class index as ASCII). Writing is deterministic —
 sorted input, a seeded shuffle across shards, fixed tar headers (mtime 0, uid 0) — so the
 same input gives byte-identical tars and the same fingerprint.
+
+`read_shard` is the one tar reader of the project (stage 1, verify, inspect, `usi shards
+index`); `write_tar` the one tar writer (in-memory sources here, folders in `ingest.py`).
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from itertools import islice
+from typing import IO, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -44,7 +50,7 @@ class Sample:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    name: str  # tar file name, relative to the shard folder
+    name: str  # tar file name relative to the shard folder, or a full path / URL (indexed shards elsewhere)
     count: int  # samples in this shard
     sha256: str
 
@@ -55,7 +61,7 @@ class Manifest:
 
     root: str  # the folder (or URL prefix) holding dataset.json
     classes: tuple[str, ...]
-    per_shard: int  # samples per shard (the last may be short); also the cache's slots per shard
+    per_shard: int  # the largest shard's count (or more); also the cache's slots per shard
     shards: tuple[ShardInfo, ...]
     fingerprint: str  # sha256 over classes, per_shard and every shard's name, count and sha256
 
@@ -64,8 +70,8 @@ class Manifest:
         return sum(s.count for s in self.shards)
 
     def path(self, index: int) -> str:
-        """Shard `index`'s tar: a local path or a URL, like the root."""
-        return storage.join(self.root, self.shards[index].name)
+        """Shard `index`'s tar: a local path or a URL (see `shard_path`)."""
+        return shard_path(self.root, self.shards[index].name)
 
     def check_count(self, index: int, count: int) -> None:
         """A shard read to its end must hold what dataset.json says (a tar cut between members
@@ -86,6 +92,14 @@ class Manifest:
         }
 
 
+def shard_path(root: str, name: str) -> str:
+    """Where a manifest's shard `name` points: a URL or an absolute path as it is, anything else
+    (`shard-000000.tar`, `sub/x.tar`) relative to the folder or prefix `root` holding dataset.json."""
+    if storage.is_url(name) or os.path.isabs(name):
+        return name
+    return storage.join(root, name)
+
+
 def fingerprint(classes: Iterable[str], per_shard: int, shards: Iterable[ShardInfo]) -> str:
     payload = json.dumps({"classes": list(classes), "per_shard": per_shard,
                           "shards": [[s.name, s.count, s.sha256] for s in shards]},
@@ -94,7 +108,8 @@ def fingerprint(classes: Iterable[str], per_shard: int, shards: Iterable[ShardIn
 
 
 def load_manifest(root: str | Path) -> Manifest:
-    """Read and check `ROOT/dataset.json` (ROOT a folder or a URL); every listed shard must exist."""
+    """Read and check `ROOT/dataset.json` (ROOT a folder or a URL); every listed shard must exist.
+    Shard names are relative to ROOT, or full paths / URLs (`usi shards index --out`)."""
     root = str(root).rstrip("/") if storage.is_url(root) else str(root)
     path = storage.join(root, MANIFEST)
     if not storage.is_dir(root):
@@ -118,6 +133,27 @@ def load_manifest(root: str | Path) -> Manifest:
     return m
 
 
+class _Hashed:
+    """A file object that hashes what passes through it (tarfile writes and stream-reads)."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f, self.sha256, self.pos = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.pos += len(data)
+        return self.f.write(data)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.sha256.update(data)
+        self.pos += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self.pos
+
+
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -128,52 +164,99 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shards(samples: list[Sample], classes: Iterable[str], out: str | Path, *,
-                 per_shard: int = 1000, seed: int = 0, prefix: str = "shard",
-                 progress: bool = True) -> Manifest:
-    """Write `samples` as deterministic tar shards plus `dataset.json` into `out` (a folder or URL).
+def write_tar(path: str, samples: Iterable[Sample]) -> tuple[int, str]:
+    """Write `samples` (in their order) as one deterministic tar; returns (count, sha256).
 
-    Samples are sorted by key, then shuffled with `seed`, so that shards mix classes and the
-    result depends only on the input.
+    Members are `KEY.<ext>` then `KEY.cls`, USTAR headers with mtime 0. A local tar is
+    streamed to a temporary name and renamed when complete, so memory holds one sample and a
+    killed run never leaves a partial tar under the final name; a URL is one whole-object
+    write (atomic for readers), so it holds one shard.
     """
-    out = str(out).rstrip("/") if storage.is_url(out) else str(out)
-    classes = tuple(classes)
-    if per_shard < 1:
-        raise ShardError(f"per_shard: expected a positive integer, got {per_shard}")
-    if not samples:
-        raise ShardError(f"{out}: no samples to write")
-    samples = sorted(samples, key=lambda s: s.key)
-    keys = [s.key for s in samples]
-    if len(set(keys)) != len(keys):
-        raise ShardError("duplicate sample keys in the input")
-    order = np.random.default_rng(seed).permutation(len(samples))
-    if not storage.is_url(out):
-        Path(out).mkdir(parents=True, exist_ok=True)
-    infos = []
-    n_shards = (len(samples) + per_shard - 1) // per_shard
-    for i in _progress(range(n_shards), progress, f"writing {n_shards} shards to {out}"):
-        name = f"{prefix}-{i:06d}.tar"
-        buf = io.BytesIO()
-        idx = order[i * per_shard:(i + 1) * per_shard]
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for j in idx:
-                s = samples[j]
+    count = 0
+
+    def fill(f: IO[bytes]) -> str:
+        nonlocal count
+        out = _Hashed(f)
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for s in samples:
                 _tar_member(tar, f"{s.key}.{s.ext}", s.data)
                 _tar_member(tar, f"{s.key}.cls", str(s.cls).encode())
-        data = buf.getvalue()
-        storage.write_bytes(storage.join(out, name), data)
-        infos.append(ShardInfo(name, len(idx), hashlib.sha256(data).hexdigest()))
-    m = Manifest(out, classes, per_shard, tuple(infos), fingerprint(classes, per_shard, infos))
-    # the manifest last: a folder without one is not taken for a complete set of shards
+                count += 1
+        return out.sha256.hexdigest()
+
+    if storage.is_url(path):
+        buf = io.BytesIO()
+        digest = fill(buf)
+        storage.write_bytes(path, buf.getvalue())
+        return count, digest
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            digest = fill(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return count, digest
+
+
+def write_manifest(out: str, classes: Iterable[str], per_shard: int, infos: Iterable[ShardInfo]) -> Manifest:
+    """Write `OUT/dataset.json` for shards already written; call it last, so that a folder
+    without one is never taken for a complete set of shards."""
+    classes, infos = tuple(classes), tuple(infos)
+    m = Manifest(out, classes, per_shard, infos, fingerprint(classes, per_shard, infos))
     storage.write_bytes(storage.join(out, MANIFEST), (json.dumps(m.to_dict(), indent=1) + "\n").encode())
     return m
 
 
-def _progress(it, enabled: bool, desc: str):
-    if not enabled:
-        return it
+def output_folder(out: str | Path) -> str:
+    """`out` as the manifest's root (a URL without its trailing slash); a local folder is created."""
+    if storage.is_url(out):
+        return str(out).rstrip("/")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return str(out)
+
+
+def write_shards(samples: Iterable[Sample], classes: Iterable[str], out: str | Path, *,
+                 per_shard: int = 1000, seed: int | None = 0, prefix: str = "shard",
+                 progress: bool = True) -> Manifest:
+    """Write `samples` as deterministic tar shards plus `dataset.json` into `out` (a folder or URL).
+
+    With a `seed`, samples are sorted by key, then shuffled with the seed, so that shards mix
+    classes and the result depends only on the input; this holds every sample in memory (fine
+    for Fashion-MNIST and test data; folders go through `ingest.shards_from_folder`, which
+    holds paths only). With `seed=None` the stream is written in its own order, one shard in
+    memory at a time.
+    """
+    classes = tuple(classes)
+    if per_shard < 1:
+        raise ShardError(f"per_shard: expected a positive integer, got {per_shard}")
+    if seed is not None:
+        samples = sorted(samples, key=lambda s: s.key)
+        keys = {s.key for s in samples}
+        if len(keys) != len(samples):
+            raise ShardError("duplicate sample keys in the input")
+        order = np.random.default_rng(seed).permutation(len(samples))
+        samples = [samples[j] for j in order]
+    out = output_folder(out)
+    stream, infos = iter(samples), []
+    bar = progress_bar(progress, f"writing shards to {out}", "shard")
+    while chunk := list(islice(stream, per_shard)):
+        name = f"{prefix}-{len(infos):06d}.tar"
+        count, digest = write_tar(storage.join(out, name), chunk)
+        infos.append(ShardInfo(name, count, digest))
+        bar.update(1)
+    bar.close()
+    if not infos:
+        raise ShardError(f"{out}: no samples to write")
+    return write_manifest(out, classes, per_shard, infos)
+
+
+def progress_bar(enabled: bool, desc: str, unit: str, total: int | None = None, initial: int = 0):
+    """A tqdm bar (rate and ETA), or a silent stand-in with the same update/close."""
     from tqdm import tqdm
-    return tqdm(it, desc=desc, unit="shard", leave=False)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, disable=not enabled,
+                smoothing=0.1)
 
 
 def sanitize_key(text: str) -> str:
@@ -185,45 +268,6 @@ def sanitize_key(text: str) -> str:
 class Rejected:
     path: str
     reason: str
-
-
-def samples_from_folder(src: str | Path) -> tuple[list[Sample], tuple[str, ...], list[Rejected]]:
-    """Collect `SRC/<class>/<image>` files, keeping their encoded bytes.
-
-    Returns the samples, the class names (sorted folder names) and the files left out
-    (not an image, or not decodable) with the reason.
-    """
-    src = Path(src)
-    if not src.is_dir():
-        raise ShardError(f"{src}: source folder not found")
-    class_dirs = sorted(p for p in src.iterdir() if p.is_dir())
-    if not class_dirs:
-        raise ShardError(f"{src}: no class folders (expected SRC/<class>/<image>)")
-    classes = tuple(p.name for p in class_dirs)
-    samples, rejected, used = [], [], set()
-    for cls, cdir in enumerate(class_dirs):
-        for f in sorted(p for p in cdir.rglob("*") if p.is_file()):
-            ext = f.suffix.lower().lstrip(".")
-            if ext not in IMAGE_EXTS:
-                rejected.append(Rejected(str(f), "not an image file"))
-                continue
-            data = f.read_bytes()
-            try:
-                with Image.open(io.BytesIO(data)) as im:
-                    im.load()
-            except (UnidentifiedImageError, OSError, ValueError) as e:
-                rejected.append(Rejected(str(f), f"unreadable image ({e})"))
-                continue
-            key = sanitize_key(f"{cdir.name}_{f.relative_to(cdir).with_suffix('')}")
-            base, n = key, 1
-            while key in used:
-                n += 1
-                key = f"{base}_{n}"
-            used.add(key)
-            samples.append(Sample(key, "jpg" if ext == "jpeg" else ext, data, cls))
-    if not samples:
-        raise ShardError(f"{src}: no readable images found ({len(rejected)} files left out)")
-    return samples, classes, rejected
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -267,51 +311,104 @@ def samples_from_fashion_mnist(source: str | Path, split: str, limit: int | None
     return out
 
 
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
+
+
+def check_image(data: bytes) -> None:
+    """Raise ValueError unless `data` decodes as an image (fully: a truncated file is caught)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"unreadable image ({e})") from None
+
+
 def decode_image(data: bytes) -> Image.Image:
     """Decode encoded image bytes to an RGB PIL image (raises ValueError when undecodable)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except _DECODE_ERRORS as e:
         raise ValueError(f"undecodable image ({e})") from None
 
 
+# WebDataset's split of a member name (webdataset.tariterators.base_plus_ext): the key is the
+# name up to the first dot of its last path component, the extension the rest.
+_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
 def read_shard(path: str | Path) -> Iterator[Sample]:
-    """Yield the samples of one shard (a path or URL) in tar order (a damaged tar raises ShardError)."""
+    """Yield the samples of one shard (a path or URL) in tar order, streamed.
+
+    The rule, the same for every stage: a sample is the run of consecutive regular-file
+    members sharing a key (WebDataset's grouping: the member name up to the first dot of its
+    last path component; extensions compared lower-case; names without a dot are skipped).
+    Its image is the entry whose extension comes first in IMAGE_EXTS (jpg, jpeg, png, webp,
+    bmp, gif, tif, tiff, ppm), whatever the members' order in the tar; other entries (json,
+    txt, a second image) are ignored. `cls` must be a non-negative integer.
+
+    A damaged tar, a sample without an image or a cls, or a repeated entry raise a one-line
+    ShardError naming the tar (and the sample); storage errors pass through as StorageError.
+    Whether the shard holds as many samples as its manifest says is the caller's check
+    (`Manifest.check_count`): a tar cut between members reads without error.
+    """
     path = str(path)
-    current: dict = {}
-    key = None
+    with _open_shard(path) as f:
+        yield from _tar_samples(f, path)
 
-    def flush():
-        if key is None:
-            return None
-        img = [(e, d) for e, d in current.items() if e in IMAGE_EXTS]
-        if not img or "cls" not in current:
-            raise ShardError(f"{path}: sample {key!r} lacks an image or a cls entry")
-        try:
-            cls = int(current["cls"].decode().strip())
-        except ValueError:
-            raise ShardError(f"{path}: sample {key!r} has a non-integer cls") from None
-        return Sample(key, img[0][0], img[0][1], cls)
 
+def scan_shard(path: str) -> tuple[int, str, int]:
+    """(samples, sha256 of the file, largest cls) of one shard, read once front to back."""
+    path = str(path)
+    count, top = 0, -1
+    with _open_shard(path) as f:
+        hashed = _Hashed(f)
+        for s in _tar_samples(hashed, path):
+            count, top = count + 1, max(top, s.cls)
+        while hashed.read(1 << 20):  # the end-of-archive padding counts in the sha256 too
+            pass
+    return count, hashed.sha256.hexdigest(), top
+
+
+@contextlib.contextmanager
+def _open_shard(path: str) -> Iterator[IO[bytes]]:
+    """A shard opened for reading; what goes wrong while it is read becomes one line naming it."""
     try:
         # for a URL, a network failure mid-read is a StorageError, not a "damaged tar"
-        with storage.errors(path, "reading"), storage.open_read(path) as f, \
-                tarfile.open(fileobj=f, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, _, ext = member.name.partition(".")
-                if k != key:
-                    s = flush()
-                    if s is not None:
-                        yield s
-                    key, current = k, {}
-                current[ext.lower()] = tar.extractfile(member).read()
-            s = flush()
-            if s is not None:
-                yield s
+        with storage.errors(path, "reading"), storage.open_read(path) as f:
+            yield f
     except storage.StorageError:
         raise  # unreachable storage is not a damaged tar
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ShardError(f"{path}: damaged tar ({e})") from None
+
+
+def _tar_samples(f: IO[bytes], path: str) -> Iterator[Sample]:
+    """read_shard's rule over an open file, read strictly front to back (tar stream mode)."""
+    key, entries = None, {}
+
+    def sample() -> Sample:
+        ext = next((e for e in IMAGE_EXTS if e in entries), None)
+        if ext is None or "cls" not in entries:
+            what = "an image (" + ", ".join(IMAGE_EXTS) + ")" if ext is None else "a cls entry"
+            raise ShardError(f"{path}: sample {key!r} lacks {what}; it has {sorted(entries) or 'nothing'}")
+        text = entries["cls"].decode(errors="replace").strip()
+        if not re.fullmatch(r"[0-9]+", text):
+            raise ShardError(f"{path}: sample {key!r} has cls {text[:40]!r}, expected a non-negative integer")
+        return Sample(key, ext, entries[ext], int(text))
+
+    with tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            m = _MEMBER.match(member.name) if member.isfile() else None
+            if m is None:
+                continue
+            k, ext = m.group(1), m.group(2).lower()
+            if k != key:
+                if key is not None:
+                    yield sample()
+                key, entries = k, {}
+            if ext in entries:
+                raise ShardError(f"{path}: sample {key!r} has two {ext!r} entries")
+            entries[ext] = tar.extractfile(member).read()
+        if key is not None:
+            yield sample()
