@@ -105,6 +105,17 @@ def test_worker_processes_give_the_same_cache(tmp_path, shards, teacher_ckpt):
     assert_same_cache(a, b)
 
 
+def _committed(cache, chunks) -> bool:
+    """True once a shard's commit marker is readable (its chunk file can exist before it is whole)."""
+    if not (chunks.is_dir() and any(chunks.iterdir())):
+        return False
+    try:
+        group, attrs = schema.open_cache(cache)
+        return bool(schema.completed_shards(group, schema.Layout.from_attrs(attrs)).any())
+    except Exception:  # a chunk being written: not committed yet
+        return False
+
+
 def test_killed_run_resumes_to_the_same_cache(tmp_path, teacher_ckpt):
     shards = make_shards(tmp_path / "shards", n=60, per_shard=6)
     full, killed = tmp_path / "full.zarr", tmp_path / "killed.zarr"
@@ -113,7 +124,7 @@ def test_killed_run_resumes_to_the_same_cache(tmp_path, teacher_ckpt):
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     chunks = killed / "labels" / "c"
     deadline = time.time() + 120
-    while time.time() < deadline and not (chunks.is_dir() and any(chunks.iterdir())):
+    while time.time() < deadline and not _committed(killed, chunks):
         time.sleep(0.01)  # kill right after the first shard is committed
     proc.send_signal(signal.SIGKILL)
     proc.wait()
