@@ -14,7 +14,7 @@ import zarr
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import NUM_CLASSES, cache_args
+from conftest import NUM_CLASSES, cache_args, train_args
 from test_shards import make_folder, tar_hashes
 from usi_cache.cli import main
 from usi_cache.ingest import SIDECARS, shards_from_folder
@@ -190,6 +190,15 @@ def test_index_unequal_webdataset_shards_and_cache_them(tmp_path, teacher_ckpt):
         assert [(str(k), int(c)) for k, c in zip(keys[i][:len(got)], labels[i][:len(got)])] == got
     r = CliRunner().invoke(main, ["verify", str(out), "--shards", str(shards)])
     assert r.exit_code == 0, r.output
+    # stage 2 over the same unequal shards, from the cache and from labels: 30 samples, batch 4
+    # -> 7 steps, 28 distinct samples used once, in both modes
+    for mode, extra in (("cache", ["--cache", str(out)]), ("labels", [])):
+        run = tmp_path / mode
+        args = train_args({"train": shards, "val": shards}, run, *extra, "--epochs", "1", batch_size=4, workers=2)
+        r = CliRunner().invoke(main, ["train", *args])
+        assert r.exit_code == 0, r.output
+        (log,) = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        assert (log["samples_used"], log["sample_uses"], log["val_count"]) == (28, 28, 30), (mode, log)
 
 
 def test_index_a_brace_pattern_into_another_folder(tmp_path):

@@ -195,6 +195,19 @@ def test_resume_after_kill_mid_epoch_is_bit_identical(data, tmp_path):
             assert torch.equal(v, resumed[part][k]), (part, k)
 
 
+def test_resume_with_another_world_size_is_refused(data, tmp_path):
+    run = tmp_path / "run"
+    args = train_args(data, run, "--epochs", "2", "--max-steps", "1")
+    r = CliRunner().invoke(main, ["train", *args])
+    assert r.exit_code == 0, r.output
+    state = torch.load(run / "last.pth", weights_only=True)
+    assert state["world"] == 1 and len(state["rng"]) == 1
+    state["world"], state["epoch"] = 2, 0  # as if two ranks had made it
+    torch.save(state, run / "last.pth")
+    r = CliRunner().invoke(main, ["train", *args, "--resume"])
+    assert r.exit_code == 1 and "made by 2 process(es), this run has 1" in r.output, r.output
+
+
 def test_repeated_augmentation_uses_distinct_cached_views(data):
     """R = 2 keeps the 7 steps of 8: 28 distinct samples, each twice, with two distinct cached views;
     the next epoch selects the other samples first, and their first use starts at view 0."""

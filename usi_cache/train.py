@@ -118,11 +118,12 @@ def save_atomic(obj, path: str) -> None:
         raise TrainError(f"{path}: cannot write checkpoint ({reason}); the previous {path.name} is kept") from None
 
 
-# Settings that may change on --resume without changing what is trained.
+# Settings that may change on --resume without changing which samples each rank trains on in an
+# epoch (the order within a rank's batches does change with them).
 RESUMABLE_CHANGES = ("workers", "shuffle_buffer")
 
 
-def load_resume_state(path: str, cfg: TrainConfig, device) -> dict:
+def load_resume_state(path: str, cfg: TrainConfig, device, world_size: int) -> dict:
     """last.pth (a path or URL), checked: readable, complete, and made with the same config."""
     try:
         src = io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path
@@ -143,6 +144,11 @@ def load_resume_state(path: str, cfg: TrainConfig, device) -> dict:
         raise TrainError(f"{path}: made with {k} = {state['config'].get(k)!r}, this run has {now.get(k)!r}"
                          f"{f' (and {len(diff) - 1} more)' if len(diff) > 1 else ''}; --resume continues the "
                          f"same run: use a new --out to change settings")
+    saved_world = state.get("world")
+    if saved_world is not None and saved_world != world_size:
+        raise TrainError(f"{path}: made by {saved_world} process(es), this run has {world_size}; the epoch plan "
+                         f"(which samples each epoch selects) depends on the world size: resume with "
+                         f"{saved_world}, or start a new --out")
     return state
 
 
@@ -162,9 +168,6 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict
     if val_m.classes != train_m.classes:
         raise ShardError(f"{cfg.val_shards}: class names differ from the train shards {cfg.train_shards}")
     C = len(train_m.classes)
-    if world.size > len(train_m.shards):
-        raise ShardError(f"{cfg.train_shards}: {len(train_m.shards)} shards for {world.size} ranks; "
-                         f"every rank needs at least one shard")
     targets = resolve_targets(cfg, world, train_m.fingerprint, C, log)
     dev = world.device
     cuda = dev.type == "cuda"
@@ -190,7 +193,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict
 
     start_epoch, best = 0, {"top1": -1.0}
     if resume and storage.is_file(last):
-        state = load_resume_state(last, cfg, dev)
+        state = load_resume_state(last, cfg, dev, world.size)
         model.load_state_dict(state["model"])
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
@@ -264,7 +267,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict
                          "epoch": epoch, "best": best, "config": to_dict(cfg),
                          # torch's generators drive dropout/drop-path, one per rank; every other draw
                          # is a pure function of (seed, epoch, step, rank, key). bf16 autocast needs no scaler.
-                         "rng": rng}, last)
+                         "rng": rng, "world": world.size}, last)
             ema_txt = f", EMA {record['val_top1_ema']:.2f}" if ema_m else ""
             log(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['img_per_s']:.0f} img/s, "
                 f"val top-1 {raw['top1']:.2f}{ema_txt} ({raw['count']} images), {record['time_s']:.1f} s")
@@ -295,11 +298,12 @@ def train_epoch(cfg, epoch, steps, loader, ddp, model, ema, optimizer, targets: 
         duplicates += len(batch["sid"]) - len(torch.unique(batch["sid"]))
         recent_keys[step] = batch["key"][:4]
         x = batch["image"].to(dev, non_blocking=True).float().div_(255)
-        labels = batch["label"].to(dev)
+        # non_blocking everywhere: a plain host-to-device copy waits for the previous step's work
+        labels = batch["label"].to(dev, non_blocking=True)
         if targets.paired:  # each image is already the mixed view the teacher saw: no batch mixing
-            lam = batch["lam"].to(dev, torch.float32)
+            lam = batch["lam"].to(dev, torch.float32, non_blocking=True)
             gt = (lam[:, None] * torch.nn.functional.one_hot(labels, C)
-                  + (1 - lam[:, None]) * torch.nn.functional.one_hot(batch["label_b"].to(dev), C))
+                  + (1 - lam[:, None]) * torch.nn.functional.one_hot(batch["label_b"].to(dev, non_blocking=True), C))
             perm, mix_lam = None, None
         else:
             rng = np.random.default_rng(stable_seed("mix", cfg.seed, epoch, step, world.rank))
@@ -310,8 +314,8 @@ def train_epoch(cfg, epoch, steps, loader, ddp, model, ema, optimizer, targets: 
             gt = one_hot_mix(labels, perm, mix_lam, C)
         P = rest = None
         if targets.mode == "cache":
-            P, rest = teacher_distribution(batch["t_logits"].to(dev), batch["t_classes"].to(dev),
-                                           batch["t_lse"].to(dev), C, cfg.kd_temperature)
+            P, rest = teacher_distribution(*(batch[k].to(dev, non_blocking=True) for k in ("t_logits", "t_classes", "t_lse")),
+                                           C, cfg.kd_temperature)
             if perm is not None:  # linear mixing of cached targets: an approximation
                 P, rest = mix_targets(P, rest, perm, mix_lam)
         elif targets.mode == "online":
@@ -335,7 +339,7 @@ def train_epoch(cfg, epoch, steps, loader, ddp, model, ema, optimizer, targets: 
         for k, v in parts.items():
             parts_sum[k] = parts_sum.get(k, 0.0) + v
         if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
-            check_finite(first_bad, recent_keys, epoch)
+            check_finite(first_bad, recent_keys, epoch, world)
             recent_keys.clear()
         seen += x.shape[0]
         n_steps += 1
@@ -348,7 +352,7 @@ def train_epoch(cfg, epoch, steps, loader, ddp, model, ema, optimizer, targets: 
             bar.update(1)
     if bar is not None:
         bar.close()
-    check_finite(first_bad, recent_keys, epoch)
+    check_finite(first_bad, recent_keys, epoch, world)
     if n_steps != steps:
         raise TrainError(f"rank {world.rank} ran {n_steps} steps, expected {steps}")
     if n_steps > 1:
@@ -363,8 +367,11 @@ def train_epoch(cfg, epoch, steps, loader, ddp, model, ema, optimizer, targets: 
 CHECK_EVERY = 20  # steps between CPU-GPU syncs (finite-loss check, progress bar)
 
 
-def check_finite(first_bad: torch.Tensor, recent_keys: dict[int, list[str]], epoch: int) -> None:
-    """Stop at a non-finite loss, naming its step and batch (a CPU-GPU sync point)."""
+def check_finite(first_bad: torch.Tensor, recent_keys: dict[int, list[str]], epoch: int, world: World) -> None:
+    """Stop at a non-finite loss, naming its step and batch (a CPU-GPU sync point). Every rank
+    checks at the same steps and takes the latest bad step of any rank, so all ranks stop together."""
+    if world.distributed:
+        torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MAX)
     step = int(first_bad)
     if step >= 0:
         keys = recent_keys.get(step)
