@@ -145,7 +145,8 @@ def load_resume_state(path: str, cfg: TrainConfig, device, world_size: int) -> d
                          f"{f' (and {len(diff) - 1} more)' if len(diff) > 1 else ''}; --resume continues the "
                          f"same run: use a new --out to change settings")
     saved_world = state.get("world")
-    if saved_world is not None and saved_world != world_size:
+    epochs_left = state["epoch"] + 1 < cfg.epochs + cfg.cooldown_epochs
+    if epochs_left and saved_world is not None and saved_world != world_size:
         raise TrainError(f"{path}: made by {saved_world} process(es), this run has {world_size}; the epoch plan "
                          f"(which samples each epoch selects) depends on the world size: resume with "
                          f"{saved_world}, or start a new --out")
