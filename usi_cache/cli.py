@@ -164,6 +164,8 @@ def shards_fashion_mnist(out, source, per_shard, seed, limit_train, limit_test):
 @click.option("--batch-size", type=int, help="Teacher batch size (views).")
 @click.option("--workers", type=int, help="Decode/augment worker processes per rank.")
 @click.option("--compile/--no-compile", default=None, help="torch.compile the teacher (CUDA).")
+@click.option("--teacher-precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default=None,
+              help="Teacher forward precision [default: auto = fp16 on CUDA, fp32 on CPU].")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing cache.")
 @click.option("--mix", type=click.Choice(["none", "paired"]), default=None,
               help="paired: the teacher sees each view mixed (Mixup/CutMix) with a partner of its shard.")
