@@ -219,6 +219,10 @@ def _run(cfg: CacheConfig, world: World, progress: bool) -> dict:
     if world.is_main:
         summary = _finish(cfg, group, layout, manifest, all_times, len(pending),
                           time.perf_counter() - t_start)
+        if cfg.audit:
+            from .audit import run_audit
+            _, attrs = schema.open_cache(cfg.out)
+            summary["audit"] = run_audit(group, attrs, manifest, teacher, cfg.audit, cfg.seed)
     return broadcast_object(world, summary)
 
 
@@ -325,4 +329,8 @@ def format_summary(s: dict) -> str:
                        f"{s['time_data_wait_s']:.1f} s, writing {s['time_write_s']:.1f} s"),
     ]
     width = max(len(r[0]) for r in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    text = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    if s.get("audit"):
+        from .audit import format_audit
+        text += "\n" + format_audit(s["audit"])
+    return text

@@ -145,7 +145,8 @@ def summarize(path: str | Path) -> dict:
         "created": attrs["created"],
         "teacher": {"name": t["name"], "checkpoint": t.get("checkpoint"),
                     "checkpoint_sha256": t.get("checkpoint_sha256"), "input_size": t["input_size"],
-                    "mean": t["mean"], "std": t["std"], "interpolation": t.get("interpolation")},
+                    "mean": t["mean"], "std": t["std"], "interpolation": t.get("interpolation"),
+                    "precision": t.get("precision")},  # None: not recorded (schema < 3)
         "dataset": {"shards": layout.num_shards, "per_shard": layout.slots_per_shard, "samples": samples,
                     "num_classes": layout.num_classes, "classes": list(ds["classes"]),
                     "fingerprint": ds["fingerprint"]},
@@ -160,6 +161,7 @@ def summarize(path: str | Path) -> dict:
                  "cached_views": views,
                  "bytes_per_view": usage["total"] / views if views else None,
                  "bytes_per_view_by_array": {n: usage[n] / views if views else None for n in schema.ARRAYS}},
+        "audit": attrs.get("audit"),  # the top-k fidelity table (audit.py), when one was run
     }
 
 
@@ -173,7 +175,8 @@ def format_summary(s: dict) -> str:
         ("cache", s["cache"]),
         ("schema", f"version {s['schema_version']}, written by usi-cache {s['tool_version']} on {s['created']}"),
         ("teacher", f"{t['name']}, checkpoint sha256 {t['checkpoint_sha256'] or 'none (random or pretrained weights)'}"),
-        ("teacher input", f"{t['input_size']} px, mean {_triple(t['mean'])}, std {_triple(t['std'])}"),
+        ("teacher input", f"{t['input_size']} px, mean {_triple(t['mean'])}, std {_triple(t['std'])}, "
+                          f"forward in {t['precision'] or 'unrecorded precision'}"),
         ("dataset", f"{d['samples']} samples in {d['shards']} shards of {d['per_shard']}, {d['num_classes']} classes, "
                     f"fingerprint {d['fingerprint'][:12]}"),
         ("views", f"V = {s['views']} per sample, top k = {s['topk']} logits per view, seed {s['seed']}"),
@@ -190,6 +193,9 @@ def format_summary(s: dict) -> str:
            for n in schema.ARRAYS]
     for i in range(0, len(per), 4):
         lines.append(f"{'per array' if i == 0 else '':<{width}}  " + ", ".join(per[i:i + 4]))
+    if s.get("audit"):
+        from .audit import format_audit
+        lines.append(format_audit(s["audit"]))
     return "\n".join(lines)
 
 

@@ -71,7 +71,7 @@ PER_SLOT = ("keys", "labels")
 ARRAYS = PER_VIEW + PER_SLOT  # every cache has these
 # Attribute fields that may legitimately differ between runs writing to the same cache
 # (the checkpoint's path may move; its sha256 is what identifies the teacher).
-VOLATILE_ATTRS = ("created", "tool_version", "invalid", "teacher.checkpoint", "dataset.root")
+VOLATILE_ATTRS = ("created", "tool_version", "invalid", "teacher.checkpoint", "dataset.root", "audit")
 
 
 class CacheError(ValueError):
@@ -205,6 +205,7 @@ def make_attrs(*, teacher: dict, num_classes: int, topk: int, views: int, view_s
         "tool_version": tool_version,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "invalid": [],  # keys of undecodable samples, filled in when the run completes
+        # "audit": added by `set_audit` (audit.py): the top-k fidelity table, when one was run
     }
 
 
@@ -300,6 +301,13 @@ def open_arrays(group: zarr.Group, layout: Layout) -> dict[str, zarr.Array]:
 def set_invalid(group: zarr.Group, invalid: list[str]) -> None:
     attrs = dict(group.attrs[ATTR])
     attrs["invalid"] = invalid
+    group.attrs[ATTR] = attrs
+
+
+def set_audit(group: zarr.Group, audit: dict) -> None:
+    """Record a fidelity audit (audit.py) in the attributes, replacing an earlier one."""
+    attrs = dict(group.attrs[ATTR])
+    attrs["audit"] = audit
     group.attrs[ATTR] = attrs
 
 

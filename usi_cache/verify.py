@@ -103,7 +103,7 @@ def verify_cache(path: str | Path, shards_dir: str | Path, *, recompute: int = 0
                    spec=schema.view_spec(attrs), invalid=set(attrs.get("invalid", [])), atol=atol, rtol=rtol,
                    teacher=teacher)
     if teacher is not None:
-        ctx.picks = _pick_views(group, layout, recompute, seed)
+        ctx.picks = pick_views(group, layout, recompute, seed)
         ctx.rc = {"requested": recompute, "views": 0, "skipped": 0, "max_logit_diff": 0.0, "max_lse_diff": 0.0,
                   "class_mismatches": 0, "near_ties": 0, "atol": atol, "rtol": rtol, "device": str(teacher.device)}
     rep.ran += [c for c in CHECKS[2:] if c != "recompute" or teacher is not None]
@@ -471,29 +471,14 @@ def _check_shard(rep: VerifyReport, ctx: _Context, i: int) -> set[str]:
 
 
 def _load_teacher(rep: VerifyReport, attrs: dict, checkpoint: str | None, device: str | None):
-    import torch
-
-    from .teacher import load_teacher, sha256_file
-    t = attrs["teacher"]
-    want = t.get("checkpoint_sha256")
-    if want and checkpoint is None:
-        raise schema.CacheError(f"--recompute needs --teacher-checkpoint: the cache's teacher {t['name']} was "
-                                f"loaded from a checkpoint (sha256 {want[:12]}…)")
-    if checkpoint is not None:
-        have = sha256_file(checkpoint)
-        if have != want:
-            rep.add("recompute", None, f"{checkpoint}: sha256 {have[:12]}… is not the cache's teacher "
-                                       f"({(want or 'no checkpoint')[:12]})")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    # the cache's recorded precision (caches before it was recorded: fp32, the reference)
-    teacher, _ = load_teacher(t["name"], checkpoint, num_classes=int(attrs["num_classes"]),
-                              input_size=int(t["input_size"]), mean=t["mean"], std=t["std"], device=device,
-                              precision=t.get("precision", "fp32"))
+    from .teacher import load_cache_teacher
+    teacher, mismatch = load_cache_teacher(attrs, checkpoint, device)
+    if mismatch:
+        rep.add("recompute", None, mismatch)
     return teacher
 
 
-def _pick_views(group, layout: schema.Layout, n: int, seed: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def pick_views(group, layout: schema.Layout, n: int, seed: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """n seeded random (slot, view) pairs among the valid slots of committed shards, per shard."""
     valid = {}
     for i in range(layout.num_shards):
