@@ -89,7 +89,7 @@ def test_cache_contents_and_replay_invariant(tmp_path, shards, teacher_ckpt):
     lse = torch.logsumexp(logits.double(), 1)
     cached = x["logits"][slots, views]
     exact = (top.double() - lse[:, None]).numpy()
-    np.testing.assert_allclose(exact, cached.astype(np.float64), rtol=2.0 ** -11, atol=1e-6)  # fp16 rounding
+    np.testing.assert_allclose(exact, cached.astype(np.float64), rtol=2.0 ** -10, atol=1e-6)  # fp16 rounding (down)
     np.testing.assert_allclose(lse.numpy(), x["lse"][slots, views], rtol=1e-5, atol=1e-5)
 
 

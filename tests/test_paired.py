@@ -93,7 +93,7 @@ def test_replay_invariant_for_paired_views(paired):
     slots, views = np.array(rows).T
     np.testing.assert_array_equal(cls.numpy(), x["classes"][slots, views])
     log_p = top.double() - torch.logsumexp(logits.double(), 1, keepdim=True)  # schema 3 stores log p
-    np.testing.assert_allclose(log_p.numpy(), x["logits"][slots, views].astype(np.float64), rtol=2.0 ** -11, atol=1e-6)
+    np.testing.assert_allclose(log_p.numpy(), x["logits"][slots, views].astype(np.float64), rtol=2.0 ** -10, atol=1e-6)
 
 
 def test_stage2_rebuilds_the_mixed_pixels_bit_identically(paired):

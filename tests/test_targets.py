@@ -266,6 +266,12 @@ def test_sharp_teacher_tail_survives_the_cache_storage():
     tail = topk_tail_mass(torch.from_numpy(log_p), None).double()
     assert ((-torch.expm1(torch.logsumexp(torch.from_numpy(log_p).double(), 1))) < 0).sum() == 0  # never clamped
     assert (tail - ref_tail).abs().max() < 2e-3 * ref_tail.max()
+    # a confident teacher: the tail (~1e-9) is below the float16 rounding of log p_1, and still
+    # sum p <= 1 on every row (the stored log-probabilities are rounded down)
+    sure = torch.randn(2000, 10, generator=g) * 3
+    sure[:, 0] += 30
+    sure_lp, _, _ = topk_targets(sure, 5)
+    assert (torch.logsumexp(torch.from_numpy(sure_lp).double(), 1) <= 0).all()
     # the old storage: raw logits in float16 with the float32 lse
     z16 = torch.topk(logits, k, 1).values.half()
     old = z16.double() - torch.from_numpy(lse).double()[:, None]

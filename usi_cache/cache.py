@@ -126,9 +126,15 @@ def topk_targets(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, 
     """
     logits = logits.float()
     values, classes = torch.topk(logits, k, dim=1, largest=True, sorted=True)
-    # float64: a float32 reduction's last bit depends on the CPU thread count and batch shape
-    lse = torch.logsumexp(logits.double(), dim=1)
-    log_p = schema.encode_log_probs((values.double() - lse[:, None]).numpy())
+    # float64: a float32 reduction's last bit depends on the CPU thread count and batch shape.
+    # log p_i = (z_i - m) - log1p(s), m the max logit and s the sum of exp(z_j - m) over the
+    # other classes: log p of the top class is then exact even when s is below float64's
+    # epsilon (z_1 - logsumexp(z) would round it to 0 and the top-k to a mass above 1).
+    shifted = logits.double() - values[:, :1].double()
+    others = shifted.exp().scatter(1, classes[:, :1], 0.0).sum(1)
+    log_norm = torch.log1p(others)
+    log_p = schema.encode_log_probs((values.double() - values[:, :1].double() - log_norm[:, None]).numpy())
+    lse = values[:, 0].double() + log_norm
     return log_p, classes.numpy(), lse.float().numpy()
 
 

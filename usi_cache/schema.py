@@ -32,9 +32,9 @@ last for each shard: it is the commit marker. Its fill value `NOT_WRITTEN` (-2) 
 that is incomplete; a complete shard has only labels >= -1.
 
 Schema 3 stores log-probabilities log p_i = z_i - lse in `logits` (computed in float64, then
-rounded to float16): float16 keeps about 3 significant digits of any value, so log p of the
-top class (near 0 for a sharp teacher) keeps its precision and sum_i p_i stays <= 1 up to a
-relative 2^-11 of the tail. Versions 1 and 2 stored the raw logits z, whose float16 rounding
+rounded down to float16, see `encode_log_probs`): float16 keeps about 3 significant digits of
+any value, so log p of the top class (near 0 for a sharp teacher) keeps its precision, each
+p_i is within a relative 2^-10 |log p_i| below the exact one, and sum_i p_i <= 1 always. Versions 1 and 2 stored the raw logits z, whose float16 rounding
 (a spacing of 2^-6 at |z| = 20, 0.5 at |z| = 1000) made sum_i p_i exceed 1 for sharp teachers.
 `log_probs` is the one place that turns either into log-probabilities; every reader uses it
 (`read_block` fills `ShardBlock.log_probs` with it).
@@ -364,9 +364,16 @@ def log_probs(values: np.ndarray, lse: np.ndarray, layout: Layout) -> np.ndarray
 
 
 def encode_log_probs(log_p: np.ndarray) -> np.ndarray:
-    """What schema 3 stores for float64 log-probabilities (..., k): float16, clamped to its
-    range (a log p below -65504 is a probability of 0 in every float type)."""
-    return np.clip(log_p, -FP16_MAX, 0.0).astype(np.float16)
+    """What schema 3 stores for float64 log-probabilities (..., k): float16 rounded DOWN (toward
+    -inf), so that no stored p_i exceeds the exact one and sum_i p_i <= 1 holds for every row
+    (rounding to nearest still pushed the sum above 1 on a third of the rows of a confident
+    teacher, whose tail is below the rounding of log p_1); clamped to float16's range (a log p
+    below -65504 is a probability of 0 in every float type). Order is kept: rounding is monotone."""
+    x = np.clip(np.asarray(log_p, np.float64), -FP16_MAX, 0.0)
+    h = x.astype(np.float16)
+    up = h.astype(np.float64) > x
+    h[up] = np.nextafter(h[up], np.float16(-np.inf))
+    return h
 
 
 def completed_shards(group: zarr.Group, layout: Layout) -> np.ndarray:

@@ -24,8 +24,9 @@ verification never stops at the first damaged chunk. The checks, in report order
                 (seed, key, view): the views really are the cache's replayable views.
 * recompute   — (`--recompute N`) the teacher re-run (at the cache's recorded precision) on N
                 random replayed views reproduces the cached top-k classes exactly, except where
-                near-tied logits swap places, and the log-probabilities within
-                half a float16 spacing of the stored value (its rounding) + 2 atol + rtol (|z| + |lse|)
+                near-tied logits swap places, and the log-probabilities within one float16
+                spacing of the stored value (its rounding down; half a spacing for the rounded-
+                to-nearest logits of schema 1-2) + 2 atol + rtol (|z| + |lse|)
                 (the teacher's own run-to-run noise: a float32 sum's last bits depend on the
                 thread count and batch shape, a half-precision teacher's on more). The lse is
                 compared within atol + rtol |lse|.
@@ -531,7 +532,8 @@ def _recompute(rep: VerifyReport, ctx: _Context, i: int, x: dict, known: np.ndar
     vals, idx = torch.topk(logits, layout.topk, dim=1)
     at_cached = logits.gather(1, c)  # the re-run teacher's logits at the cached classes
     noise = 2 * ctx.atol + ctx.rtol * (at_cached.abs() + rerun_lse.abs()[:, None])  # the teacher's own
-    tol = torch.from_numpy(np.spacing(np.abs(stored)).astype(np.float64)) / 2 + noise  # + float16 rounding
+    # + the float16 rounding: half a spacing (schema 1-2 round to nearest), a whole one (schema 3 rounds down)
+    tol = torch.from_numpy(np.spacing(np.abs(stored)).astype(np.float64)) * (1.0 if layout.stores_log_probs else 0.5) + noise
     diff = (at_cached - rerun_lse[:, None] - cached).abs()  # in log-probabilities
     lse_diff = (rerun_lse - lse).abs()
     mismatch = (idx != c).any(1)
