@@ -59,7 +59,7 @@ def rebuild(d, slot: int, v: int, size: int) -> np.ndarray:
 
 def test_pairs_are_drawn_from_the_seed_within_the_shard(paired):
     x, attrs, m = paired["x"], paired["attrs"], paired["m"]
-    assert attrs["mix"] == "paired" and attrs["schema_version"] == 2
+    assert attrs["mix"] == "paired" and attrs["schema_version"] == schema.SCHEMA_VERSION
     spec = attrs["mix_spec"]
     kinds = []
     for slot, key in enumerate(x["keys"]):
