@@ -24,6 +24,7 @@ import torch
 
 from bench_common import table, train_config, write_result
 from usi_cache import schema
+from usi_cache.audit import bucket_fidelity
 from usi_cache.shards import decode_image, load_manifest, read_shard
 from usi_cache.teacher import load_teacher
 from usi_cache.cache import run_cache
@@ -79,16 +80,9 @@ def topk_fidelity(cache: Path, shards: Path, ckpt: Path, teacher_name: str, n_vi
         if len(images) >= n_views:
             break
     logits = torch.cat([teacher(torch.from_numpy(np.stack(images[i:i + 256]))) for i in range(0, len(images), 256)])
-    p = torch.softmax(logits.double(), dim=1)
-    C = p.shape[1]
-    sorted_p, _ = p.sort(dim=1, descending=True)
     out = {}
     for k in ks:
-        tail = sorted_p[:, k:]
-        r = tail.sum(1)
-        # the k+1-bucket reconstruction spreads the rest mass evenly over the C - k tail classes
-        kl = (tail * (tail.clamp_min(1e-300).log() - (r / max(C - k, 1)).clamp_min(1e-300).log()[:, None])).sum(1) \
-            if k < C else torch.zeros_like(r)
+        r, kl = bucket_fidelity(logits, k)  # the audit's math (rest spread evenly over the tail)
         out[k] = {"tail_mass": float(r.mean()), "kl": float(kl.mean())}
     return {"views": len(images), "per_k": out}
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check: synthetic 224-px shards; stage 1 with a TResNet-L teacher (random weights, bf16);
+# GPU check: synthetic 224-px shards; stage 1 with a TResNet-L teacher (random weights, fp16: auto on CUDA);
 # stage 2 with a ResNet-50 student from that cache vs label-only vs online KD. Prints views/s
 # and images/s ratios (tables also land in benchmarks/results/*.json). Budget: < 8 minutes.
 #

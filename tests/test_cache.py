@@ -84,9 +84,13 @@ def test_cache_contents_and_replay_invariant(tmp_path, shards, teacher_ckpt):
     top, cls = torch.topk(logits, 3, dim=1)
     slots, views = np.array(rows).T
     np.testing.assert_array_equal(cls.numpy(), x["classes"][slots, views])
-    cached = x["logits"][slots, views].astype(np.float32)
-    np.testing.assert_allclose(top.numpy(), cached, rtol=1e-3, atol=1e-3)  # fp16 rounding
-    np.testing.assert_allclose(torch.logsumexp(logits, 1).numpy(), x["lse"][slots, views], rtol=1e-5, atol=1e-5)
+    assert attrs["schema_version"] == 3 and attrs["teacher"]["precision"] == "fp32"  # CPU: 'auto' is fp32
+    # schema 3 stores log-probabilities z - lse, rounded once to float16
+    lse = torch.logsumexp(logits.double(), 1)
+    cached = x["logits"][slots, views]
+    exact = (top.double() - lse[:, None]).numpy()
+    np.testing.assert_allclose(exact, cached.astype(np.float64), rtol=2.0 ** -10, atol=1e-6)  # fp16 rounding (down)
+    np.testing.assert_allclose(lse.numpy(), x["lse"][slots, views], rtol=1e-5, atol=1e-5)
 
 
 def test_two_ranks_equal_one_rank(tmp_path, shards, teacher_ckpt):
@@ -211,3 +215,37 @@ def test_cache_without_randaugment(tmp_path, shards, teacher_ckpt):
     group, attrs = schema.open_cache(cfg.out)
     assert attrs["op_slots"] == 1 and (group["aug_ops"][:] == -1).all()
     assert attrs["dataset"]["root"] == str(shards.resolve())
+
+
+def as_schema2(path) -> np.ndarray:
+    """Turn a schema-3 cache into what the schema-2 writer stored (raw float16 logits z, version
+    2, no recorded precision); returns the log-probabilities it held."""
+    group, attrs = schema.open_cache(path, mode="r+")
+    log_p, lse = group["logits"][:], group["lse"][:]
+    group["logits"][:] = (log_p.astype(np.float64) + lse.astype(np.float64)[..., None]).astype(np.float16)
+    attrs["schema_version"] = 2
+    del attrs["teacher"]["precision"]
+    group.attrs[schema.ATTR] = attrs
+    return log_p
+
+
+def test_schema2_cache_still_reads_and_verifies(tmp_path, shards, teacher_ckpt):
+    out = tmp_path / "c.zarr"
+    make_cache(shards, teacher_ckpt, out)
+    log_p = as_schema2(out)
+    group, attrs = schema.open_cache(out)
+    layout = schema.Layout.from_attrs(attrs)
+    assert not layout.stores_log_probs
+    block = schema.read_block(group, layout, 1)
+    assert block.logits.dtype == np.float16 and block.log_probs.dtype == np.float32
+    # converted in one place: z - lse, within the float16 rounding of z
+    tol = np.spacing(np.abs(block.logits)).astype(np.float64) / 2 + 1e-6
+    assert (np.abs(block.log_probs - log_p[layout.rows(1)]) <= tol + np.spacing(np.abs(log_p[layout.rows(1)]))).all()
+    r = CliRunner().invoke(main, ["verify", str(out), "--shards", str(shards), "--recompute", "10",
+                                  "--teacher-checkpoint", str(teacher_ckpt)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["inspect", str(out), "--slot", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    view = json.loads(r.output)["sample"]["views"][0]
+    np.testing.assert_allclose([t["prob"] for t in view["topk"]], np.exp(log_p[3, 0].astype(np.float64)),
+                               rtol=2e-2)

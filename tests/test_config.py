@@ -35,6 +35,9 @@ def test_overrides_win_and_none_means_not_given(tmp_path):
     ("view:\n  hflip: 2\n", r"view\.hflip"),
     ("view:\n  interpolation: fancy\n", r"view\.interpolation"),
     ("cache:\n  compile: 1\n", r"cache\.compile: expected true/false"),
+    ("cache:\n  teacher_precision: fp8\n", r"cache\.teacher_precision: expected auto, fp32, fp16 or bf16"),
+    ("cache:\n  audit: -1\n", r"cache\.audit: expected >= 0"),
+    ("cache:\n  audit: 5\n  mix: paired\n", r"cache\.audit: only plain caches"),
     ("trainer:\n  x: 1\n", r"unknown section 'trainer'"),
     ("cache: [1, 2\n", r"not valid YAML"),
 ])

@@ -1,6 +1,7 @@
 """Targets and KD losses against float64 references written plainly here."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -246,3 +247,39 @@ def test_half_precision_inputs():
 def test_bad_temperature():
     with pytest.raises(ValueError):
         kd_loss(torch.zeros(1, 3), torch.tensor([[1.0, 0, 0]]), torch.zeros(1), temperature=0.0)
+
+
+def test_sharp_teacher_tail_survives_the_cache_storage():
+    """Schema 3 stores log-probabilities: with large logits (a sharp teacher) the tail mass read
+    back stays within float16 rounding of the exact one, where float16 raw logits (schema 1-2)
+    pushed sum p above 1 and the tail was clamped to 0."""
+    from usi_cache.cache import topk_targets
+    g = torch.Generator().manual_seed(0)
+    C, k = 1000, 10
+    logits = torch.randn(2000, C, generator=g) * 2
+    logits[torch.arange(2000), torch.randint(0, C, (2000,), generator=g)] += 14
+    logits = logits + torch.rand(2000, 1, generator=g) * 400  # |z| up to ~420: the fp16 spacing is 0.25
+    exact = torch.topk(logits.double(), k, 1).values - torch.logsumexp(logits.double(), 1, keepdim=True)
+    ref_tail = -torch.expm1(torch.logsumexp(exact, 1))
+    log_p, _, lse = topk_targets(logits, k)
+    assert log_p.dtype == np.float16
+    tail = topk_tail_mass(torch.from_numpy(log_p), None).double()
+    assert ((-torch.expm1(torch.logsumexp(torch.from_numpy(log_p).double(), 1))) < 0).sum() == 0  # never clamped
+    assert (tail - ref_tail).abs().max() < 2e-3 * ref_tail.max()
+    # a confident teacher: the tail (~1e-9) is below the float16 rounding of log p_1, and still
+    # sum p <= 1 on every row (the stored log-probabilities are rounded down)
+    sure = torch.randn(2000, 10, generator=g) * 3
+    sure[:, 0] += 30
+    sure_lp, _, _ = topk_targets(sure, 5)
+    assert (torch.logsumexp(torch.from_numpy(sure_lp).double(), 1) <= 0).all()
+    # the old storage: raw logits in float16 with the float32 lse
+    z16 = torch.topk(logits, k, 1).values.half()
+    old = z16.double() - torch.from_numpy(lse).double()[:, None]
+    assert (torch.logsumexp(old, 1) > 0).float().mean() > 0.1  # a large share of rows over 1
+    # either form gives the same target through teacher_distribution
+    cls = torch.topk(logits, k, 1).indices
+    P, rest = teacher_distribution(torch.from_numpy(log_p), cls, None, C)
+    P2, rest2 = teacher_distribution(torch.from_numpy(log_p).double() + torch.from_numpy(lse).double()[:, None],
+                                     cls, torch.from_numpy(lse).double(), C)
+    torch.testing.assert_close(P.double(), P2, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(rest.double(), rest2, rtol=0, atol=1e-6)  # float32 vs float64 sum

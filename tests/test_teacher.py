@@ -8,7 +8,7 @@ import timm
 import torch
 
 from usi_cache.teacher import (Teacher, TeacherError, build_model, load_teacher, read_state_dict,
-                               resolve_model_name, sha256_file)
+                               resolve_model_name, resolve_precision, sha256_file)
 
 SMALL = "test_resnet"  # timm's 0.4 M-parameter test model: builds in ~30 ms
 
@@ -276,3 +276,22 @@ def test_teacher_wraps_eval_model():
     model = timm.create_model(SMALL, num_classes=3).train()
     t = Teacher(model, mean=(0, 0, 0), std=(1, 1, 1))
     assert not t.model.training
+
+
+def test_teacher_precision_resolved_and_applied():
+    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("auto", "cuda") == "fp16"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(TeacherError, match="teacher precision: expected auto, fp32, fp16, bf16, got 'fp8'"):
+        resolve_precision("fp8", "cpu")
+    model = timm.create_model(SMALL, num_classes=3)
+    x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    full = Teacher(model, mean=(0.5,) * 3, std=(0.25,) * 3)
+    half = Teacher(model, mean=(0.5,) * 3, std=(0.25,) * 3, precision="bf16")
+    assert (full.precision, half.precision) == ("fp32", "bf16")
+    a, b = full(x), half(x)
+    assert a.dtype == b.dtype == torch.float32  # widened before anything is computed from it
+    assert not torch.equal(a, b)  # bf16 autocast really ran (CPU autocast supports bf16)
+    torch.testing.assert_close(b, a, rtol=0.1, atol=0.1 * a.abs().max().item())
+    # the online path: normalised input on the device, same precision
+    t_in = (x.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
+    torch.testing.assert_close(half.logits(t_in), b, rtol=0, atol=0)

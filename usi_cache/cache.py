@@ -26,8 +26,6 @@ from .teacher import load_teacher
 from .mixing import NO_MIX, PartnerImages, mix_pixels, pair_rng, sample_pair
 from .views import encode_ops, op_slots, replay_array, sample_view, view_rng
 
-FP16_MAX = 65504.0
-
 
 @dataclass(frozen=True)
 class ViewJob:
@@ -120,16 +118,24 @@ class ShardViews(IterableDataset):
 
 
 def topk_targets(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-k logits (float16, descending), their classes and the float32 log-sum-exp.
+    """Top-k log-probabilities as the cache stores them (float16, descending), their classes
+    and the float32 log-sum-exp.
 
-    logits: (N, C) float32. Logits are clamped to the float16 range so none becomes inf.
+    logits: (N, C), any float dtype (a half-precision teacher's output is widened first).
+    log p_i = z_i - lse is taken in float64 before the one rounding to float16.
     """
     logits = logits.float()
     values, classes = torch.topk(logits, k, dim=1, largest=True, sorted=True)
-    # float64: a float32 reduction's last bit depends on the CPU thread count and batch shape
-    lse = torch.logsumexp(logits.double(), dim=1).float()
-    return (values.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).numpy(),
-            classes.numpy(), lse.numpy().astype(np.float32))
+    # float64: a float32 reduction's last bit depends on the CPU thread count and batch shape.
+    # log p_i = (z_i - m) - log1p(s), m the max logit and s the sum of exp(z_j - m) over the
+    # other classes: log p of the top class is then exact even when s is below float64's
+    # epsilon (z_1 - logsumexp(z) would round it to 0 and the top-k to a mass above 1).
+    shifted = logits.double() - values[:, :1].double()
+    others = shifted.exp().scatter(1, classes[:, :1], 0.0).sum(1)
+    log_norm = torch.log1p(others)
+    log_p = schema.encode_log_probs((values.double() - values[:, :1].double() - log_norm[:, None]).numpy())
+    lse = values[:, 0].double() + log_norm
+    return log_p, classes.numpy(), lse.float().numpy()
 
 
 @dataclass
@@ -191,7 +197,8 @@ def _run(cfg: CacheConfig, world: World, progress: bool) -> dict:
         raise schema.CacheError(f"cache.topk: k = {cfg.topk} exceeds the dataset's {C} classes")
     teacher, info = load_teacher(cfg.teacher, cfg.teacher_checkpoint, num_classes=C,
                                  pretrained=cfg.pretrained, input_size=cfg.input_size,
-                                 mean=cfg.mean, std=cfg.std, device=world.device, compile=cfg.compile)
+                                 mean=cfg.mean, std=cfg.std, device=world.device, compile=cfg.compile,
+                                 precision=cfg.teacher_precision)
     layout = schema.Layout(num_shards=len(manifest.shards), slots_per_shard=manifest.per_shard,
                            views=cfg.views, topk=cfg.topk, num_classes=C,
                            # at least one slot (then always -1) when RandAugment is off: Zarr
@@ -218,6 +225,10 @@ def _run(cfg: CacheConfig, world: World, progress: bool) -> dict:
     if world.is_main:
         summary = _finish(cfg, group, layout, manifest, all_times, len(pending),
                           time.perf_counter() - t_start)
+        if cfg.audit:
+            from .audit import run_audit
+            _, attrs = schema.open_cache(cfg.out)
+            summary["audit"] = run_audit(group, attrs, manifest, teacher, cfg.audit, cfg.seed)
     return broadcast_object(world, summary)
 
 
@@ -324,4 +335,8 @@ def format_summary(s: dict) -> str:
                        f"{s['time_data_wait_s']:.1f} s, writing {s['time_write_s']:.1f} s"),
     ]
     width = max(len(r[0]) for r in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    text = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    if s.get("audit"):
+        from .audit import format_audit
+        text += "\n" + format_audit(s["audit"])
+    return text

@@ -198,6 +198,10 @@ def shards_fashion_mnist(out, source, per_shard, seed, limit_train, limit_test):
 @click.option("--batch-size", type=int, help="Teacher batch size (views).")
 @click.option("--workers", type=int, help="Decode/augment worker processes per rank.")
 @click.option("--compile/--no-compile", default=None, help="torch.compile the teacher (CUDA).")
+@click.option("--teacher-precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default=None,
+              help="Teacher forward precision [default: auto = fp16 on CUDA, fp32 on CPU].")
+@click.option("--audit", type=click.IntRange(min=0), default=None,
+              help="Then re-run the teacher with full logits on N cached views; store the fidelity table.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing cache.")
 @click.option("--mix", type=click.Choice(["none", "paired"]), default=None,
               help="paired: the teacher sees each view mixed (Mixup/CutMix) with a partner of its shard.")
@@ -322,6 +326,22 @@ def verify_command(cache, shards_dir, **kwargs):
     click.echo(format_report(report))
     if not report.ok:
         sys.exit(1)
+
+
+@main.command("audit")
+@click.argument("cache", type=click.Path())
+@click.option("--teacher-checkpoint", help="The cache's teacher checkpoint (its sha256 must match).")
+@click.option("--views", "n", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Re-run the teacher with full logits on N seeded replayed views.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the view sample.")
+@click.option("--shards", "shards_dir", type=click.Path(file_okay=False),
+              help="The cache's shard folder [default: where the cache recorded it].")
+@click.option("--device", default=None, help="[default: cuda if available, else cpu].")
+@one_line_errors
+def audit_command(cache, **kwargs):
+    """Top-k fidelity of a cache: tail mass, KL and bytes per view for k = 1 ... 100; stored in the cache."""
+    from .audit import audit_cache, format_audit
+    click.echo(format_audit(audit_cache(cache, **kwargs)))
 
 
 # ---------------------------------------------------------------- demo

@@ -70,6 +70,8 @@ class CacheConfig:
     batch_size: int = 64  # teacher batch (views)
     workers: int = 2  # decode/augment worker processes per rank
     compile: bool = False  # torch.compile the teacher (CUDA only)
+    teacher_precision: str = "auto"  # fp32 | fp16 | bf16 forward; auto = fp16 on CUDA, fp32 on CPU
+    audit: int = 0  # then re-run the teacher with full logits on N cached views (audit.py); 0 = off
     overwrite: bool = False  # replace an existing cache made with another config
     mix: str = "none"  # "paired": the teacher sees each view mixed with a partner of its shard
     mixup: float = 0.8  # paired mixing, drawn per view: mixup alpha (0 = off)
@@ -93,6 +95,13 @@ class CacheConfig:
                 raise ConfigError(f"cache.{name}: expected a positive integer, got {getattr(self, name)}")
         if self.workers < 0:
             raise ConfigError(f"cache.workers: expected >= 0, got {self.workers}")
+        if self.teacher_precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise ConfigError(f"cache.teacher_precision: expected auto, fp32, fp16 or bf16, "
+                              f"got {self.teacher_precision!r}")
+        if self.audit < 0:
+            raise ConfigError(f"cache.audit: expected >= 0 views, got {self.audit}")
+        if self.audit and self.mix == "paired":
+            raise ConfigError("cache.audit: only plain caches are audited (a paired view is a mixed image)")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"cache.seed: expected 0 <= seed < 2**63, got {self.seed}")
         if self.input_size is not None and self.input_size < 1:

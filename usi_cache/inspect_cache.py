@@ -6,8 +6,9 @@ from those dicts, so the three always show the same numbers.
 
 Statistics are streamed one WebDataset shard's block at a time (bounded memory whatever the
 cache size) and only over committed shards. Slots with label -1 (empty or undecodable) are
-left out. Probabilities use the cached top-k logits z and the log-sum-exp over all C classes:
-p_i = exp(z_i - lse), the *tail* (rest) mass is r = 1 - sum_i p_i, and the entropy is taken
+left out. Probabilities come from the cached top-k log-probabilities (`schema.log_probs`, which
+also reads the raw logits of schema 1-2 caches): p_i = exp(log p_i), the *tail* (rest) mass is
+r = 1 - sum_i p_i, and the entropy is taken
 over the k + 1 buckets (the k classes plus the rest bucket), which is a lower bound of the
 teacher's full C-class entropy (equal when k = C).
 """
@@ -37,10 +38,12 @@ BIG = 8  # show a progress bar when reading at least this many shards
 # small helpers shared with verify.py
 
 
-def bucket_probs(logits: np.ndarray, lse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k probabilities p (..., k) and rest mass r (...), float64. logits (..., k), lse (...)."""
-    p = np.exp(logits.astype(np.float64) - lse.astype(np.float64)[..., None])
-    return p, np.clip(1.0 - p.sum(-1), 0.0, None)
+def bucket_probs(log_p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k probabilities p (..., k) and rest mass r (...), float64, from log p (..., k).
+    r = -expm1(log sum p): no cancellation when the tail is small; clamped at 0."""
+    log_p = log_p.astype(np.float64)
+    rest = -np.expm1(np.logaddexp.reduce(log_p, axis=-1))
+    return np.exp(log_p), np.clip(rest, 0.0, None)
 
 
 def bucket_entropy(p: np.ndarray, rest: np.ndarray) -> np.ndarray:
@@ -142,7 +145,8 @@ def summarize(path: str | Path) -> dict:
         "created": attrs["created"],
         "teacher": {"name": t["name"], "checkpoint": t.get("checkpoint"),
                     "checkpoint_sha256": t.get("checkpoint_sha256"), "input_size": t["input_size"],
-                    "mean": t["mean"], "std": t["std"], "interpolation": t.get("interpolation")},
+                    "mean": t["mean"], "std": t["std"], "interpolation": t.get("interpolation"),
+                    "precision": t.get("precision")},  # None: not recorded (schema < 3)
         "dataset": {"shards": layout.num_shards, "per_shard": layout.slots_per_shard, "samples": samples,
                     "num_classes": layout.num_classes, "classes": list(ds["classes"]),
                     "fingerprint": ds["fingerprint"]},
@@ -157,6 +161,7 @@ def summarize(path: str | Path) -> dict:
                  "cached_views": views,
                  "bytes_per_view": usage["total"] / views if views else None,
                  "bytes_per_view_by_array": {n: usage[n] / views if views else None for n in schema.ARRAYS}},
+        "audit": attrs.get("audit"),  # the top-k fidelity table (audit.py), when one was run
     }
 
 
@@ -170,7 +175,8 @@ def format_summary(s: dict) -> str:
         ("cache", s["cache"]),
         ("schema", f"version {s['schema_version']}, written by usi-cache {s['tool_version']} on {s['created']}"),
         ("teacher", f"{t['name']}, checkpoint sha256 {t['checkpoint_sha256'] or 'none (random or pretrained weights)'}"),
-        ("teacher input", f"{t['input_size']} px, mean {_triple(t['mean'])}, std {_triple(t['std'])}"),
+        ("teacher input", f"{t['input_size']} px, mean {_triple(t['mean'])}, std {_triple(t['std'])}, "
+                          f"forward in {t['precision'] or 'unrecorded precision'}"),
         ("dataset", f"{d['samples']} samples in {d['shards']} shards of {d['per_shard']}, {d['num_classes']} classes, "
                     f"fingerprint {d['fingerprint'][:12]}"),
         ("views", f"V = {s['views']} per sample, top k = {s['topk']} logits per view, seed {s['seed']}"),
@@ -187,6 +193,9 @@ def format_summary(s: dict) -> str:
            for n in schema.ARRAYS]
     for i in range(0, len(per), 4):
         lines.append(f"{'per array' if i == 0 else '':<{width}}  " + ", ".join(per[i:i + 4]))
+    if s.get("audit"):
+        from .audit import format_audit
+        lines.append(format_audit(s["audit"]))
     return "\n".join(lines)
 
 
@@ -224,14 +233,13 @@ class StatsAccumulator:
         self.rel_acc = np.zeros(RELIABILITY_BINS, np.int64)
         self.samples = 0
 
-    def add(self, labels: np.ndarray, view: np.ndarray, classes: np.ndarray, logits: np.ndarray,
-            lse: np.ndarray) -> None:
-        """labels, view: (n,) ground truth (>= 0) and view index; classes, logits: (n, k); lse: (n,)."""
+    def add(self, labels: np.ndarray, view: np.ndarray, classes: np.ndarray, log_p: np.ndarray) -> None:
+        """labels, view: (n,) ground truth (>= 0) and view index; classes, log_p: (n, k)."""
         if len(labels) == 0:
             return
         labels = labels.astype(np.int64)
         classes = classes.astype(np.int64)
-        p, rest = bucket_probs(logits, lse)
+        p, rest = bucket_probs(log_p)
         top1 = classes[:, 0] == labels
         topm = (classes[:, :self.m] == labels[:, None]).any(1)
         conf = p[:, 0]
@@ -362,10 +370,9 @@ def teacher_stats(path: str | Path, *, shard_range: str | None = None, sample_vi
         acc.samples += len(np.unique(slot_idx))
         if len(slot_idx):
             classes = schema.read_array(group, "classes", rows)
-            logits = schema.read_array(group, "logits", rows)
-            lse = schema.read_array(group, "lse", rows)
-            acc.add(lab[slot_idx], view_idx, classes[slot_idx, view_idx], logits[slot_idx, view_idx],
-                    lse[slot_idx, view_idx])
+            log_p = schema.log_probs(schema.read_array(group, "logits", rows),
+                                     schema.read_array(group, "lse", rows), layout)
+            acc.add(lab[slot_idx], view_idx, classes[slot_idx, view_idx], log_p[slot_idx, view_idx])
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -459,8 +466,10 @@ def sample_info(path: str | Path, slot: int) -> dict:
            "paired": layout.paired, "views": []}
     if label < 0:
         return out
-    p, rest = bucket_probs(x["logits"], x["lse"])
+    log_p = schema.log_probs(x["logits"], x["lse"], layout)
+    p, rest = bucket_probs(log_p)
     h = bucket_entropy(p, rest)
+    zs = log_p.astype(np.float64) + x["lse"].astype(np.float64)[:, None]  # the teacher's logits
     for v in range(layout.views):
         params = decode_view(x["boxes"][v], x["flips"][v], x["aug_ops"][v], x["aug_levels"][v],
                              x["aug_resample"][v])
@@ -470,7 +479,7 @@ def sample_info(path: str | Path, slot: int) -> dict:
                      "resample": _filter_name(o.resample) if o.op in GEOMETRIC_OPS else None}
                     for o in params.ops],
             "topk": [{"class": int(c), "name": names[int(c)], "logit": float(z), "prob": float(pi)}
-                     for c, z, pi in zip(x["classes"][v], x["logits"][v], p[v])],
+                     for c, z, pi in zip(x["classes"][v], zs[v], p[v])],
             "tail_mass": float(rest[v]), "entropy_nats": float(h[v]),
             "top1_correct": bool(int(x["classes"][v][0]) == label),
         })

@@ -100,7 +100,8 @@ def plot_stats(stats: dict, summary: dict, path: str | Path) -> Path:
     """Whole cache: histograms of top-1 probability and tail mass, a reliability diagram and
     the top-1 agreement of the worst classes. `stats` from `teacher_stats`, `summary` from
     `summarize`."""
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), dpi=110)
+    audit = summary.get("audit")
+    fig, axes = plt.subplots(2, 3 if audit else 2, figsize=(18 if audit else 12, 8.5), dpi=110)
     edges = np.asarray(stats["histograms"]["edges"])
     width = np.diff(edges)
     k = summary["topk"]
@@ -150,6 +151,9 @@ def plot_stats(stats: dict, summary: dict, path: str | Path) -> Path:
         ax.text(val + 0.01, y, f"{100 * val:.1f} %  ({c['views']} views)", va="center", fontsize=7)
     ax.set_xlabel("top-1 agreement with ground truth")
     ax.set_title(f"the {len(worst)} classes the teacher is worst at")
+    if audit:
+        _plot_audit(axes[0, 2], audit)
+        axes[1, 2].axis("off")
     sc = stats["scope"]
     scope = f"shards {sc['shards'][0]}-{sc['shards'][1] - 1}"
     if sc["sample_views"] is not None:
@@ -160,6 +164,24 @@ def plot_stats(stats: dict, summary: dict, path: str | Path) -> Path:
                  f"{stats['top5_label']} {100 * (stats['top5_agreement'] or 0):.1f} %", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     return _save(fig, path)
+
+
+def _plot_audit(ax, audit: dict) -> None:
+    """Tail mass and KL(full || k+1 buckets) against k, bytes per view on a second axis."""
+    rows = [r for r in audit["rows"] if r["tail_mass"] > 0 or r["kl"] > 0]  # k = C: nothing to draw on a log axis
+    ks = [r["k"] for r in rows]
+    ax.plot(ks, [r["tail_mass"] for r in rows], "o-", color="tab:orange", label="mean tail mass")
+    ax.plot(ks, [r["kl"] for r in rows], "s-", color="tab:blue", label="mean KL(full || k+1 buckets), nats")
+    ax.set_xscale("log"), ax.set_yscale("log")
+    ax.axvline(audit["cached_k"], color="k", linestyle=":", linewidth=1, label=f"this cache: k = {audit['cached_k']}")
+    ax.set_xlabel("k (classes kept per view)")
+    ax.legend(loc="lower left", fontsize=8)
+    twin = ax.twinx()
+    twin.plot([r["k"] for r in audit["rows"]], [r["bytes_per_view"] for r in audit["rows"]], "^--",
+              color="tab:gray")
+    twin.set_ylabel("bytes per view (uncompressed)", color="tab:gray")
+    ax.set_title(f"fidelity audit: {audit['views']} views re-run with full logits "
+                 f"(top-1 agreement {100 * audit['rows'][0]['top1_agreement']:.1f} %)", fontsize=9)
 
 
 def _fmt(x) -> str:

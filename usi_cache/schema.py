@@ -8,7 +8,7 @@ checksum, so a corrupted chunk fails on read instead of returning garbage.
 
 | array          | shape         | dtype   | meaning                                            |
 |----------------|---------------|---------|----------------------------------------------------|
-| logits         | (slots, V, k) | float16 | teacher top-k logits, descending                   |
+| logits         | (slots, V, k) | float16 | teacher top-k log-probabilities z - lse, descending|
 | classes        | (slots, V, k) | uint16* | their class indices (*int32 when C > 65535)        |
 | lse            | (slots, V)    | float32 | log-sum-exp over all C logits                      |
 | boxes          | (slots, V, 4) | int32   | crop (top, left, height, width), decoded pixels    |
@@ -31,12 +31,20 @@ of its partner (see mixing.py); its logits are of that mixed image. `labels` is 
 last for each shard: it is the commit marker. Its fill value `NOT_WRITTEN` (-2) marks a shard
 that is incomplete; a complete shard has only labels >= -1.
 
+Schema 3 stores log-probabilities log p_i = z_i - lse in `logits` (computed in float64, then
+rounded down to float16, see `encode_log_probs`): float16 keeps about 3 significant digits of
+any value, so log p of the top class (near 0 for a sharp teacher) keeps its precision, each
+p_i is within a relative 2^-10 |log p_i| below the exact one, and sum_i p_i <= 1 always. Versions 1 and 2 stored the raw logits z, whose float16 rounding
+(a spacing of 2^-6 at |z| = 20, 0.5 at |z| = 1000) made sum_i p_i exceed 1 for sharp teachers.
+`log_probs` is the one place that turns either into log-probabilities; every reader uses it
+(`read_block` fills `ShardBlock.log_probs` with it).
+
 Root attribute `usi_cache`: see `make_attrs`.
 """
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +54,11 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from . import storage
 from .config import ViewSpec, from_dict
 
-SCHEMA_VERSION = 2  # 2 added paired caches (mix_* arrays); version-1 caches are read as plain
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3  # 2 added paired caches (mix_* arrays); 3 stores log-probabilities in `logits`
+READABLE_VERSIONS = (1, 2, 3)  # 1 is read as plain; 1 and 2 hold raw logits (see `log_probs`)
+LOG_PROB_VERSION = 3  # the first version whose `logits` array holds log-probabilities
 ATTR = "usi_cache"
+FP16_MAX = 65504.0  # largest finite float16
 NOT_WRITTEN = -2  # labels fill value: the shard's block has not been committed
 INVALID = -1  # label of an empty or undecodable slot
 COMMIT_ARRAY = "labels"
@@ -61,7 +71,7 @@ PER_SLOT = ("keys", "labels")
 ARRAYS = PER_VIEW + PER_SLOT  # every cache has these
 # Attribute fields that may legitimately differ between runs writing to the same cache
 # (the checkpoint's path may move; its sha256 is what identifies the teacher).
-VOLATILE_ATTRS = ("created", "tool_version", "invalid", "teacher.checkpoint", "dataset.root")
+VOLATILE_ATTRS = ("created", "tool_version", "invalid", "teacher.checkpoint", "dataset.root", "audit")
 
 
 class CacheError(ValueError):
@@ -77,6 +87,7 @@ class Layout:
     num_classes: int  # C
     op_slots: int  # n: RandAugment ops per view
     paired: bool = False  # the mix_* arrays exist: the teacher saw mixed images
+    stores_log_probs: bool = True  # `logits` holds z - lse (schema >= 3), not raw logits z
 
     @property
     def arrays(self) -> tuple[str, ...]:
@@ -98,14 +109,24 @@ class Layout:
     def from_attrs(cls, a: dict) -> "Layout":
         return cls(num_shards=len(a["dataset"]["shards"]), slots_per_shard=a["dataset"]["per_shard"],
                    views=a["views"], topk=a["topk"], num_classes=a["num_classes"], op_slots=a["op_slots"],
-                   paired=a.get("mix", "none") == "paired")
+                   paired=a.get("mix", "none") == "paired",
+                   stores_log_probs=a.get("schema_version", SCHEMA_VERSION) >= LOG_PROB_VERSION)
+
+    def value_bytes(self, topk: int | None = None) -> int:
+        """Uncompressed bytes one view costs, from the arrays' dtypes, with k = `topk`
+        (default this cache's k): the teacher outputs plus the view parameters (and the
+        mixing record of a paired cache)."""
+        specs = _array_specs(self if topk is None else replace(self, topk=topk))
+        names = PER_VIEW + (MIX_ARRAYS if self.paired else ())
+        return sum(np.dtype(specs[n]["dtype"]).itemsize * int(np.prod(specs[n]["chunks"][2:], dtype=np.int64))
+                   for n in names)
 
 
 @dataclass
 class ShardBlock:
     """All cached values of one WebDataset shard (S slots × V views)."""
 
-    logits: np.ndarray  # (S, V, k) float16
+    logits: np.ndarray  # (S, V, k) float16 as stored: log-probabilities (schema >= 3) or raw logits
     classes: np.ndarray  # (S, V, k) uint16/int32
     lse: np.ndarray  # (S, V) float32
     boxes: np.ndarray  # (S, V, 4) int32
@@ -119,6 +140,7 @@ class ShardBlock:
     mix_kind: np.ndarray | None = None  # (S, V) uint8
     mix_lam: np.ndarray | None = None  # (S, V) float32
     mix_box: np.ndarray | None = None  # (S, V, 4) float32
+    log_probs: np.ndarray | None = None  # (S, V, k) float32 log p_i, any schema: filled by read_block
 
     @classmethod
     def empty(cls, layout: Layout) -> "ShardBlock":
@@ -183,6 +205,7 @@ def make_attrs(*, teacher: dict, num_classes: int, topk: int, views: int, view_s
         "tool_version": tool_version,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "invalid": [],  # keys of undecodable samples, filled in when the run completes
+        # "audit": added by `set_audit` (audit.py): the top-k fidelity table, when one was run
     }
 
 
@@ -281,6 +304,13 @@ def set_invalid(group: zarr.Group, invalid: list[str]) -> None:
     group.attrs[ATTR] = attrs
 
 
+def set_audit(group: zarr.Group, audit: dict) -> None:
+    """Record a fidelity audit (audit.py) in the attributes, replacing an earlier one."""
+    attrs = dict(group.attrs[ATTR])
+    attrs["audit"] = audit
+    group.attrs[ATTR] = attrs
+
+
 def write_block(group: zarr.Group, layout: Layout, shard: int, block: ShardBlock) -> None:
     """Write one shard's block: every array in order, the commit marker (labels) last."""
     rows = layout.rows(shard)
@@ -317,9 +347,33 @@ def _store_url(group) -> str | None:
 
 
 def read_block(group: zarr.Group | dict, layout: Layout, shard: int, view: int | None = None) -> ShardBlock:
-    """Read one shard's block: all views, or only `view` (then per-view arrays lose axis 1)."""
+    """Read one shard's block: all views, or only `view` (then per-view arrays lose axis 1).
+    `log_probs` holds the top-k log-probabilities whatever the schema version."""
     rows = layout.rows(shard)
-    return ShardBlock(**{name: read_array(group, name, rows, view) for name in layout.arrays})
+    block = ShardBlock(**{name: read_array(group, name, rows, view) for name in layout.arrays})
+    block.log_probs = log_probs(block.logits, block.lse, layout)
+    return block
+
+
+def log_probs(values: np.ndarray, lse: np.ndarray, layout: Layout) -> np.ndarray:
+    """Top-k log-probabilities log p_i (..., k) float32 from the `logits` array's `values`
+    (..., k) and `lse` (...): as stored for schema >= 3; z - lse (in float64) for schema 1-2."""
+    if layout.stores_log_probs:
+        return np.asarray(values, dtype=np.float32)
+    return (values.astype(np.float64) - np.asarray(lse, np.float64)[..., None]).astype(np.float32)
+
+
+def encode_log_probs(log_p: np.ndarray) -> np.ndarray:
+    """What schema 3 stores for float64 log-probabilities (..., k): float16 rounded DOWN (toward
+    -inf), so that no stored p_i exceeds the exact one and sum_i p_i <= 1 holds for every row
+    (rounding to nearest still pushed the sum above 1 on a third of the rows of a confident
+    teacher, whose tail is below the rounding of log p_1); clamped to float16's range (a log p
+    below -65504 is a probability of 0 in every float type). Order is kept: rounding is monotone."""
+    x = np.clip(np.asarray(log_p, np.float64), -FP16_MAX, 0.0)
+    h = x.astype(np.float16)
+    up = h.astype(np.float64) > x
+    h[up] = np.nextafter(h[up], np.float16(-np.inf))
+    return h
 
 
 def completed_shards(group: zarr.Group, layout: Layout) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Soft targets from the cache (top-k logits + lse) and the USI distillation loss.
+"""Soft targets from the cache (top-k log-probabilities, or logits + lse) and the USI loss.
 
 Pure functions of tensors: no model or teacher object is hidden in here. Shapes use
 N = batch, k = cached top-k, C = number of classes.
@@ -9,8 +9,12 @@ row is {c : P[n, c] > 0}; the *rest bucket* is every other class. This form is l
 is what batch mixing needs, and it is what the k+1-bucket KL in `kd_loss` reads.
 
 Precision: the math runs in float32 whatever the input dtype (fp16/bf16 are cast up, so the
-fp16 logits straight from the cache are fine); float64 inputs stay float64 so that
+fp16 values straight from the cache are fine); float64 inputs stay float64 so that
 `torch.autograd.gradcheck` runs in float64 end to end.
+
+The teacher's top-k arrive either as log-probabilities log p_i (what a schema-3 cache stores
+and `schema.read_block` returns as `log_probs` for every version; pass lse=None) or as raw
+logits z_i with the log-sum-exp over all C classes (log p_i = z_i − lse).
 """
 from __future__ import annotations
 
@@ -39,24 +43,34 @@ def _tail_from_log_p(log_p: Tensor) -> Tensor:
     return (-torch.expm1(torch.logsumexp(log_p, dim=1))).clamp(min=0)
 
 
-def topk_tail_mass(topk_logits: Tensor, lse: Tensor) -> Tensor:
-    """Teacher mass outside the top-k: 1 − Σ_i exp(z_i − lse).
+def topk_log_probs(values: Tensor, lse: Tensor | None) -> Tensor:
+    """log p_i (N, k) in float32 (float64 for float64 inputs) from log-probabilities
+    (lse=None) or from logits z (N, k) and their log-sum-exp lse (N,)."""
+    if lse is None:
+        return values.to(_dtype(values))
+    dtype = _dtype(values, lse)
+    return values.to(dtype) - lse.to(dtype)[:, None]
 
-    topk_logits: (N, k) any float dtype; lse: (N,) log-sum-exp over all C logits.
-    Returns (N,) in float32 (float64 for float64 inputs), clamped at 0.
+
+def topk_tail_mass(topk_logits: Tensor, lse: Tensor | None) -> Tensor:
+    """Teacher mass outside the top-k: 1 − Σ_i p_i.
+
+    topk_logits: (N, k) any float dtype, logits z (with lse: (N,) log-sum-exp over all C
+    logits) or log-probabilities (lse=None). Returns (N,) in float32 (float64 for float64
+    inputs), clamped at 0.
     """
-    dtype = _dtype(topk_logits, lse)
-    return _tail_from_log_p(topk_logits.to(dtype) - lse.to(dtype)[:, None])
+    return _tail_from_log_p(topk_log_probs(topk_logits, lse))
 
 
-def teacher_distribution(topk_logits: Tensor, classes: Tensor, lse: Tensor, num_classes: int,
+def teacher_distribution(topk_logits: Tensor, classes: Tensor, lse: Tensor | None, num_classes: int,
                          temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """Dense teacher target from one cached view per row.
 
     Args:
-        topk_logits: (N, k) teacher top-k logits z (fp16 from the cache is fine).
+        topk_logits: (N, k) teacher top-k logits z, or their log-probabilities log p_i when
+            lse is None (fp16 from the cache is fine).
         classes: (N, k) their class indices (any integer dtype, e.g. the cache's uint16/int32).
-        lse: (N,) log-sum-exp of all C teacher logits.
+        lse: (N,) log-sum-exp of all C teacher logits; None: topk_logits are log-probabilities.
         num_classes: C.
         temperature: T > 0.
 
@@ -81,11 +95,12 @@ def teacher_distribution(topk_logits: Tensor, classes: Tensor, lse: Tensor, num_
     (the top-k over-estimated), for T < 1 the reverse.
     """
     _check_temperature(temperature)
-    if topk_logits.shape != classes.shape or topk_logits.ndim != 2 or lse.shape != topk_logits.shape[:1]:
-        raise ValueError(f"shapes: topk_logits {tuple(topk_logits.shape)}, classes "
-                         f"{tuple(classes.shape)}, lse {tuple(lse.shape)}; want (N, k), (N, k), (N,)")
-    dtype = _dtype(topk_logits, lse)
-    log_p = topk_logits.to(dtype) - lse.to(dtype)[:, None]          # (N, k), exact log p_i
+    if (topk_logits.shape != classes.shape or topk_logits.ndim != 2
+            or (lse is not None and lse.shape != topk_logits.shape[:1])):
+        raise ValueError(f"shapes: topk_logits {tuple(topk_logits.shape)}, classes {tuple(classes.shape)}, "
+                         f"lse {None if lse is None else tuple(lse.shape)}; want (N, k), (N, k), (N,) or None")
+    log_p = topk_log_probs(topk_logits, lse)                        # (N, k), exact log p_i
+    dtype = log_p.dtype
     if topk_logits.shape[1] >= num_classes:
         rest = torch.zeros_like(log_p[:, 0])
     else:

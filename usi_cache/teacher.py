@@ -21,6 +21,7 @@ files are read with safetensors. A leading 'module.' (DDP) prefix is stripped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import hashlib
 import io
@@ -28,7 +29,7 @@ import json
 import logging
 import pickle
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import timm
@@ -58,6 +59,7 @@ class TeacherInfo:
     input_size: int  # square input side, pixels
     interpolation: str  # resize filter of the model's pretrained config (informational)
     num_classes: int  # C: logits per image
+    precision: str = "fp32"  # the forward's compute precision, resolved (fp32, fp16 or bf16)
 
     def to_dict(self) -> dict:
         """JSON-ready dict (tuples become lists)."""
@@ -272,19 +274,47 @@ def load_checkpoint(model: torch.nn.Module, state: dict[str, torch.Tensor], *, s
 # Inference
 
 
+PRECISIONS = ("fp32", "fp16", "bf16")  # the teacher forward's compute precision
+_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(precision: str, device) -> str:
+    """The concrete teacher precision: 'auto' is fp16 on CUDA (USI runs its teacher in fp16
+    autocast) and fp32 elsewhere; fp32, fp16 and bf16 are kept. Anything else: TeacherError."""
+    if precision == "auto":
+        return "fp16" if torch.device(device).type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise TeacherError(f"teacher precision: expected auto, {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def autocast(precision: str, device) -> contextlib.AbstractContextManager:
+    """The context a teacher forward runs in at `precision` (resolved: fp32, fp16 or bf16).
+
+    fp16/bf16 are autocast (matmuls and convolutions in half precision, reductions such as
+    normalisation statistics in float32), as USI runs its teacher; fp32 is no autocast. The
+    caller takes softmax/log-sum-exp of the output in float32 or wider (`.float()` first).
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=_AUTOCAST[precision])
+
+
 class Teacher:
     """The eval-mode teacher: uint8 HWC images in, float32 logits out.
 
-    On CUDA the model runs channels_last under bf16 autocast (optionally torch.compile'd); on
-    CPU it runs in fp32 (compile is ignored there). Inputs must already be at the teacher's
-    input size (the view replay resizes them); other sizes are run as given.
+    The forward runs at `precision` (see `autocast`; 'auto' = fp16 on CUDA, fp32 on CPU); on
+    CUDA channels_last (optionally torch.compile'd; compile is ignored on CPU). The output is
+    widened to float32 before anything is computed from it. Inputs must already be at the
+    teacher's input size (the view replay resizes them); other sizes are run as given.
     """
 
     def __init__(self, model: torch.nn.Module, *, mean, std, device="cpu", compile: bool = False,
-                 amp: bool = True) -> None:
+                 precision: str = "auto") -> None:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.amp = amp and self.cuda
+        self.precision = resolve_precision(precision, self.device)
+        self.amp = self.precision != "fp32"  # autocast on: read by stage 2's online teacher
         model = model.eval().to(self.device)
         if self.cuda:
             # The HWC uint8 batch permuted to NCHW is already channels_last in memory, so this
@@ -306,17 +336,20 @@ class Teacher:
         # Ship uint8 (4x fewer bytes than float32) and convert on the device.
         x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         x = x.div_(255).sub_(self.mean).div_(self.std)
-        if self.amp:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = self.forward(x)
-        else:
+        with autocast(self.precision, self.device):
             logits = self.forward(x)
         return logits.float().cpu()  # .cpu() waits for the device: the batch's one sync point
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised float input (N, 3, H, W) on the teacher's device -> float32 logits (N, C)
+        on the device, at the teacher's precision (for the online teacher of stage 2)."""
+        with torch.no_grad(), autocast(self.precision, self.device):
+            return self.forward(x).float()
 
 
 def load_teacher(name: str, checkpoint: str | None, *, num_classes: int, pretrained: bool = False,
                  input_size: int | None = None, mean=None, std=None, device="cpu",
-                 compile: bool = False, amp: bool = True) -> tuple[Teacher, TeacherInfo]:
+                 compile: bool = False, precision: str = "auto") -> tuple[Teacher, TeacherInfo]:
     """Build the teacher and describe it. mean/std/input_size default to the model's config.
 
     Without a checkpoint and without `pretrained`, weights are random but seeded (seed 0), so
@@ -347,7 +380,32 @@ def load_teacher(name: str, checkpoint: str | None, *, num_classes: int, pretrai
         checkpoint_sha256=None if checkpoint is None else sha256_file(checkpoint),
         mean=mean, std=std, input_size=int(input_size), interpolation=str(cfg.get("interpolation", "")),
         num_classes=int(getattr(model, "num_classes", num_classes)))
-    return Teacher(model, mean=mean, std=std, device=device, compile=compile, amp=amp), info
+    teacher = Teacher(model, mean=mean, std=std, device=device, compile=compile, precision=precision)
+    return teacher, replace(info, precision=teacher.precision)
+
+
+def load_cache_teacher(attrs: dict, checkpoint: str | None, device: str | None = None) -> tuple[Teacher, str | None]:
+    """The teacher a cache was made with, from its `usi_cache` attributes, at the recorded
+    precision (caches from before it was recorded: fp32, the reference), on `device`
+    (default CUDA when available). Returns (teacher, None), or (teacher, why) when the
+    checkpoint's sha256 is not the recorded one. A checkpoint-made cache needs `checkpoint`."""
+    t = attrs["teacher"]
+    want = t.get("checkpoint_sha256")
+    if want and checkpoint is None:
+        raise TeacherError(f"--recompute/--audit need --teacher-checkpoint: the cache's teacher {t['name']} was "
+                           f"loaded from a checkpoint (sha256 {want[:12]}…)")
+    mismatch = None
+    if checkpoint is not None:
+        have = sha256_file(checkpoint)
+        if have != want:
+            mismatch = (f"{checkpoint}: sha256 {have[:12]}… is not the cache's teacher "
+                        f"({(want or 'no checkpoint')[:12]})")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher, _ = load_teacher(t["name"], checkpoint, num_classes=int(attrs["num_classes"]),
+                              input_size=int(t["input_size"]), mean=t["mean"], std=t["std"], device=device,
+                              precision=t.get("precision", "fp32"))
+    return teacher, mismatch
 
 
 def _triple(field: str, value) -> tuple[float, float, float]:

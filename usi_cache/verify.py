@@ -16,13 +16,20 @@ verification never stops at the first damaged chunk. The checks, in report order
 * keys        — every key is in place (cache row = tar position) and the counts agree.
 * labels      — labels equal the shards' classes; -1 exactly for the undecodable images.
 * finite, class range, sorted, top-k mass — logits and lse are finite, class indices are < C
-                and distinct per view, logits descend, and sum_i exp(z_i - lse) <= 1 up to the
-                float16 rounding of z.
+                and distinct per view, the stored values descend, and sum_i p_i <= 1 up to the
+                float16 rounding of what is stored (log-probabilities from schema 3 on, raw
+                logits z in schema 1-2: p_i = exp(z_i - lse)).
 * boxes       — crop boxes lie inside the images (sizes read from the shards' image headers).
 * view params — boxes, flips and RandAugment records equal what the seeded sampler draws for
                 (seed, key, view): the views really are the cache's replayable views.
-* recompute   — (`--recompute N`) the teacher re-run on N random replayed views reproduces the
-                cached top-k classes and the logits within atol + rtol * |z| (fp16 rounding).
+* recompute   — (`--recompute N`) the teacher re-run (at the cache's recorded precision) on N
+                random replayed views reproduces the cached top-k classes exactly, except where
+                near-tied logits swap places, and the log-probabilities within one float16
+                spacing of the stored value (its rounding down; half a spacing for the rounded-
+                to-nearest logits of schema 1-2) + 2 atol + rtol (|z| + |lse|)
+                (the teacher's own run-to-run noise: a float32 sum's last bits depend on the
+                thread count and batch shape, a half-precision teacher's on more). The lse is
+                compared within atol + rtol |lse|.
 """
 from __future__ import annotations
 
@@ -97,7 +104,7 @@ def verify_cache(path: str | Path, shards_dir: str | Path, *, recompute: int = 0
                    spec=schema.view_spec(attrs), invalid=set(attrs.get("invalid", [])), atol=atol, rtol=rtol,
                    teacher=teacher)
     if teacher is not None:
-        ctx.picks = _pick_views(group, layout, recompute, seed)
+        ctx.picks = pick_views(group, layout, recompute, seed)
         ctx.rc = {"requested": recompute, "views": 0, "skipped": 0, "max_logit_diff": 0.0, "max_lse_diff": 0.0,
                   "class_mismatches": 0, "near_ties": 0, "atol": atol, "rtol": rtol, "device": str(teacher.device)}
     rep.ran += [c for c in CHECKS[2:] if c != "recompute" or teacher is not None]
@@ -418,10 +425,12 @@ def _check_shard(rep: VerifyReport, ctx: _Context, i: int) -> set[str]:
         if bad.any():
             rep.add("class range", i, f"a class repeated within one view's top-k in {_first(bad, base)}")
     if z is not None and lse is not None:
-        # The smallest each p_i can truly be: z rounded to float16 moved at most half a float16
-        # spacing, lse (float32) a relative 2^-24. Even then the mass must not exceed 1.
+        # The smallest each p_i can truly be: the stored float16 value moved at most half a
+        # float16 spacing (and a raw logit's lse, float32, a relative 2^-24). Even then the
+        # mass must not exceed 1.
         z64 = z.astype(np.float64) - np.spacing(np.abs(z)).astype(np.float64) / 2
-        l64 = lse.astype(np.float64) + np.abs(lse.astype(np.float64)) * 2.0 ** -23 + 1e-7
+        l64 = (np.zeros(lse.shape) if ctx.layout.stores_log_probs else
+               lse.astype(np.float64) + np.abs(lse.astype(np.float64)) * 2.0 ** -23 + 1e-7)
         with np.errstate(over="ignore", invalid="ignore"):
             mass = np.exp(z64 - l64[..., None]).sum(-1)
         bad = valid[:, None] & ~(mass <= 1 + 1e-9)
@@ -463,27 +472,14 @@ def _check_shard(rep: VerifyReport, ctx: _Context, i: int) -> set[str]:
 
 
 def _load_teacher(rep: VerifyReport, attrs: dict, checkpoint: str | None, device: str | None):
-    import torch
-
-    from .teacher import load_teacher, sha256_file
-    t = attrs["teacher"]
-    want = t.get("checkpoint_sha256")
-    if want and checkpoint is None:
-        raise schema.CacheError(f"--recompute needs --teacher-checkpoint: the cache's teacher {t['name']} was "
-                                f"loaded from a checkpoint (sha256 {want[:12]}…)")
-    if checkpoint is not None:
-        have = sha256_file(checkpoint)
-        if have != want:
-            rep.add("recompute", None, f"{checkpoint}: sha256 {have[:12]}… is not the cache's teacher "
-                                       f"({(want or 'no checkpoint')[:12]})")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher, _ = load_teacher(t["name"], checkpoint, num_classes=int(attrs["num_classes"]),
-                              input_size=int(t["input_size"]), mean=t["mean"], std=t["std"], device=device)
+    from .teacher import load_cache_teacher
+    teacher, mismatch = load_cache_teacher(attrs, checkpoint, device)
+    if mismatch:
+        rep.add("recompute", None, mismatch)
     return teacher
 
 
-def _pick_views(group, layout: schema.Layout, n: int, seed: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def pick_views(group, layout: schema.Layout, n: int, seed: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """n seeded random (slot, view) pairs among the valid slots of committed shards, per shard."""
     valid = {}
     for i in range(layout.num_shards):
@@ -527,16 +523,21 @@ def _recompute(rep: VerifyReport, ctx: _Context, i: int, x: dict, known: np.ndar
     logits = torch.cat([ctx.teacher(torch.from_numpy(np.stack(images[j:j + 64])))
                         for j in range(0, len(images), 64)])
     p_idx, v_idx = np.array(usable).T
-    z = torch.from_numpy(x["logits"][p_idx, v_idx].astype(np.float32))
+    stored = x["logits"][p_idx, v_idx]
     c = torch.from_numpy(x["classes"][p_idx, v_idx].astype(np.int64))
-    lse = torch.from_numpy(x["lse"][p_idx, v_idx].astype(np.float32))
+    lse = torch.from_numpy(x["lse"][p_idx, v_idx].astype(np.float64))
+    cached = torch.from_numpy(schema.log_probs(stored, x["lse"][p_idx, v_idx], layout).astype(np.float64))
+    logits = logits.double()
+    rerun_lse = torch.logsumexp(logits, 1)
     vals, idx = torch.topk(logits, layout.topk, dim=1)
     at_cached = logits.gather(1, c)  # the re-run teacher's logits at the cached classes
-    tol = ctx.atol + ctx.rtol * z.abs()
-    diff = (at_cached - z).abs()
-    lse_diff = (torch.logsumexp(logits, 1) - lse).abs()
+    noise = 2 * ctx.atol + ctx.rtol * (at_cached.abs() + rerun_lse.abs()[:, None])  # the teacher's own
+    # + the float16 rounding: half a spacing (schema 1-2 round to nearest), a whole one (schema 3 rounds down)
+    tol = torch.from_numpy(np.spacing(np.abs(stored)).astype(np.float64)) * (1.0 if layout.stores_log_probs else 0.5) + noise
+    diff = (at_cached - rerun_lse[:, None] - cached).abs()  # in log-probabilities
+    lse_diff = (rerun_lse - lse).abs()
     mismatch = (idx != c).any(1)
-    tie = mismatch & ((at_cached - vals).abs() <= tol).all(1)  # same values, order of near-equal logits swapped
+    tie = mismatch & ((at_cached - vals).abs() <= noise).all(1)  # order of near-equal logits swapped
     rc["views"] += len(usable)
     rc["max_logit_diff"] = max(rc["max_logit_diff"], float(diff.max()))
     rc["max_lse_diff"] = max(rc["max_lse_diff"], float(lse_diff.max()))
@@ -552,7 +553,8 @@ def _recompute(rep: VerifyReport, ctx: _Context, i: int, x: dict, known: np.ndar
     bad = torch.nonzero((diff > tol).any(1) | (lse_diff > ctx.atol + ctx.rtol * lse.abs())).flatten().tolist()
     if bad:
         j = bad[0]
-        rep.add("recompute", i, f"logits or lse differ beyond atol {ctx.atol} + rtol {ctx.rtol}*|z| in "
+        rep.add("recompute", i, f"log-probabilities or lse differ beyond float16 rounding + atol {ctx.atol}, "
+                                f"rtol {ctx.rtol} in "
                                 f"{len(bad)} re-run view(s), first slot {base + p_idx[j]} view {v_idx[j]} "
                                 f"(largest difference {float(diff[j].max()):.4g})")
 
@@ -576,8 +578,8 @@ def format_report(rep: VerifyReport) -> str:
             note = f"  (only {rep.compared} of {rep.valid} samples could be compared with the shards)"
         elif check == "recompute" and rep.recompute:
             r = rep.recompute
-            note = (f"  ({r['views']} views re-run on {r['device']}: largest logit difference "
-                    f"{r['max_logit_diff']:.3g}, lse {r['max_lse_diff']:.3g}; {r['class_mismatches']} top-k "
+            note = (f"  ({r['views']} views re-run on {r['device']}: largest log-probability "
+                    f"difference {r['max_logit_diff']:.3g}, lse {r['max_lse_diff']:.3g}; {r['class_mismatches']} top-k "
                     f"order mismatch(es), {r['near_ties']} of them near-ties"
                     + (f"; {r['skipped']} skipped (damaged or unmatched)" if r["skipped"] else "") + ")")
         lines.append(f"  {check:<{width}}  {'FAIL' if found else 'ok'}{note}")

@@ -1,0 +1,131 @@
+"""Fidelity audit: what keeping only the top k of the teacher's C logits costs, measured.
+
+The teacher is re-run with its FULL logits on N seeded views replayed from the cache's own
+stored view parameters (the same replay as stage 2 and `usi verify`), and for every
+k in {1, 2, 5, 10, 20, 50, 100} ∩ [1, C] the audit records
+
+* mean tail mass r = 1 − Σ_{i≤k} p_(i) (the teacher mass a top-k cache leaves out);
+* mean KL(p ‖ p̂_k), p the full teacher distribution, p̂_k its k+1-bucket reconstruction: the k
+  classes exactly, the rest mass r spread evenly over the C − k other classes (the spread of
+  largest entropy; the bucket KD of targets.py never needs the spread, this one makes the lost
+  information a number). 0 at k = C;
+* top-1 agreement between the re-run teacher and the cache's stored top-1 class (the same for
+  every k: it measures the replay, not the truncation);
+* bytes per view a cache with that k would hold, uncompressed, from the schema's dtypes.
+
+The result is stored in the cache's attributes (`schema.set_audit`) and shown by `usi inspect`.
+Paired caches are refused: their views are mixed images (replaying them needs the partner).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import schema
+from .shards import decode_image, read_shard
+from .views import decode_view, replay_array
+
+AUDIT_KS = (1, 2, 5, 10, 20, 50, 100)
+BATCH = 64  # views per teacher batch
+
+
+def audit_ks(num_classes: int) -> list[int]:
+    """The audited k: AUDIT_KS within [1, C], and C itself when it is below 100 (no tail)."""
+    ks = [k for k in AUDIT_KS if k <= num_classes]
+    return ks + ([num_classes] if num_classes < AUDIT_KS[-1] and num_classes not in ks else [])
+
+
+def bucket_fidelity(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tail mass r (N,) and KL(p ‖ p̂_k) (N,) in nats, float64, from full logits (N, C).
+
+    p = softmax(logits) in float64; p̂_k keeps the k largest p_i and spreads r evenly over the
+    other C − k classes. KL = Σ_tail p_j log(p_j (C − k) / r), 0 log 0 = 0; 0 when k ≥ C.
+    """
+    log_p = torch.log_softmax(logits.double(), dim=1)
+    C = log_p.shape[1]
+    sorted_lp = log_p.sort(dim=1, descending=True).values
+    if k >= C:
+        zero = torch.zeros(log_p.shape[0], dtype=torch.float64)
+        return zero, zero
+    tail_lp = sorted_lp[:, k:]
+    log_r = torch.logsumexp(tail_lp, dim=1)  # log of the tail mass, without 1 − Σ cancellation
+    kl = (tail_lp.exp() * (tail_lp - log_r[:, None] + np.log(C - k))).sum(1)
+    return log_r.exp(), kl.clamp_min(0.0)
+
+
+def fidelity_table(logits: torch.Tensor, cached_top1: torch.Tensor, layout: schema.Layout) -> dict:
+    """The audit table from re-run full logits (N, C) and the cache's stored top-1 classes (N,)."""
+    agree = float((logits.argmax(1) == cached_top1.long()).double().mean())
+    rows = []
+    for k in audit_ks(layout.num_classes):
+        tail, kl = bucket_fidelity(logits, k)
+        rows.append({"k": k, "tail_mass": float(tail.mean()), "kl": float(kl.mean()),
+                     "top1_agreement": agree, "bytes_per_view": layout.value_bytes(k)})
+    return {"views": int(logits.shape[0]), "cached_k": layout.topk, "rows": rows}
+
+
+def replayed_views(group, attrs: dict, layout: schema.Layout, manifest, n: int, seed: int):
+    """Pixels (N, S, S, 3) uint8 of n seeded (slot, view) pairs replayed from the stored view
+    parameters, and their stored top-1 classes (N,). One shard's tar is read at a time."""
+    from .verify import pick_views
+    spec = schema.view_spec(attrs)
+    size = int(attrs["teacher"]["input_size"])
+    images, top1 = [], []
+    for shard, (slots, views) in pick_views(group, layout, n, seed).items():
+        block = schema.read_block(group, layout, shard)
+        wanted, decoded = set(slots.tolist()), {}
+        for p, sample in enumerate(read_shard(manifest.path(shard))):
+            if p in wanted:
+                if sample.key != block.keys[p]:
+                    raise schema.CacheError(f"{manifest.path(shard)}: position {p} holds {sample.key!r}, "
+                                            f"the cache has {block.keys[p]!r}")
+                decoded[p] = decode_image(sample.data)
+        for p, v in zip(slots.tolist(), views.tolist()):
+            params = decode_view(block.boxes[p, v], block.flips[p, v], block.aug_ops[p, v],
+                                 block.aug_levels[p, v], block.aug_resample[p, v])
+            images.append(replay_array(decoded[p], params, size, spec))
+            top1.append(int(block.classes[p, v, 0]))
+    return images, torch.tensor(top1)
+
+
+def run_audit(group, attrs: dict, manifest, teacher, n: int, seed: int = 0) -> dict:
+    """Re-run `teacher` on n seeded replayed views of the cache; store and return the table."""
+    layout = schema.Layout.from_attrs(attrs)
+    if layout.paired:
+        raise schema.CacheError("audit: a paired cache's views are mixed images; only plain caches are audited")
+    images, top1 = replayed_views(group, attrs, layout, manifest, n, seed)
+    if not images:
+        raise schema.CacheError("audit: no committed, valid view to re-run")
+    logits = torch.cat([teacher(torch.from_numpy(np.stack(images[i:i + BATCH])))
+                        for i in range(0, len(images), BATCH)])
+    table = fidelity_table(logits, top1, layout)
+    table.update(seed=seed, precision=teacher.precision)
+    schema.set_audit(group, table)
+    return table
+
+
+def audit_cache(path: str | Path, *, teacher_checkpoint: str | None, n: int, seed: int = 0,
+                shards_dir: str | None = None, device: str | None = None) -> dict:
+    """`usi audit`: load the cache's teacher (its checkpoint must match the recorded sha256)
+    at the recorded precision, audit n views and store the table in the cache."""
+    from .inspect_cache import shards_for
+    from .teacher import load_cache_teacher
+    group, attrs = schema.open_cache(path, mode="r+")
+    teacher, mismatch = load_cache_teacher(attrs, teacher_checkpoint, device)
+    if mismatch:
+        raise schema.CacheError(mismatch)
+    return run_audit(group, attrs, shards_for(attrs, shards_dir), teacher, n, seed)
+
+
+def format_audit(a: dict) -> str:
+    """The audit table as text."""
+    lines = [f"fidelity audit: teacher re-run with full logits on {a['views']} replayed views "
+             f"({a.get('precision', '?')}, seed {a.get('seed', '?')}); top-1 agreement with the cache "
+             f"{100 * a['rows'][0]['top1_agreement']:.1f} %",
+             f"  {'k':>4}  {'tail mass':>10}  {'KL(full||k+1)':>13}  {'bytes/view':>10}"]
+    for r in a["rows"]:
+        mark = "  <- this cache" if r["k"] == a["cached_k"] else ""
+        lines.append(f"  {r['k']:>4}  {r['tail_mass']:>10.4g}  {r['kl']:>13.4g}  {r['bytes_per_view']:>10}{mark}")
+    return "\n".join(lines)
