@@ -116,7 +116,7 @@ def test_stage2_rebuilds_the_mixed_pixels_bit_identically(paired):
             assert s["label_b"] == x["labels"][partner] and s["lam"] == pytest.approx(float(x["mix_lam"][slot, 2]))
         else:
             assert s["lam"] == 1.0
-        np.testing.assert_array_equal(s["t_logits"].numpy(), x["logits"][slot, 2].astype(np.float32))
+        np.testing.assert_array_equal(s["t_log_probs"].numpy(), x["logits"][slot, 2].astype(np.float32))
         n += 1
     assert n == 25
 
@@ -164,3 +164,30 @@ def test_inspect_shows_both_images_of_a_paired_view(paired, tmp_path):
     r = CliRunner().invoke(main, ["inspect", str(paired["cache"]), "--slot", str(slot), "--json"])
     info = json.loads(r.output)["sample"]
     assert info["paired"] and info["views"][0]["mix"]["partner_slot"] == int(x["mix_partner"][slot, 0])
+
+
+def _verify_recompute(d, cache) -> tuple[str, str]:
+    r = CliRunner().invoke(main, ["verify", str(cache), "--shards", str(d["shards"]), "--recompute", "24",
+                                  "--teacher-checkpoint", str(d["ckpt"])])
+    assert "Traceback" not in r.output
+    return r.output, r.output.strip().splitlines()[-1]
+
+
+def test_verify_recompute_rebuilds_paired_views_with_their_partner(paired):
+    """Varied non-square PNG/JPEG images: every re-run mixed view reproduces the cache."""
+    output, verdict = _verify_recompute(paired, paired["cache"])
+    assert "recompute    ok" in output and not verdict.startswith("verdict: FAILED"), output
+
+
+def test_verify_recompute_fails_a_corrupted_pairing(paired, tmp_path):
+    import shutil
+
+    import zarr
+    cache = tmp_path / "c.zarr"
+    shutil.copytree(paired["cache"], cache)
+    group = zarr.open_group(str(cache), mode="r+")
+    kind, partner = group["mix_kind"][:], group["mix_partner"][:]
+    own = np.broadcast_to(np.arange(len(partner))[:, None], partner.shape)
+    group["mix_partner"][:] = np.where(kind != NO_MIX, own, partner)  # each mixed with itself
+    output, verdict = _verify_recompute(paired, cache)
+    assert verdict.startswith("verdict: FAILED") and "recompute" in verdict, output

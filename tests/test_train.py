@@ -149,7 +149,7 @@ def test_student_batch_equals_replayed_cache_views(data):
                              x["aug_levels"][slot, 1], x["aug_resample"][slot, 1])
         expected = replay_array(image, params, 32, spec)
         np.testing.assert_array_equal(s["image"].permute(1, 2, 0).numpy(), expected)
-        np.testing.assert_array_equal(s["t_logits"].numpy(), x["logits"][slot, 1].astype(np.float32))
+        np.testing.assert_array_equal(s["t_log_probs"].numpy(), x["logits"][slot, 1].astype(np.float32))
         assert s["label"] == x["labels"][slot]
 
 
@@ -171,12 +171,9 @@ def test_resume_after_kill_mid_epoch_is_bit_identical(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as run_py: the thread count changes CPU summation order
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     deadline = time.time() + 180
-    while time.time() < deadline and not (run / "log.jsonl").is_file() or not (run / "log.jsonl").read_text():
-        time.sleep(0.05)
-        if time.time() > deadline:
-            break
-    time.sleep(1.0)  # into epoch 1
-    proc.send_signal(signal.SIGKILL)
+    while time.time() < deadline and not (run / "last.pth").is_file():  # renamed into place: whole
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # epoch 0 saved; epoch 1 not yet (it takes far longer than a poll)
     proc.wait()
     assert [e["epoch"] for e in read_log(run)] == [0], "the kill should land in epoch 1"
     r = run_py(["train_student.py", *train_args(data, run, *extra), "--resume"])
@@ -224,7 +221,7 @@ def test_repeated_augmentation_uses_distinct_cached_views(data):
         for b in batches:  # the two copies of a sample never share a batch of this worker
             assert len({samples[i]["key"] for i in b}) == 8
         for s in samples:
-            seen.setdefault(s["key"], []).append((s["view"], s["t_logits"].numpy()))
+            seen.setdefault(s["key"], []).append((s["view"], s["t_log_probs"].numpy()))
         assert len(seen) == 28 and all(len(v) == 2 for v in seen.values())
         for k, uses in seen.items():
             assert len({v for v, _ in uses}) == 2

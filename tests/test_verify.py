@@ -163,3 +163,13 @@ def test_chunks_that_zarr_leaves_out_are_not_problems(tiny, tmp_path):
     assert not any(f.is_file() for f in map(Path, schema.chunk_files(out, "flips", 0, tiny.layout)))
     _, verdict = verify(out, tiny.shards, code=0)
     assert verdict.startswith("verdict: OK")
+
+
+def test_recompute_fails_a_corrupted_box(tiny, copy):
+    """A crop one pixel shorter than the one the teacher saw: the re-run no longer matches."""
+    group = zarr.open_group(str(copy), mode="r+")
+    boxes = group["boxes"][:]
+    boxes[..., 2] = (boxes[..., 2] - 1).clip(min=1)
+    group["boxes"][:] = boxes
+    output, verdict = verify(copy, tiny.shards, "--recompute", 12, "--teacher-checkpoint", tiny.ckpt, code=1)
+    assert verdict.startswith("verdict: FAILED") and "recompute" in failing(output), output

@@ -14,7 +14,7 @@ k in {1, 2, 5, 10, 20, 50, 100} ∩ [1, C] the audit records
 * bytes per view a cache with that k would hold, uncompressed, from the schema's dtypes.
 
 The result is stored in the cache's attributes (`schema.set_audit`) and shown by `usi inspect`.
-Paired caches are refused: their views are mixed images (replaying them needs the partner).
+Paired caches are audited on their mixed views (each rebuilt with its partner, as the teacher saw it).
 """
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from . import schema
-from .shards import decode_image, read_shard
-from .views import decode_view, replay_array
+from .mixing import PartnerImages
+from .render import render_stored, stored_view
+from .shards import read_shard
 
 AUDIT_KS = (1, 2, 5, 10, 20, 50, 100)
 BATCH = 64  # views per teacher batch
@@ -75,17 +76,20 @@ def replayed_views(group, attrs: dict, layout: schema.Layout, manifest, n: int, 
     images, top1 = [], []
     for shard, (slots, views) in pick_views(group, layout, n, seed).items():
         block = schema.read_block(group, layout, shard)
-        wanted, decoded = set(slots.tolist()), {}
+        wanted, encoded = set(slots.tolist()), []
         for p, sample in enumerate(read_shard(manifest.path(shard))):
-            if p in wanted:
-                if sample.key != block.keys[p]:
-                    raise schema.CacheError(f"{manifest.path(shard)}: position {p} holds {sample.key!r}, "
-                                            f"the cache has {block.keys[p]!r}")
-                decoded[p] = decode_image(sample.data)
+            if p in wanted and sample.key != block.keys[p]:
+                raise schema.CacheError(f"{manifest.path(shard)}: position {p} holds {sample.key!r}, "
+                                        f"the cache has {block.keys[p]!r}")
+            # a paired view needs its partner, anywhere in the shard: keep the encoded bytes
+            encoded.append(sample.data if p in wanted or layout.paired else b"")
+        images_at = PartnerImages(encoded)
         for p, v in zip(slots.tolist(), views.tolist()):
-            params = decode_view(block.boxes[p, v], block.flips[p, v], block.aug_ops[p, v],
-                                 block.aug_levels[p, v], block.aug_resample[p, v])
-            images.append(replay_array(decoded[p], params, size, spec))
+            stored = stored_view(block, p, v, shard * layout.slots_per_shard)
+            try:
+                images.append(render_stored(stored, images_at.get(p), images_at.get, size, spec))
+            except ValueError as e:
+                raise schema.CacheError(f"{manifest.path(shard)} position {p} view {v}: {e}") from None
             top1.append(int(block.classes[p, v, 0]))
     return images, torch.tensor(top1)
 
@@ -93,8 +97,6 @@ def replayed_views(group, attrs: dict, layout: schema.Layout, manifest, n: int, 
 def run_audit(group, attrs: dict, manifest, teacher, n: int, seed: int = 0) -> dict:
     """Re-run `teacher` on n seeded replayed views of the cache; store and return the table."""
     layout = schema.Layout.from_attrs(attrs)
-    if layout.paired:
-        raise schema.CacheError("audit: a paired cache's views are mixed images; only plain caches are audited")
     images, top1 = replayed_views(group, attrs, layout, manifest, n, seed)
     if not images:
         raise schema.CacheError("audit: no committed, valid view to re-run")

@@ -23,8 +23,9 @@ from .dist import World, all_gather_objects, barrier, broadcast_object, close_wo
 from .randaugment import OP_NAMES
 from .shards import Manifest, ShardError, decode_image, load_manifest, read_shard, shard_path
 from .teacher import load_teacher
-from .mixing import NO_MIX, PartnerImages, mix_pixels, pair_rng, sample_pair
-from .views import encode_ops, op_slots, replay_array, sample_view, view_rng
+from .mixing import NO_MIX, PartnerImages, pair_rng, sample_pair
+from .render import Partner, render
+from .views import encode_ops, op_slots, sample_view, view_rng
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,8 @@ def shard_batches(job: ViewJob, shard: int) -> Iterator[dict]:
             meta.boxes[p, v] = params.box
             meta.flips[p, v] = params.flip
             meta.aug_ops[p, v], meta.aug_levels[p, v], meta.aug_resample[p, v] = encode_ops(params, n)
-            pixels = replay_array(image, params, job.size, job.spec)
-            if partners is not None:
-                pixels = _pair_view(job, samples, partners, meta, shard, p, v, pixels)
-            images.append(pixels)
+            partner = _draw_partner(job, samples, partners, meta, shard, p, v) if partners else None
+            images.append(render(image, params, job.size, job.spec, partner))
             pos.append(p), views.append(v)
             if len(images) == job.batch_size:
                 yield batch()
@@ -88,20 +87,21 @@ def shard_batches(job: ViewJob, shard: int) -> Iterator[dict]:
     yield {"kind": "meta", "shard": shard, "count": count, "block": meta}
 
 
-def _pair_view(job: ViewJob, samples, partners: PartnerImages, meta: schema.ShardBlock, shard: int,
-               p: int, v: int, pixels: np.ndarray) -> np.ndarray:
-    """Mix view v of sample p with view v of its drawn partner; record the pairing in `meta`."""
+def _draw_partner(job: ViewJob, samples, partners: PartnerImages, meta: schema.ShardBlock, shard: int,
+                  p: int, v: int) -> Partner | None:
+    """Draw the partner of view v of sample p (its view v) and record the pairing in `meta`;
+    None when the view is not mixed or the partner does not decode."""
     key = samples[p].key
     pair = sample_pair(pair_rng(job.seed, key, v), p, len(samples), job.size, **job.mix)
     partner_image = partners.get(pair.partner) if pair.kind != NO_MIX else None
-    if partner_image is None:  # not mixed, or the partner does not decode
-        return pixels
+    if partner_image is None:
+        return None
     q = pair.partner
     q_params = sample_view(view_rng(job.seed, samples[q].key, v), partner_image.height, partner_image.width,
                            job.spec)
     meta.mix_partner[p, v] = shard * job.layout.slots_per_shard + q
     meta.mix_kind[p, v], meta.mix_lam[p, v], meta.mix_box[p, v] = pair.kind, pair.lam, pair.box
-    return mix_pixels(pixels, replay_array(partner_image, q_params, job.size, job.spec), pair)
+    return Partner(partner_image, q_params, pair)
 
 
 class ShardViews(IterableDataset):

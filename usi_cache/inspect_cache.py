@@ -21,9 +21,11 @@ import numpy as np
 
 from . import schema, storage
 from .mixing import CUTMIX, MIXUP, NO_MIX
-from .randaugment import GEOMETRIC_OPS, AugOp
-from .shards import Manifest, ShardError, decode_image, load_manifest, read_shard
-from .views import ViewParams, decode_view, replay_view
+from .randaugment import GEOMETRIC_OPS
+from .shards import Manifest, ShardError, load_manifest, read_shard
+from .mixing import PartnerImages
+from .render import render, render_stored, stored_view
+from .views import decode_view
 
 TOP5 = 5  # "top-5" agreement; top-min(5, k) when the cache keeps fewer than 5 classes
 WORST = 10  # classes listed as the teacher's worst
@@ -88,17 +90,6 @@ def shards_for(attrs: dict, shards_dir: str | Path | None) -> Manifest:
     if diff:
         raise schema.CacheError(f"{shards_dir}: these shards are not the cache's dataset: {diff}")
     return manifest
-
-
-def read_sample(manifest: Manifest, shard: int, position: int, key: str):
-    """(Sample, decoded RGB image) at `position` of `shard`, checking that its key is `key`."""
-    for p, sample in enumerate(read_shard(manifest.path(shard))):
-        if p == position:
-            if sample.key != key:
-                raise ShardError(f"{manifest.path(shard)}: position {position} holds {sample.key!r}, "
-                                 f"the cache has {key!r}")
-            return sample, decode_image(sample.data)
-    raise ShardError(f"{manifest.path(shard)}: has no sample at position {position}")
 
 
 def _ranges(indices) -> str:
@@ -502,30 +493,12 @@ def _mix_info(group, x: dict, v: int, names: list[str]) -> dict:
             "box": [float(b) for b in x["mix_box"][v]] if kind == CUTMIX else None}
 
 
-def view_params(info: dict, v: int, attrs: dict) -> ViewParams:
-    """ViewParams of view `v` of a `sample_info` dict (for replaying it)."""
-    ids = {n: i for i, n in enumerate(attrs["op_names"])}
-    vi = info["views"][v]
-    ops = tuple(AugOp(op=ids[o["op"]], level=o["level"],
-                      resample=0 if o["resample"] is None else _FILTER_IDS[o["resample"]]) for o in vi["ops"])
-    b = vi["box"]
-    return ViewParams(box=(b["top"], b["left"], b["height"], b["width"]), flip=vi["flip"], ops=ops)
-
-
 def _filter_name(resample: int) -> str:
     from PIL import Image
     try:
         return Image.Resampling(resample).name.lower()
     except ValueError:
         return str(resample)
-
-
-def _filter_ids() -> dict[str, int]:
-    from PIL import Image
-    return {f.name.lower(): int(f) for f in Image.Resampling}
-
-
-_FILTER_IDS = _filter_ids()
 
 
 def format_sample(s: dict) -> str:
@@ -561,37 +534,45 @@ def format_sample(s: dict) -> str:
 
 
 def replay_sample(path: str | Path, info: dict, shards_dir: str | Path | None):
-    """(original RGB image, [replayed view images at the teacher's input size]) of a sample."""
-    _, attrs = schema.open_cache(path)
-    manifest = shards_for(attrs, shards_dir)
-    _, image = read_sample(manifest, info["shard"], info["position"], info["key"])
-    spec = schema.view_spec(attrs)
-    size = int(attrs["teacher"]["input_size"])
-    views = [replay_view(image, view_params(info, v, attrs), size, spec) for v in range(len(info["views"]))]
-    if info.get("paired"):
-        views = [_paired_panel(path, attrs, manifest, info, v, views[v], size, spec) for v in range(len(views))]
-    return image, views
+    """(original RGB image, [replayed view images at the teacher's input size]) of a sample.
 
-
-def _paired_panel(path, attrs: dict, manifest, info: dict, v: int, own, size: int, spec):
-    """own view | partner's view | the mixed image the teacher saw, side by side (PIL)."""
+    Each view is rebuilt from the stored arrays by the one `render` of every stage; a mixed
+    view of a paired cache is shown as own view | partner's view | the mixed image it saw."""
     from PIL import Image
-
-    from .mixing import PairParams, mix_pixels
-    mix = info["views"][v]["mix"]
-    if mix["kind"] == "none":
-        return own
-    q = mix["partner_slot"]
-    pinfo = sample_info(path, q)
-    _, pimage = read_sample(manifest, pinfo["shard"], pinfo["position"], pinfo["key"])
-    partner = replay_view(pimage, view_params(pinfo, v, attrs), size, spec)
-    pair = PairParams(q, MIXUP if mix["kind"] == "mixup" else CUTMIX, mix["lam"], tuple(mix["box"] or (0, 0, 0, 0)))
-    mixed = Image.fromarray(mix_pixels(np.asarray(own), np.asarray(partner), pair))
-    gap = max(1, size // 16)
-    panel = Image.new("RGB", (3 * size + 2 * gap, size), (255, 255, 255))
-    for i, im in enumerate((own, partner, mixed)):
-        panel.paste(im, (i * (size + gap), 0))
-    return panel
+    group, attrs = schema.open_cache(path)
+    layout = schema.Layout.from_attrs(attrs)
+    manifest = shards_for(attrs, shards_dir)
+    shard, pos = info["shard"], info["position"]
+    encoded = []
+    for p, sample in enumerate(read_shard(manifest.path(shard))):
+        if p == pos and sample.key != info["key"]:
+            raise ShardError(f"{manifest.path(shard)}: position {pos} holds {sample.key!r}, "
+                             f"the cache has {info['key']!r}")
+        encoded.append(sample.data if p == pos or layout.paired else b"")
+    if pos >= len(encoded):
+        raise ShardError(f"{manifest.path(shard)}: has no sample at position {pos}")
+    images = PartnerImages(encoded)
+    image = images.get(pos)
+    block = schema.read_block(group, layout, shard)
+    spec, size = schema.view_spec(attrs), int(attrs["teacher"]["input_size"])
+    views = []
+    for v in range(layout.views):
+        stored = stored_view(block, pos, v, shard * layout.slots_per_shard)
+        own = Image.fromarray(render(image, stored.params, size, spec))
+        if stored.pair is None:
+            views.append(own)
+            continue
+        partner = images.get(stored.pair.partner)
+        if partner is None:
+            raise ShardError(f"{manifest.path(shard)}: partner position {stored.pair.partner} does not decode")
+        panels = (own, Image.fromarray(render(partner, stored.partner_params, size, spec)),
+                  Image.fromarray(render_stored(stored, image, images.get, size, spec)))
+        gap = max(1, size // 16)
+        panel = Image.new("RGB", (3 * size + 2 * gap, size), (255, 255, 255))
+        for k, im in enumerate(panels):
+            panel.paste(im, (k * (size + gap), 0))
+        views.append(panel)
+    return image, views
 
 
 # ---------------------------------------------------------------------------------------------

@@ -315,8 +315,9 @@ def train_epoch(cfg, epoch, steps, loader, ddp, model, ema, optimizer, targets: 
             gt = one_hot_mix(labels, perm, mix_lam, C)
         P = rest = None
         if targets.mode == "cache":
-            P, rest = teacher_distribution(*(batch[k].to(dev, non_blocking=True) for k in ("t_logits", "t_classes", "t_lse")),
-                                           C, cfg.kd_temperature)
+            # the cache's top-k log-probabilities (any schema version): no lse needed
+            P, rest = teacher_distribution(batch["t_log_probs"].to(dev, non_blocking=True),
+                                           batch["t_classes"].to(dev, non_blocking=True), None, C, cfg.kd_temperature)
             if perm is not None:  # linear mixing of cached targets: an approximation
                 P, rest = mix_targets(P, rest, perm, mix_lam)
         elif targets.mode == "online":
@@ -423,8 +424,6 @@ def weights_in_sync(model, world) -> bool:
 @torch.no_grad()
 def online_distribution(teacher, x: torch.Tensor, temperature: float):
     """Full teacher distribution on the very batch x (N, 3, H, W) in [0, 1] the student sees."""
-    t_in = (x - teacher.mean) / teacher.std
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=teacher.amp):
-        logits = teacher.forward(t_in).float()
+    logits = teacher.logits((x - teacher.mean) / teacher.std)  # at the teacher's precision, float32 out
     P = torch.softmax(logits / temperature, dim=1)
     return P, torch.zeros(P.shape[0], device=P.device)

@@ -19,9 +19,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 from . import schema
 from .config import ViewSpec
 from .epoch_plan import Piece, PlanSpec, exact_shuffle, stable_seed, view_index, worker_pieces
-from .mixing import NO_MIX, PairParams, PartnerImages, mix_pixels
+from .mixing import PartnerImages
+from .render import render, render_stored, stored_view
 from .shards import Manifest, ShardError, decode_image, read_shard
-from .views import decode_view, pil_filter, replay_array, sample_view, view_rng
+from .views import pil_filter, sample_view, view_rng
 
 __all__ = ["stable_seed", "valid_counts", "TrainStreamSpec", "TrainStream", "EvalStream", "eval_array"]
 
@@ -49,7 +50,7 @@ class TrainStreamSpec:
 
 class TrainStream(IterableDataset):
     """Yields dicts: image uint8 (3, H, W), label, key, sid (the sample's slot), view, and in
-    cache mode the teacher's top-k logits (k,) float32, classes (k,) int64 and lse float32."""
+    cache mode the teacher's top-k log-probabilities (k,) float32 and classes (k,) int64."""
 
     def __init__(self, s: TrainStreamSpec):
         self.s = s
@@ -126,39 +127,26 @@ class TrainStream(IterableDataset):
                    "leave such files out; a cache marks them)")
             raise ShardError(f"{path}: sample {sample.key!r} does not decode ({e}); {why}") from None
         out = {"label": sample.cls, "key": sample.key, "sid": shard * slots + pos, "view": view}
-        if blocks:
-            b = blocks[view]
-            params = decode_view(tuple(b.boxes[pos]), bool(b.flips[pos]), b.aug_ops[pos],
-                                 b.aug_levels[pos], b.aug_resample[pos])
-        else:
+        if not blocks:  # label-only / online: a fresh view
             params = sample_view(view_rng(s.plan.seed, sample.key, view), image.height, image.width, s.spec)
-        pixels = replay_array(image, params, s.size, s.spec)
-        if partners is not None:
-            pixels = self._paired(b, shard, pos, pixels, partners, out)
+            pixels = render(image, params, s.size, s.spec)
+        else:  # the stored view, mixed with its partner as the teacher saw it in a paired cache
+            b = blocks[view]
+            stored = stored_view(b, pos, None, shard * slots)
+            try:
+                pixels = render_stored(stored, image, partners.get if partners else None, s.size, s.spec)
+            except ValueError as e:
+                raise ShardError(f"{path}: {sample.key!r}: {e}") from None
+            if s.layout.paired:  # the mixed ground truth: the partner's label and lambda
+                q = stored.partner_position
+                out["label_b"] = out["label"] if q is None else int(b.labels[q])
+                out["lam"] = 1.0 if q is None else stored.pair.lam
         out["image"] = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
         if blocks:
-            out["t_logits"] = torch.from_numpy(b.logits[pos].astype(np.float32))
+            # top-k log-probabilities whatever the schema version, float32 into the loss
+            out["t_log_probs"] = torch.from_numpy(b.log_probs[pos].astype(np.float32))
             out["t_classes"] = torch.from_numpy(b.classes[pos].astype(np.int64))
-            out["t_lse"] = torch.tensor(b.lse[pos], dtype=torch.float32)  # float32 in the loss, not float64
         return out
-
-    def _paired(self, b: schema.ShardBlock, shard: int, pos: int, pixels: np.ndarray,
-                partners: PartnerImages, out: dict) -> np.ndarray:
-        """Rebuild the mixed view the teacher saw; adds the partner's label and lambda to `out`."""
-        s = self.s
-        out["label_b"], out["lam"] = out["label"], 1.0
-        kind = int(b.mix_kind[pos])
-        if kind == NO_MIX:
-            return pixels
-        q = int(b.mix_partner[pos]) - shard * s.layout.slots_per_shard
-        image = partners.get(q)
-        if image is None:
-            raise ShardError(f"{s.manifest.path(shard)}: partner position {q} of {out['key']!r} does not decode")
-        q_params = decode_view(tuple(b.boxes[q]), bool(b.flips[q]), b.aug_ops[q], b.aug_levels[q],
-                               b.aug_resample[q])
-        pair = PairParams(q, kind, float(b.mix_lam[pos]), tuple(float(x) for x in b.mix_box[pos]))
-        out["label_b"], out["lam"] = int(b.labels[q]), pair.lam
-        return mix_pixels(pixels, replay_array(image, q_params, s.size, s.spec), pair)
 
 
 def eval_array(image: Image.Image, size: int, crop_pct: float, interpolation: str) -> np.ndarray:

@@ -45,7 +45,8 @@ from .config import ConfigError
 from .inspect_cache import BIG
 from .randaugment import OP_NAMES, parse_policy
 from .shards import Manifest, ShardError, ShardInfo, decode_image, fingerprint, load_manifest, read_shard
-from .views import decode_view, encode_ops, replay_array, sample_view, view_rng
+from .render import render_stored, stored_view
+from .views import encode_ops, sample_view, view_rng
 
 CHECKS = ("attributes", "fingerprint", "complete", "chunk files", "checksums", "keys", "labels", "finite",
           "class range", "sorted", "top-k mass", "boxes", "view params", "recompute")
@@ -311,7 +312,7 @@ def _check_shard(rep: VerifyReport, ctx: _Context, i: int) -> set[str]:
         return set()
     rep.complete += 1
     x = {schema.COMMIT_ARRAY: labels}
-    for name in schema.ARRAYS:
+    for name in ctx.layout.arrays:  # with the pairing arrays of a paired cache
         if name != schema.COMMIT_ARRAY:
             x[name] = _read(rep, ctx, i, name)
     count = int(ctx.attrs["dataset"]["shards"][i]["count"])
@@ -513,13 +514,28 @@ def _recompute(rep: VerifyReport, ctx: _Context, i: int, x: dict, known: np.ndar
     if not usable:
         return
     size = int(ctx.attrs["teacher"]["input_size"])
-    images, decoded = [], {}
-    for p, v in usable:
-        if p not in decoded:
-            decoded[p] = decode_image(tar[3][p])
-        params = decode_view(x["boxes"][p, v], x["flips"][p, v], x["aug_ops"][p, v], x["aug_levels"][p, v],
-                             x["aug_resample"][p, v])
-        images.append(replay_array(decoded[p], params, size, ctx.spec))
+    decoded: dict = {}
+
+    def image_at(q: int):
+        if q not in decoded:
+            try:
+                decoded[q] = decode_image(tar[3][q]) if 0 <= q < len(tar[3]) else None
+            except ValueError:
+                decoded[q] = None
+        return decoded[q]
+
+    images, rendered = [], []
+    for p, v in usable:  # the same render as stages 1 and 2: a paired view is mixed with its partner
+        try:
+            images.append(render_stored(stored_view(x, p, v, i * layout.slots_per_shard), image_at(p),
+                                        image_at, size, ctx.spec))
+            rendered.append((p, v))
+        except (ValueError, IndexError) as e:
+            rep.add("recompute", i, f"slot {i * layout.slots_per_shard + p} view {v}: the stored view cannot "
+                                    f"be rebuilt ({e})")
+    usable = rendered
+    if not usable:
+        return
     logits = torch.cat([ctx.teacher(torch.from_numpy(np.stack(images[j:j + 64])))
                         for j in range(0, len(images), 64)])
     p_idx, v_idx = np.array(usable).T

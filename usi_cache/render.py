@@ -1,0 +1,95 @@
+"""One way to build a view's pixels: from the decoded image(s) and the view's parameters.
+
+Stage 1 renders the views it has just drawn; stage 2, `usi verify`, `usi inspect` and the audit
+render the views a cache stores (`stored_view` reads them). All of them call `render`, so a
+plain view and a paired (mixed) view are built by the same code everywhere:
+
+    crop box -> resize to the stage's input size -> flip -> RandAugment ops as recorded
+    (views.replay_array), then for a paired view the partner's view (same view index) rendered
+    the same way and mixed in with the stored kind, lambda and box (mixing.mix_pixels).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .config import ViewSpec
+from .mixing import NO_MIX, PairParams, mix_pixels
+from .views import ViewParams, decode_view, replay_array
+
+
+@dataclass(frozen=True)
+class Partner:
+    """The other image of a paired view and how it is mixed in."""
+
+    image: Image.Image
+    params: ViewParams  # the partner's own view (same view index)
+    pair: PairParams
+
+
+def render(image: Image.Image, params: ViewParams, size: int, spec: ViewSpec,
+           partner: Partner | None = None) -> np.ndarray:
+    """The view's pixels (size, size, 3) uint8; mixed with `partner` for a paired view."""
+    pixels = replay_array(image, params, size, spec)
+    if partner is None:
+        return pixels
+    return mix_pixels(pixels, replay_array(partner.image, partner.params, size, spec), partner.pair)
+
+
+@dataclass(frozen=True)
+class StoredView:
+    """One (slot, view) as a cache stores it."""
+
+    params: ViewParams
+    pair: PairParams | None  # None: plain cache, or a paired cache's view drawn without a partner
+    partner_params: ViewParams | None  # the partner's view, same view index
+
+    @property
+    def partner_position(self) -> int | None:
+        """The partner's position in the shard (pair.partner), when the view is mixed."""
+        return None if self.pair is None else self.pair.partner
+
+
+def _array(arrays, name: str):
+    """`arrays` is a schema.ShardBlock or a dict of arrays with the same names."""
+    if isinstance(arrays, Mapping):
+        return arrays.get(name)
+    return getattr(arrays, name, None)
+
+
+def _params(arrays, at: tuple) -> ViewParams:
+    return decode_view(tuple(_array(arrays, "boxes")[at]), bool(_array(arrays, "flips")[at]),
+                       _array(arrays, "aug_ops")[at], _array(arrays, "aug_levels")[at],
+                       _array(arrays, "aug_resample")[at])
+
+
+def stored_view(arrays, pos: int, view: int | None, first_slot: int) -> StoredView:
+    """Read (position `pos`, `view`) of one shard's stored arrays.
+
+    arrays: the shard's block, either with the view axis (then `view` picks it) or one view's
+    block (`view` None). first_slot: the shard's first slot (mix_partner holds slots)."""
+    at = (pos,) if view is None else (pos, view)
+    params = _params(arrays, at)
+    kinds = _array(arrays, "mix_kind")
+    if kinds is None or int(kinds[at]) == NO_MIX:
+        return StoredView(params, None, None)
+    q = int(_array(arrays, "mix_partner")[at]) - first_slot
+    pair = PairParams(q, int(kinds[at]), float(_array(arrays, "mix_lam")[at]),
+                      tuple(float(x) for x in _array(arrays, "mix_box")[at]))
+    return StoredView(params, pair, _params(arrays, (q,) if view is None else (q, view)))
+
+
+def render_stored(view: StoredView, image: Image.Image, partner_image: Callable[[int], Image.Image | None],
+                  size: int, spec: ViewSpec) -> np.ndarray:
+    """The pixels the teacher saw for a stored view. partner_image(position) decodes the
+    partner (None when it does not decode: a ValueError naming the position)."""
+    partner = None
+    if view.pair is not None:
+        other = partner_image(view.pair.partner)
+        if other is None:
+            raise ValueError(f"partner position {view.pair.partner} does not decode")
+        partner = Partner(other, view.partner_params, view.pair)
+    return render(image, view.params, size, spec, partner)
