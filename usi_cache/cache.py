@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from . import __version__, schema, storage
+from . import __version__, replay_check, schema, storage
 from .config import CacheConfig, ViewSpec, to_dict
 from .dist import World, all_gather_objects, barrier, broadcast_object, close_world, init_world
 from .randaugment import OP_NAMES
@@ -177,6 +177,10 @@ def _prepare_store(cfg: CacheConfig, attrs: dict, layout: schema.Layout) -> str 
     diff = schema.attrs_difference(found, attrs)
     if diff:
         return f"{out}: existing cache differs in {diff}; use --overwrite to replace it"
+    made = (found.get("replay") or {}).get("env")
+    if made and made != replay_check.decoder_env():  # its pixels would not match the ones already cached
+        return (f"{out}: made with {replay_check.describe(made)}, this machine has "
+                f"{replay_check.describe(replay_check.decoder_env())}; finish it where it was made, or --overwrite")
     return None
 
 
@@ -225,6 +229,9 @@ def _run(cfg: CacheConfig, world: World, progress: bool) -> dict:
     if world.is_main:
         summary = _finish(cfg, group, layout, manifest, all_times, len(pending),
                           time.perf_counter() - t_start)
+        _, attrs = schema.open_cache(cfg.out)
+        with storage.errors(cfg.out, "writing the cache's attributes", "every shard is committed: rerun to finish"):
+            summary["replay_env"] = replay_check.record(group, attrs, manifest)["env"]
         if cfg.audit:
             from .audit import run_audit
             _, attrs = schema.open_cache(cfg.out)

@@ -273,6 +273,8 @@ def _model_kwargs(ctx, param, value):
 @click.option("--seed", type=int)
 @click.option("--max-steps", type=int, help="Cap on steps per epoch.")
 @click.option("--repeated-aug", type=int, help="Distinct views of each sample per epoch (USI: 3 when distributed).")
+@click.option("--allow-replay-mismatch/--no-allow-replay-mismatch", default=None,
+              help="Train although this machine's decoders re-render the cache's views differently.")
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.pth.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @one_line_errors

@@ -154,6 +154,7 @@ class TrainConfig:
     shuffle_buffer: int = 1000  # samples held for shuffling, per worker
     repeated_aug: int = 1  # each sample seen with this many distinct views per epoch (same steps)
     max_steps: int | None = None  # cap on steps per epoch (smoke tests, benchmarks)
+    allow_replay_mismatch: bool = False  # train although this machine re-renders the cache's views differently
     view: ViewSpec = field(default_factory=ViewSpec)  # label-only/online views; a cache brings its own
 
     def validate(self) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import schema, storage
+from . import replay_check, schema, storage
 from .mixing import CUTMIX, MIXUP, NO_MIX
 from .randaugment import GEOMETRIC_OPS
 from .shards import Manifest, ShardError, load_manifest, read_shard
@@ -153,7 +153,23 @@ def summarize(path: str | Path) -> dict:
                  "bytes_per_view": usage["total"] / views if views else None,
                  "bytes_per_view_by_array": {n: usage[n] / views if views else None for n in schema.ARRAYS}},
         "audit": attrs.get("audit"),  # the top-k fidelity table (audit.py), when one was run
+        "replay": replay_status(group, attrs),
     }
+
+
+def replay_status(group, attrs: dict) -> dict:
+    """The decoders the cache was made with and whether this machine re-renders its fingerprint
+    views bit for bit (from the shards at the recorded root; not checked when they are gone)."""
+    recorded = attrs.get("replay")
+    out = {"recorded": replay_check.describe(recorded["env"]) if recorded else None,
+           "here": replay_check.describe(replay_check.decoder_env()), "pixels": "not recorded"}
+    if recorded and recorded.get("sha256"):
+        try:
+            why = replay_check.mismatch(group, attrs, shards_for(attrs, None))
+            out["pixels"] = why or f"{len(recorded['views'])} fingerprint views re-rendered bit for bit"
+        except (schema.CacheError, ShardError, storage.StorageError) as e:
+            out["pixels"] = f"not checked ({e})"
+    return out
 
 
 def format_summary(s: dict) -> str:
@@ -177,6 +193,8 @@ def format_summary(s: dict) -> str:
         ("invalid samples", f"{inv['count']}" + (f" ({shown})" if inv["keys"] else "")),
         ("size on disk", f"{s['disk']['total'] / 1e6:.3f} MB, {_num(s['disk']['bytes_per_view'], 1)} bytes per view "
                          f"({s['disk']['cached_views']} views)"),
+        ("replay", f"made with {s['replay']['recorded'] or 'unrecorded decoders'}; here {s['replay']['here']}: "
+                   f"{s['replay']['pixels']}"),
     ]
     width = max(len(r[0]) for r in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]

@@ -71,7 +71,7 @@ PER_SLOT = ("keys", "labels")
 ARRAYS = PER_VIEW + PER_SLOT  # every cache has these
 # Attribute fields that may legitimately differ between runs writing to the same cache
 # (the checkpoint's path may move; its sha256 is what identifies the teacher).
-VOLATILE_ATTRS = ("created", "tool_version", "invalid", "teacher.checkpoint", "dataset.root", "audit")
+VOLATILE_ATTRS = ("created", "tool_version", "invalid", "teacher.checkpoint", "dataset.root", "audit", "replay")
 
 
 class CacheError(ValueError):
@@ -206,6 +206,7 @@ def make_attrs(*, teacher: dict, num_classes: int, topk: int, views: int, view_s
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "invalid": [],  # keys of undecodable samples, filled in when the run completes
         # "audit": added by `set_audit` (audit.py): the top-k fidelity table, when one was run
+        # "replay": added by `set_replay` (replay_check.py): decoder environment + pixel fingerprint
     }
 
 
@@ -301,6 +302,13 @@ def open_arrays(group: zarr.Group, layout: Layout) -> dict[str, zarr.Array]:
 def set_invalid(group: zarr.Group, invalid: list[str]) -> None:
     attrs = dict(group.attrs[ATTR])
     attrs["invalid"] = invalid
+    group.attrs[ATTR] = attrs
+
+
+def set_replay(group: zarr.Group, replay: dict) -> None:
+    """Record the decoder environment and replay fingerprint (replay_check.py) of a finished cache."""
+    attrs = dict(group.attrs[ATTR])
+    attrs["replay"] = replay
     group.attrs[ATTR] = attrs
 
 

@@ -24,7 +24,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from . import schema, storage
+from . import replay_check, schema, storage
 from .config import TrainConfig, ViewSpec, to_dict
 from .dist import World, all_gather_objects, barrier, broadcast_object, close_world, init_world
 from .epoch_plan import PlanError, PlanSpec, summarize
@@ -71,6 +71,12 @@ def resolve_targets(cfg: TrainConfig, world: World, fingerprint: str, num_classe
         if not schema.completed_shards(group, layout).all():
             raise schema.CacheError(f"{cfg.cache}: incomplete (some shards were never committed); "
                                     f"finish it with cache_teacher.py first")
+        why = replay_check.mismatch(group, attrs, load_manifest(cfg.train_shards))
+        if why and not cfg.allow_replay_mismatch:
+            raise schema.CacheError(f"{cfg.cache}: {why}; the student would be taught with pixels the teacher "
+                                    f"never saw (--allow-replay-mismatch trains anyway)")
+        if why:
+            log(f"warning: {why}; training anyway (--allow-replay-mismatch)")
         spec = schema.view_spec(attrs)
         if spec != cfg.view:
             log(f"using the cache's view spec (randaugment {spec.randaugment!r}); the config's view section is not used")

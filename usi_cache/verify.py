@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import schema, storage
+from . import replay_check, schema, storage
 from .config import ConfigError
 from .inspect_cache import BIG
 from .randaugment import OP_NAMES, parse_policy
@@ -49,7 +49,7 @@ from .render import render_stored, stored_view
 from .views import encode_ops, sample_view, view_rng
 
 CHECKS = ("attributes", "fingerprint", "complete", "chunk files", "checksums", "keys", "labels", "finite",
-          "class range", "sorted", "top-k mass", "boxes", "view params", "recompute")
+          "class range", "sorted", "top-k mass", "boxes", "view params", "replay", "recompute")
 SHOWN = 8  # problems listed per check; the rest are counted
 
 
@@ -73,6 +73,7 @@ class VerifyReport:
     valid: int = 0  # valid samples in committed shards
     compared: int = 0  # of which compared with their image in the shards (key in place)
     recompute: dict | None = None
+    replay: str = ""  # what the replay check compared
 
     @property
     def ok(self) -> bool:
@@ -124,6 +125,7 @@ def verify_cache(path: str | Path, shards_dir: str | Path, *, recompute: int = 0
     if stray and rep.complete == layout.num_shards:
         rep.add("labels", None, f"the cache's invalid list names {len(stray)} key(s) that are not stored with "
                                 f"label -1: {', '.join(stray[:5])}")
+    _check_replay(rep, group, attrs, manifest, layout)
     rep.recompute = ctx.rc
     if teacher is not None and ctx.rc["views"] == 0:
         rep.add("recompute", None, "no view could be re-run (no committed, intact sample)")
@@ -575,6 +577,26 @@ def _recompute(rep: VerifyReport, ctx: _Context, i: int, x: dict, known: np.ndar
                                 f"(largest difference {float(diff[j].max()):.4g})")
 
 
+def _check_replay(rep: VerifyReport, group, attrs: dict, manifest: Manifest | None, layout) -> None:
+    """This machine re-renders the cache's fingerprint views bit for bit (replay_check.py)."""
+    recorded = attrs.get("replay")
+    if not recorded or not recorded.get("sha256"):
+        rep.replay = "no fingerprint recorded (a cache made before replay fingerprints)"
+        return
+    rep.replay = f"made with {replay_check.describe(recorded['env'])}"
+    if manifest is None or rep.complete < layout.num_shards:
+        rep.replay += "; not compared (shards or cache incomplete)"
+        return
+    try:
+        why = replay_check.mismatch(group, attrs, manifest)
+    except (ShardError, schema.CacheError, ValueError, IndexError) as e:
+        why = f"cannot re-render the fingerprint views ({e})"
+    if why:
+        rep.add("replay", None, why)
+    else:
+        rep.replay += f"; {len(recorded['views'])} views re-rendered bit for bit here"
+
+
 # ---------------------------------------------------------------------------------------------
 # report
 
@@ -592,6 +614,8 @@ def format_report(rep: VerifyReport) -> str:
             note = f"  ({rep.complete}/{rep.shards} shards committed)"
         elif check in ("labels", "boxes", "view params") and rep.compared < rep.valid:
             note = f"  (only {rep.compared} of {rep.valid} samples could be compared with the shards)"
+        elif check == "replay" and rep.replay:
+            note = f"  ({rep.replay})"
         elif check == "recompute" and rep.recompute:
             r = rep.recompute
             note = (f"  ({r['views']} views re-run on {r['device']}: largest log-probability "

@@ -1,0 +1,82 @@
+"""Portable replay, checked: does this machine rebuild the pixels the teacher saw?
+
+Bit-identical replay depends on the image decoders and resamplers of the machine: Pillow's
+version (Pillow-SIMD resizes differently), its JPEG library (libjpeg vs libjpeg-turbo, and
+their versions) and zlib. Stage 1 records that environment in the cache together with a
+fingerprint: the sha256 of the rendered pixels of a fixed handful of views (the first few valid
+samples of the first shard that has one, at the first and the last view). Stage 2, `usi verify`
+and `usi inspect` re-render those views with `render.render_stored` and compare; a mismatch
+means the student would be taught with pixels the teacher never saw.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from . import schema
+from .mixing import PartnerImages
+from .render import render_stored, stored_view
+from .shards import Manifest, read_shard
+
+SAMPLES = 4  # samples of the fingerprint (x up to 2 views each)
+
+
+def decoder_env() -> dict:
+    """The libraries that turn encoded bytes into the replayed pixels, with their versions."""
+    import PIL
+    from PIL import features
+    return {"pillow": PIL.__version__, "jpeg": features.version("jpg"),
+            "libjpeg_turbo": bool(features.check_feature("libjpeg_turbo")), "zlib": features.version("zlib")}
+
+
+def describe(env: dict) -> str:
+    jpeg = f"{'libjpeg-turbo' if env.get('libjpeg_turbo') else 'libjpeg'} {env.get('jpeg')}"
+    return f"Pillow {env.get('pillow')}, {jpeg}, zlib {env.get('zlib')}"
+
+
+def fingerprint(group, attrs: dict, manifest: Manifest) -> dict:
+    """{"env", "views": [[slot, view], ...], "sha256"} for this machine's rendering of the cache
+    (no views and no sha256 when no sample of the cache decoded)."""
+    layout = schema.Layout.from_attrs(attrs)
+    labels = schema.read_array(group, "labels", slice(0, layout.slots)).reshape(layout.num_shards, -1)
+    usable = np.flatnonzero((labels >= 0).any(axis=1))
+    if not len(usable):
+        return {"env": decoder_env(), "views": [], "sha256": None}
+    shard = int(usable[0])
+    positions = np.flatnonzero(labels[shard] >= 0)[:SAMPLES].tolist()
+    views = sorted({0, layout.views - 1})
+    block = schema.read_block(group, layout, shard)
+    last = max(positions)
+    encoded = [s.data for p, s in zip(range(layout.slots_per_shard), read_shard(manifest.path(shard)))
+               if layout.paired or p <= last]
+    images = PartnerImages(encoded, capacity=2 * SAMPLES)
+    digest, picked = hashlib.sha256(), []
+    spec, size = schema.view_spec(attrs), int(attrs["teacher"]["input_size"])
+    first = shard * layout.slots_per_shard
+    for p in positions:
+        for v in views:
+            pixels = render_stored(stored_view(block, p, v, first), images.get(p), images.get, size, spec)
+            digest.update(np.ascontiguousarray(pixels).tobytes())
+            picked.append([first + p, v])
+    return {"env": decoder_env(), "views": picked, "sha256": digest.hexdigest()}
+
+
+def record(group, attrs: dict, manifest: Manifest) -> dict:
+    """Stage 1, once every shard is committed: store this machine's fingerprint in the cache."""
+    replay = fingerprint(group, attrs, manifest)
+    schema.set_replay(group, replay)
+    return replay
+
+
+def mismatch(group, attrs: dict, manifest: Manifest) -> str | None:
+    """None when this machine re-renders the recorded views bit for bit (or the cache predates
+    the record); otherwise a one-line explanation naming both environments."""
+    recorded = attrs.get("replay")
+    if not recorded or not recorded["sha256"]:
+        return None
+    now = fingerprint(group, attrs, manifest)
+    if now["sha256"] == recorded["sha256"]:
+        return None
+    return (f"replayed pixels differ from the ones the teacher saw ({len(recorded['views'])} fingerprint views): "
+            f"the cache was made with {describe(recorded['env'])}, this machine has {describe(now['env'])}")
