@@ -46,7 +46,9 @@ def fingerprint(group, attrs: dict, manifest: Manifest) -> dict:
     shard = int(usable[0])
     positions = np.flatnonzero(labels[shard] >= 0)[:SAMPLES].tolist()
     views = sorted({0, layout.views - 1})
-    block = schema.read_block(group, layout, shard)
+    rows = layout.rows(shard)  # only what rendering reads (a damaged logits chunk is verify's to report)
+    block = {name: schema.read_array(group, name, rows)
+             for name in schema.VIEW_PARAMS + (schema.MIX_ARRAYS if layout.paired else ())}
     last = max(positions)
     encoded = [s.data for p, s in zip(range(layout.slots_per_shard), read_shard(manifest.path(shard)))
                if layout.paired or p <= last]
