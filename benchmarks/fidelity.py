@@ -42,7 +42,8 @@ def derive(src: Path, dst: Path, *, k: int | None = None, views: int | None = No
     group, attrs = schema.open_cache(src)
     layout = schema.Layout.from_attrs(attrs)
     k, views = k or layout.topk, views or layout.views
-    new = dict(attrs, topk=k, views=views)
+    # the replay fingerprint and the audit describe the source's views and k: not carried over
+    new = {n: a for n, a in dict(attrs, topk=k, views=views).items() if n not in ("replay", "audit")}
     new_layout = schema.Layout(layout.num_shards, layout.slots_per_shard, views, k, layout.num_classes,
                                layout.op_slots)
     out = schema.create(dst, new, new_layout)

@@ -191,3 +191,7 @@ def test_verify_recompute_fails_a_corrupted_pairing(paired, tmp_path):
     group["mix_partner"][:] = np.where(kind != NO_MIX, own, partner)  # each mixed with itself
     output, verdict = _verify_recompute(paired, cache)
     assert verdict.startswith("verdict: FAILED") and "recompute" in verdict, output
+    # without a teacher too: pairings are drawn from the seed, like the view parameters
+    r = CliRunner().invoke(main, ["verify", str(cache), "--shards", str(paired["shards"])])
+    assert r.exit_code == 1 and "view params" in r.output.strip().splitlines()[-1], r.output
+    assert "mix_partner in" in r.output

@@ -30,15 +30,15 @@ def as_if_made_elsewhere(made, tmp_path):
     cache = tmp_path / "c.zarr"
     shutil.copytree(made["cache"], cache)
     group, attrs = schema.open_cache(cache, mode="r+")
-    other = {**attrs["replay"], "env": {**attrs["replay"]["env"], "pillow": "9.5.0.post1"}, "sha256": "0" * 64}
-    schema.set_replay(group, other)
+    env = {**attrs["replay"]["env"], "pillow": "9.5.0.post1"}
+    group.attrs[schema.ATTR] = {**attrs, "decoders": env, "replay": {**attrs["replay"], "env": env, "sha256": "0" * 64}}
     return cache
 
 
 def test_a_new_cache_records_decoders_and_a_fingerprint_that_reproduces(made):
     group, attrs = schema.open_cache(made["cache"])
     rec = attrs["replay"]
-    assert rec["env"] == replay_check.decoder_env() and len(rec["sha256"]) == 64
+    assert rec["env"] == replay_check.decoder_env() == attrs["decoders"] and len(rec["sha256"]) == 64
     assert [v for _, v in rec["views"]] == [0, 2] * 4
     labels = group["labels"][:]
     assert all(labels[slot] >= 0 for slot, _ in rec["views"])  # never the undecodable sample
@@ -76,3 +76,14 @@ def test_stage1_will_not_finish_a_cache_begun_with_other_decoders(made, tmp_path
     cache = as_if_made_elsewhere(made, tmp_path)
     r = CliRunner().invoke(main, ["cache", *cache_args(made["train"], made["ckpt"], cache), "--views", "3"])
     assert r.exit_code == 1 and "made with Pillow 9.5.0.post1" in r.output, r.output
+
+
+def test_a_machine_that_cannot_decode_the_fingerprint_views_is_told_so(made, monkeypatch):
+    """A missing codec is the kind of difference the check exists for: one line, no traceback."""
+    def refuse(data):
+        raise ValueError("undecodable image (no codec)")
+    monkeypatch.setattr("usi_cache.shards.decode_image", refuse)
+    group, attrs = schema.open_cache(made["cache"])
+    why = replay_check.mismatch(group, attrs, load_manifest(made["train"]))
+    assert why.startswith("this machine cannot rebuild the fingerprint views (the image does not decode)"), why
+    assert "although this machine reports the same decoders" in why

@@ -85,7 +85,7 @@ def replayed_views(group, attrs: dict, layout: schema.Layout, manifest, n: int, 
             encoded.append(sample.data if p in wanted or layout.paired else b"")
         images_at = PartnerImages(encoded)
         for p, v in zip(slots.tolist(), views.tolist()):
-            stored = stored_view(block, p, v, shard * layout.slots_per_shard)
+            stored = stored_view(block, p, v, shard * layout.slots_per_shard, layout.slots_per_shard)
             try:
                 images.append(render_stored(stored, images_at.get(p), images_at.get, size, spec))
             except ValueError as e:

@@ -177,10 +177,10 @@ def _prepare_store(cfg: CacheConfig, attrs: dict, layout: schema.Layout) -> str 
     diff = schema.attrs_difference(found, attrs)
     if diff:
         return f"{out}: existing cache differs in {diff}; use --overwrite to replace it"
-    made = (found.get("replay") or {}).get("env")
-    if made and made != replay_check.decoder_env():  # its pixels would not match the ones already cached
+    made = found.get("decoders") or (found.get("replay") or {}).get("env")
+    if made and made != attrs["decoders"]:  # its pixels would not match the ones already cached
         return (f"{out}: made with {replay_check.describe(made)}, this machine has "
-                f"{replay_check.describe(replay_check.decoder_env())}; finish it where it was made, or --overwrite")
+                f"{replay_check.describe(attrs['decoders'])}; finish it where it was made, or --overwrite")
     return None
 
 
@@ -213,6 +213,11 @@ def _run(cfg: CacheConfig, world: World, progress: bool) -> dict:
                               op_slots=layout.op_slots, seed=cfg.seed,
                               manifest={**manifest.to_dict(), "root": storage.resolve(manifest.root)},
                               tool_version=__version__, mix=_mix_spec(cfg))
+    try:  # every rank renders the views it caches: their decoders must agree
+        replay_check.refuse_mixed(all_gather_objects(world, replay_check.decoder_env()), cfg.out)
+    except ValueError as e:
+        raise schema.CacheError(str(e)) from None
+    attrs["decoders"] = replay_check.decoder_env()
     error = _prepare_store(cfg, attrs, layout) if world.is_main else None
     error = broadcast_object(world, error)
     if error:
@@ -264,7 +269,12 @@ def _compute(cfg, world, manifest: Manifest, layout, group, teacher, size, mine,
             if msg["kind"] == "batch":
                 t = time.perf_counter()
                 images = torch.as_tensor(msg["images"])
-                logits = teacher(images)
+                logits = teacher(images)  # float32 on the CPU: checking it costs no device sync
+                if not torch.isfinite(logits).all():
+                    key = str(block.keys[int(msg["pos"][0])]) or f"position {int(msg['pos'][0])}"
+                    raise schema.CacheError(
+                        f"{manifest.path(shard)}: the teacher's output is not finite (near sample {key}) at "
+                        f"precision {teacher.precision}; use --teacher-precision bf16 or fp32")
                 values, classes, lse = topk_targets(logits, layout.topk)
                 p, v = np.asarray(msg["pos"]), np.asarray(msg["view"])
                 block.logits[p, v], block.classes[p, v], block.lse[p, v] = values, classes, lse

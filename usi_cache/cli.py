@@ -295,7 +295,7 @@ main.add_command(train_command)
 @click.option("--key", help="Show one sample by its key.")
 @click.option("--slot", type=click.IntRange(min=0), help="Show one sample by its slot (row).")
 @click.option("--shards", "shards_dir", type=click.Path(file_okay=False),
-              help="Shard folder, to draw one sample's original image with --plot.")
+              help="Shard folder (default: where the cache recorded them): for the replay check and a sample's plot.")
 @click.option("--shard-range", help="Statistics over shards A:B only (B exclusive).")
 @click.option("--sample-views", type=click.IntRange(min=1), help="Statistics over a random sample of N views.")
 @click.option("--seed", default=0, show_default=True, help="Seed of --sample-views.")

@@ -111,7 +111,7 @@ def _ranges(indices) -> str:
 # summary
 
 
-def summarize(path: str | Path) -> dict:
+def summarize(path: str | Path, shards_dir: str | Path | None = None) -> dict:
     """Attributes, completeness per shard, invalid samples and size on disk of a cache."""
     group, attrs = schema.open_cache(path)
     layout = schema.Layout.from_attrs(attrs)
@@ -153,19 +153,19 @@ def summarize(path: str | Path) -> dict:
                  "bytes_per_view": usage["total"] / views if views else None,
                  "bytes_per_view_by_array": {n: usage[n] / views if views else None for n in schema.ARRAYS}},
         "audit": attrs.get("audit"),  # the top-k fidelity table (audit.py), when one was run
-        "replay": replay_status(group, attrs),
+        "replay": replay_status(group, attrs, shards_dir),
     }
 
 
-def replay_status(group, attrs: dict) -> dict:
+def replay_status(group, attrs: dict, shards_dir=None) -> dict:
     """The decoders the cache was made with and whether this machine re-renders its fingerprint
-    views bit for bit (from the shards at the recorded root; not checked when they are gone)."""
+    views bit for bit (from `shards_dir` or the recorded root; not checked when they are gone)."""
     recorded = attrs.get("replay")
     out = {"recorded": replay_check.describe(recorded["env"]) if recorded else None,
            "here": replay_check.describe(replay_check.decoder_env()), "pixels": "not recorded"}
     if recorded and recorded.get("sha256"):
         try:
-            why = replay_check.mismatch(group, attrs, shards_for(attrs, None))
+            why = replay_check.mismatch(group, attrs, shards_for(attrs, shards_dir))
             out["pixels"] = why or f"{len(recorded['views'])} fingerprint views re-rendered bit for bit"
         except (schema.CacheError, ShardError, storage.StorageError) as e:
             out["pixels"] = f"not checked ({e})"
@@ -575,7 +575,10 @@ def replay_sample(path: str | Path, info: dict, shards_dir: str | Path | None):
     spec, size = schema.view_spec(attrs), int(attrs["teacher"]["input_size"])
     views = []
     for v in range(layout.views):
-        stored = stored_view(block, pos, v, shard * layout.slots_per_shard)
+        try:
+            stored = stored_view(block, pos, v, shard * layout.slots_per_shard, layout.slots_per_shard)
+        except ValueError as e:
+            raise schema.CacheError(f"slot {shard * layout.slots_per_shard + pos} view {v}: {e}") from None
         own = Image.fromarray(render(image, stored.params, size, spec))
         if stored.pair is None:
             views.append(own)
@@ -611,9 +614,7 @@ def run_inspect(path: str | Path, *, key: str | None = None, slot: int | None = 
     if one and (shard_range is not None or sample_views is not None):
         raise click.UsageError("--shard-range and --sample-views restrict the statistics; "
                                "they do not apply to one sample (--key/--slot)")
-    if shards_dir is not None and not (one and plot):
-        raise click.UsageError("--shards is only read to draw one sample's image (--key/--slot with --plot)")
-    report = {"summary": summarize(path), "stats": None, "sample": None, "plot": None}
+    report = {"summary": summarize(path, shards_dir), "stats": None, "sample": None, "plot": None}
     if one:
         report["sample"] = sample_info(path, find_slot(path, key=key, slot=slot))
         if plot:

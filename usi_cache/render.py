@@ -66,17 +66,21 @@ def _params(arrays, at: tuple) -> ViewParams:
                        _array(arrays, "aug_resample")[at])
 
 
-def stored_view(arrays, pos: int, view: int | None, first_slot: int) -> StoredView:
+def stored_view(arrays, pos: int, view: int | None, first_slot: int, slots_per_shard: int) -> StoredView:
     """Read (position `pos`, `view`) of one shard's stored arrays.
 
     arrays: the shard's block, either with the view axis (then `view` picks it) or one view's
-    block (`view` None). first_slot: the shard's first slot (mix_partner holds slots)."""
+    block (`view` None). first_slot: the shard's first slot (mix_partner holds slots); a
+    partner outside the shard is a ValueError."""
     at = (pos,) if view is None else (pos, view)
     params = _params(arrays, at)
     kinds = _array(arrays, "mix_kind")
     if kinds is None or int(kinds[at]) == NO_MIX:
         return StoredView(params, None, None)
     q = int(_array(arrays, "mix_partner")[at]) - first_slot
+    if not 0 <= q < slots_per_shard:
+        raise ValueError(f"stored partner slot {q + first_slot} is outside the shard (slots {first_slot}.."
+                         f"{first_slot + slots_per_shard - 1})")
     pair = PairParams(q, int(kinds[at]), float(_array(arrays, "mix_lam")[at]),
                       tuple(float(x) for x in _array(arrays, "mix_box")[at]))
     return StoredView(params, pair, _params(arrays, (q,) if view is None else (q, view)))
@@ -86,6 +90,8 @@ def render_stored(view: StoredView, image: Image.Image, partner_image: Callable[
                   size: int, spec: ViewSpec) -> np.ndarray:
     """The pixels the teacher saw for a stored view. partner_image(position) decodes the
     partner (None when it does not decode: a ValueError naming the position)."""
+    if image is None:
+        raise ValueError("the image does not decode")
     partner = None
     if view.pair is not None:
         other = partner_image(view.pair.partner)

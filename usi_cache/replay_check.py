@@ -35,17 +35,32 @@ def describe(env: dict) -> str:
     return f"Pillow {env.get('pillow')}, {jpeg}, zlib {env.get('zlib')}"
 
 
-def fingerprint(group, attrs: dict, manifest: Manifest) -> dict:
-    """{"env", "views": [[slot, view], ...], "sha256"} for this machine's rendering of the cache
-    (no views and no sha256 when no sample of the cache decoded)."""
-    layout = schema.Layout.from_attrs(attrs)
+def pick(group, layout: schema.Layout) -> list[list[int]]:
+    """The fingerprint's [slot, view] pairs: the first SAMPLES valid samples of the first shard
+    holding one, at the first and the last view (none when no sample decoded)."""
     labels = schema.read_array(group, "labels", slice(0, layout.slots)).reshape(layout.num_shards, -1)
     usable = np.flatnonzero((labels >= 0).any(axis=1))
     if not len(usable):
-        return {"env": decoder_env(), "views": [], "sha256": None}
+        return []
     shard = int(usable[0])
-    positions = np.flatnonzero(labels[shard] >= 0)[:SAMPLES].tolist()
-    views = sorted({0, layout.views - 1})
+    first = shard * layout.slots_per_shard
+    return [[first + int(p), v] for p in np.flatnonzero(labels[shard] >= 0)[:SAMPLES]
+            for v in sorted({0, layout.views - 1})]
+
+
+def fingerprint(group, attrs: dict, manifest: Manifest, views: list[list[int]] | None = None) -> dict:
+    """{"env", "views": [[slot, view], ...], "sha256"} for this machine's rendering of `views` (by
+    default `pick`'s); no sha256 when there is nothing to render. A view that cannot be rendered
+    here (an image this machine's decoders refuse) raises ValueError."""
+    layout = schema.Layout.from_attrs(attrs)
+    views = pick(group, layout) if views is None else views
+    if not views:
+        return {"env": decoder_env(), "views": [], "sha256": None}
+    shard = views[0][0] // layout.slots_per_shard
+    first = shard * layout.slots_per_shard
+    if any(slot // layout.slots_per_shard != shard or not 0 <= v < layout.views for slot, v in views):
+        raise ValueError(f"the recorded fingerprint views {views[:2]}... are not views of one shard of this cache")
+    positions = sorted({slot - first for slot, _ in views})
     rows = layout.rows(shard)  # only what rendering reads (a damaged logits chunk is verify's to report)
     block = {name: schema.read_array(group, name, rows)
              for name in schema.VIEW_PARAMS + (schema.MIX_ARRAYS if layout.paired else ())}
@@ -53,15 +68,14 @@ def fingerprint(group, attrs: dict, manifest: Manifest) -> dict:
     encoded = [s.data for p, s in zip(range(layout.slots_per_shard), read_shard(manifest.path(shard)))
                if layout.paired or p <= last]
     images = PartnerImages(encoded, capacity=2 * SAMPLES)
-    digest, picked = hashlib.sha256(), []
+    digest = hashlib.sha256()
     spec, size = schema.view_spec(attrs), int(attrs["teacher"]["input_size"])
-    first = shard * layout.slots_per_shard
-    for p in positions:
-        for v in views:
-            pixels = render_stored(stored_view(block, p, v, first), images.get(p), images.get, size, spec)
-            digest.update(np.ascontiguousarray(pixels).tobytes())
-            picked.append([first + p, v])
-    return {"env": decoder_env(), "views": picked, "sha256": digest.hexdigest()}
+    for slot, v in views:
+        p = slot - first
+        pixels = render_stored(stored_view(block, p, v, first, layout.slots_per_shard), images.get(p),
+                               images.get, size, spec)
+        digest.update(np.ascontiguousarray(pixels).tobytes())
+    return {"env": decoder_env(), "views": [list(v) for v in views], "sha256": digest.hexdigest()}
 
 
 def record(group, attrs: dict, manifest: Manifest) -> dict:
@@ -77,8 +91,24 @@ def mismatch(group, attrs: dict, manifest: Manifest) -> str | None:
     recorded = attrs.get("replay")
     if not recorded or not recorded["sha256"]:
         return None
-    now = fingerprint(group, attrs, manifest)
-    if now["sha256"] == recorded["sha256"]:
+    here = decoder_env()
+    try:
+        now = fingerprint(group, attrs, manifest, recorded["views"])["sha256"]
+    except ValueError as e:
+        now, why = None, f"this machine cannot rebuild the fingerprint views ({e})"
+    if now == recorded["sha256"]:
         return None
-    return (f"replayed pixels differ from the ones the teacher saw ({len(recorded['views'])} fingerprint views): "
-            f"the cache was made with {describe(recorded['env'])}, this machine has {describe(now['env'])}")
+    if now is not None:
+        why = f"replayed pixels differ from the ones the teacher saw ({len(recorded['views'])} fingerprint views)"
+    made = describe(recorded["env"])
+    if recorded["env"] == here:
+        return f"{why}, although this machine reports the same decoders ({made})"
+    return f"{why}: the cache was made with {made}, this machine has {describe(here)}"
+
+
+def refuse_mixed(envs: list[dict], what: str) -> None:
+    """Ranks of one run must decode alike: a ValueError naming the first two that differ."""
+    for rank, env in enumerate(envs):
+        if env != envs[0]:
+            raise ValueError(f"{what}: rank 0 has {describe(envs[0])}, rank {rank} has {describe(env)}; "
+                             f"every rank must render views alike")

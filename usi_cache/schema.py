@@ -71,7 +71,8 @@ PER_SLOT = ("keys", "labels")
 ARRAYS = PER_VIEW + PER_SLOT  # every cache has these
 # Attribute fields that may legitimately differ between runs writing to the same cache
 # (the checkpoint's path may move; its sha256 is what identifies the teacher).
-VOLATILE_ATTRS = ("created", "tool_version", "invalid", "teacher.checkpoint", "dataset.root", "audit", "replay")
+VOLATILE_ATTRS = ("created", "tool_version", "invalid", "teacher.checkpoint", "dataset.root", "audit", "replay",
+                  "decoders")  # decoders: compared on their own (cache.py), so older caches still resume
 
 
 class CacheError(ValueError):
@@ -206,6 +207,7 @@ def make_attrs(*, teacher: dict, num_classes: int, topk: int, views: int, view_s
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "invalid": [],  # keys of undecodable samples, filled in when the run completes
         # "audit": added by `set_audit` (audit.py): the top-k fidelity table, when one was run
+        # "decoders": set by stage 1 when it creates the cache (replay_check.decoder_env)
         # "replay": added by `set_replay` (replay_check.py): decoder environment + pixel fingerprint
     }
 

@@ -386,7 +386,7 @@ def load_teacher(name: str, checkpoint: str | None, *, num_classes: int, pretrai
 
 def load_cache_teacher(attrs: dict, checkpoint: str | None, device: str | None = None) -> tuple[Teacher, str | None]:
     """The teacher a cache was made with, from its `usi_cache` attributes, at the recorded
-    precision (caches from before it was recorded: fp32, the reference), on `device`
+    precision (caches from before it was recorded ran bf16 autocast on CUDA, fp32 elsewhere), on `device`
     (default CUDA when available). Returns (teacher, None), or (teacher, why) when the
     checkpoint's sha256 is not the recorded one. A checkpoint-made cache needs `checkpoint`."""
     t = attrs["teacher"]
@@ -404,7 +404,7 @@ def load_cache_teacher(attrs: dict, checkpoint: str | None, device: str | None =
         device = "cuda" if torch.cuda.is_available() else "cpu"
     teacher, _ = load_teacher(t["name"], checkpoint, num_classes=int(attrs["num_classes"]),
                               input_size=int(t["input_size"]), mean=t["mean"], std=t["std"], device=device,
-                              precision=t.get("precision", "fp32"))
+                              precision=t.get("precision") or ("bf16" if torch.device(device).type == "cuda" else "fp32"))
     return teacher, mismatch
 
 

@@ -71,7 +71,9 @@ def resolve_targets(cfg: TrainConfig, world: World, fingerprint: str, num_classe
         if not schema.completed_shards(group, layout).all():
             raise schema.CacheError(f"{cfg.cache}: incomplete (some shards were never committed); "
                                     f"finish it with cache_teacher.py first")
-        why = replay_check.mismatch(group, attrs, load_manifest(cfg.train_shards))
+        # every rank re-renders the fingerprint (nodes may differ); all stop together on any mismatch
+        whys = all_gather_objects(world, replay_check.mismatch(group, attrs, load_manifest(cfg.train_shards)))
+        why = next((f"rank {r}: {w}" if world.distributed else w for r, w in enumerate(whys) if w), None)
         if why and not cfg.allow_replay_mismatch:
             raise schema.CacheError(f"{cfg.cache}: {why}; the student would be taught with pixels the teacher "
                                     f"never saw (--allow-replay-mismatch trains anyway)")

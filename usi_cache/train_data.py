@@ -132,8 +132,8 @@ class TrainStream(IterableDataset):
             pixels = render(image, params, s.size, s.spec)
         else:  # the stored view, mixed with its partner as the teacher saw it in a paired cache
             b = blocks[view]
-            stored = stored_view(b, pos, None, shard * slots)
             try:
+                stored = stored_view(b, pos, None, shard * slots, slots)
                 pixels = render_stored(stored, image, partners.get if partners else None, s.size, s.spec)
             except ValueError as e:
                 raise ShardError(f"{path}: {sample.key!r}: {e}") from None

@@ -46,6 +46,7 @@ from .inspect_cache import BIG
 from .randaugment import OP_NAMES, parse_policy
 from .shards import Manifest, ShardError, ShardInfo, decode_image, fingerprint, load_manifest, read_shard
 from .render import render_stored, stored_view
+from .mixing import NO_MIX, pair_rng, sample_pair
 from .views import encode_ops, sample_view, view_rng
 
 CHECKS = ("attributes", "fingerprint", "complete", "chunk files", "checksums", "keys", "labels", "finite",
@@ -102,6 +103,9 @@ def verify_cache(path: str | Path, shards_dir: str | Path, *, recompute: int = 0
     teacher = None
     if recompute:
         teacher = _load_teacher(rep, attrs, teacher_checkpoint, device)
+        # a half-precision re-run differs from the original by its own rounding (a batch of another
+        # shape may take other kernels): two of its spacings, relative to the logits
+        rtol = max(rtol, {"bf16": 2 ** -7, "fp16": 2 ** -10}.get(getattr(teacher, "precision", "fp32"), 0.0))
     ctx = _Context(path=str(path), stored=set(storage.sizes(path)), group=group, attrs=attrs, layout=layout, manifest=manifest,
                    spec=schema.view_spec(attrs), invalid=set(attrs.get("invalid", [])), atol=atol, rtol=rtol,
                    teacher=teacher)
@@ -382,6 +386,16 @@ def _check_shard(rep: VerifyReport, ctx: _Context, i: int) -> set[str]:
             expected["flips"][p, v] = params.flip
             (expected["aug_ops"][p, v], expected["aug_levels"][p, v],
              expected["aug_resample"][p, v]) = encode_ops(params, layout.op_slots)
+    if layout.paired:  # pairings are drawn from the seed too: a partner that decodes, or no mixing
+        expected.update({name: getattr(empty, name) for name in schema.MIX_ARRAYS})
+        size, mix = int(ctx.attrs["teacher"]["input_size"]), ctx.attrs["mix_spec"]
+        for p in np.flatnonzero(known):
+            for v in range(V):
+                pair = sample_pair(pair_rng(ctx.attrs["seed"], str(keys_now[p]), v), int(p), count, size, **mix)
+                if pair.kind != NO_MIX and labels[pair.partner] >= 0:
+                    expected["mix_partner"][p, v] = base + pair.partner
+                    expected["mix_kind"][p, v], expected["mix_lam"][p, v] = pair.kind, pair.lam
+                    expected["mix_box"][p, v] = pair.box
 
     # chunk files: a missing one reads as fill values, which is fine only when that is the content
     for name in schema.ARRAYS:
@@ -454,8 +468,8 @@ def _check_shard(rep: VerifyReport, ctx: _Context, i: int) -> set[str]:
             rep.add("boxes", i, f"crop box outside the image in {_first(bad, base)} (box {b[s, v].tolist()}, "
                                 f"image {hw[s, 0]}x{hw[s, 1]})")
     differ, first = [], None
-    for name in schema.VIEW_PARAMS:
-        if x[name] is None or not known.any():
+    for name in schema.VIEW_PARAMS + (schema.MIX_ARRAYS if layout.paired else ()):
+        if x.get(name) is None or not known.any():
             continue
         diff = (x[name] != expected[name]).reshape(S, V, -1).any(-1) & known[:, None]
         if diff.any():
@@ -529,8 +543,8 @@ def _recompute(rep: VerifyReport, ctx: _Context, i: int, x: dict, known: np.ndar
     images, rendered = [], []
     for p, v in usable:  # the same render as stages 1 and 2: a paired view is mixed with its partner
         try:
-            images.append(render_stored(stored_view(x, p, v, i * layout.slots_per_shard), image_at(p),
-                                        image_at, size, ctx.spec))
+            stored = stored_view(x, p, v, i * layout.slots_per_shard, layout.slots_per_shard)
+            images.append(render_stored(stored, image_at(p), image_at, size, ctx.spec))
             rendered.append((p, v))
         except (ValueError, IndexError) as e:
             rep.add("recompute", i, f"slot {i * layout.slots_per_shard + p} view {v}: the stored view cannot "
