@@ -8,6 +8,9 @@ written under a temporary name and renamed; then its result (count, sha256, file
 goes to a small sidecar `OUT/.ingest/<tar>.json`. A rerun after a kill skips every shard whose
 sidecar matches its plan, and `dataset.json` is written last.
 
+`write_planned` is that writer for any source of Entries: a folder (`FolderSource`) or a
+Hugging Face dataset split read by row index (`hf.HFSource`).
+
 `index_shards` writes `dataset.json` for WebDataset tars made elsewhere, without rewriting them.
 """
 from __future__ import annotations
