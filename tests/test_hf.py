@@ -35,6 +35,7 @@ def saved(tmp_path) -> tuple[Path, Path, list]:
     """The same split saved with save_to_disk (a DatasetDict with train and test) and as parquet."""
     train, samples = image_dataset()
     test, _ = image_dataset(3)
+    test = test.map(lambda row, i: {"label": -1 if i == 1 else row["label"]}, with_indices=True)  # unlabelled
     datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "saved"))
     train.to_parquet(str(tmp_path / "parquet" / "train-00000-of-00001.parquet"))
     return tmp_path / "saved", tmp_path / "parquet", samples
@@ -66,9 +67,10 @@ def test_saved_and_parquet_give_the_same_shards_with_the_original_bytes(tmp_path
             s = got[f"train_{i:08d}"]
             assert (s.data, s.ext, s.cls) == (original.data, original.ext, original.cls)
     r = from_hf(disk, tmp_path / "d", "--split", "test", "--workers", "1")
-    assert r.exit_code == 0 and "3 samples, 5 classes, 1 shards" in r.output, r.output
+    assert r.exit_code == 0 and "2 samples, 5 classes, 1 shards" in r.output, r.output
+    assert f"{disk} test_00000001: no label (-1)" in r.output
     assert sorted(s.key for s in read_shard(load_manifest(tmp_path / "d").path(0))) == [
-        "test_00000000", "test_00000001", "test_00000002"]
+        "test_00000000", "test_00000002"]
 
 
 def test_rerun_rebuilds_only_what_is_missing_and_stage_1_reads_the_shards(tmp_path, saved, teacher_ckpt):
