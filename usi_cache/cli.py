@@ -110,18 +110,38 @@ def _workers_option(fn):
                         help="Worker processes [default: the CPU cores].")(fn)
 
 
+def _shard_options(fn):
+    """--per-shard, --seed, --workers and --quiet: how the streaming ingest writes its shards."""
+    for option in reversed((
+            click.option("--per-shard", default=1000, show_default=True, type=click.IntRange(min=1),
+                         help="Samples per shard (fewer where images are left out; the last may be short)."),
+            click.option("--seed", default=0, show_default=True, help="Seed of the shuffle across shards."),
+            _workers_option,
+            click.option("--quiet", is_flag=True, help="No progress bar."))):
+        fn = option(fn)
+    return fn
+
+
+def _report_ingest(out, m, rejected, what: str = "file(s)") -> None:
+    """What a streaming ingest made, and what it left out (the first 20, then a count)."""
+    if rejected:
+        click.echo(f"warning: left out {len(rejected)} {what}:", err=True)
+        for r in rejected[:20]:
+            click.echo(f"  {r.path}: {r.reason}", err=True)
+        if len(rejected) > 20:
+            click.echo(f"  ... and {len(rejected) - 20} more", err=True)
+    click.echo(f"{out}: {m.num_samples} samples, {len(m.classes)} classes, {len(m.shards)} shards, "
+               f"fingerprint {m.fingerprint[:12]}")
+
+
 @shards.command("from-folder")
 @click.argument("src", type=click.Path(file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--per-shard", default=1000, show_default=True, type=click.IntRange(min=1),
-              help="Samples per shard (fewer where files are left out; the last may be short).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the shuffle across shards.")
-@_workers_option
+@_shard_options
 @click.option("--allow-empty-classes", is_flag=True,
               help="Keep a class folder without images as a class with no samples (default: an error).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
 @one_line_errors
-def shards_from_folder(src, out, per_shard, seed, workers, allow_empty_classes, quiet):
+def shards_from_folder(src, out, per_shard, seed, workers, quiet, allow_empty_classes):
     """Shard an ImageNet-style folder SRC/<class>/<image>, keeping the original bytes.
 
     Streams: holds paths only, workers build whole tars in parallel. Rerun the same command
@@ -130,14 +150,34 @@ def shards_from_folder(src, out, per_shard, seed, workers, allow_empty_classes, 
     from .ingest import shards_from_folder as ingest
     m, rejected = ingest(src, out, per_shard=per_shard, seed=seed, workers=workers,
                          allow_empty_classes=allow_empty_classes, progress=not quiet)
-    if rejected:
-        click.echo(f"warning: left out {len(rejected)} file(s):", err=True)
-        for r in rejected[:20]:
-            click.echo(f"  {r.path}: {r.reason}", err=True)
-        if len(rejected) > 20:
-            click.echo(f"  ... and {len(rejected) - 20} more", err=True)
-    click.echo(f"{out}: {m.num_samples} samples, {len(m.classes)} classes, {len(m.shards)} shards, "
-               f"fingerprint {m.fingerprint[:12]}")
+    _report_ingest(out, m, rejected)
+
+
+@shards.command("from-hf")
+@click.argument("dataset", metavar="DATASET_OR_PATH")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--split", default="train", show_default=True, help="The split to shard.")
+@click.option("--image-column", default=None, help="[default: image, else img]")
+@click.option("--label-column", default=None, help="Integer class indices [default: label, else labels, else cls].")
+@click.option("--classes", "classes_file", default=None, type=click.Path(dir_okay=False),
+              help="Class names, one per line, in label order [default: the ClassLabel's names, else 0..max].")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+              help="Where parquet is converted to Arrow once [default: the datasets cache].")
+@_shard_options
+@one_line_errors
+def shards_from_hf(dataset, out, split, image_column, label_column, classes_file, cache_dir, per_shard, seed,
+                   workers, quiet):
+    """Shard a split of a Hugging Face dataset (image + label columns), keeping the encoded bytes.
+
+    DATASET_OR_PATH: a folder made by save_to_disk, a folder or glob of parquet files, or a hub
+    name already in the local cache (nothing is downloaded). Needs `pip install 'usi-cache[hf]'`.
+    Streams like from-folder: workers read rows by index; rerun the same command to resume.
+    """
+    from .hf import shards_from_hf as ingest
+    m, rejected = ingest(dataset, out, split=split, image_column=image_column, label_column=label_column,
+                         classes_file=classes_file, cache_dir=cache_dir, per_shard=per_shard, seed=seed,
+                         workers=workers, progress=not quiet)
+    _report_ingest(out, m, rejected, "row(s)")
 
 
 @shards.command("index")

@@ -8,6 +8,9 @@ written under a temporary name and renamed; then its result (count, sha256, file
 goes to a small sidecar `OUT/.ingest/<tar>.json`. A rerun after a kill skips every shard whose
 sidecar matches its plan, and `dataset.json` is written last.
 
+`write_planned` is that writer for any source of Entries: a folder (`FolderSource`) or a
+Hugging Face dataset split read by row index (`hf.HFSource`).
+
 `index_shards` writes `dataset.json` for WebDataset tars made elsewhere, without rewriting them.
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Iterator
 
@@ -27,7 +31,9 @@ from .shards import (IMAGE_EXTS, Manifest, Rejected, Sample, ShardError, ShardIn
                      check_image, output_folder, sanitize_key, scan_shard, write_manifest, write_tar)
 
 SIDECARS = ".ingest"  # OUT/.ingest/<tar name>.json: one finished shard's result, for resuming
-Entry = tuple[str, str, int]  # (sample key, file path relative to SRC, class index): all a shard needs
+# (sample key, locator, class index): all a shard needs; the locator is what the source reads
+# (a path relative to SRC for a folder, a row index for a Hugging Face dataset)
+Entry = tuple[str, str | int, int]
 
 
 def default_workers() -> int:
@@ -101,14 +107,15 @@ def _sidecar(out: str, name: str) -> str:
     return storage.join(out, SIDECARS, f"{name}.json")
 
 
-def _build_shard(task: tuple[str, str, str, list[Entry]]) -> dict:
-    """Worker: read, check and write one shard's images into its tar, then its sidecar."""
-    src, out, name, shard = task
-    rejected = []
+@dataclass(frozen=True)
+class FolderSource:
+    """Images under `src`, read by path: an Entry's locator is the file's path relative to `src`."""
 
-    def samples() -> Iterator[Sample]:
+    src: str
+
+    def samples(self, shard: list[Entry], rejected: list) -> Iterator[Sample]:
         for key, rel, cls in shard:
-            path = os.path.join(src, rel)
+            path = os.path.join(self.src, rel)
             with open(path, "rb") as f:  # an unreadable file (permissions, I/O) stops the run
                 data = f.read()
             try:
@@ -119,7 +126,16 @@ def _build_shard(task: tuple[str, str, str, list[Entry]]) -> dict:
             ext = PurePosixPath(rel).suffix.lower().lstrip(".")
             yield Sample(key, "jpg" if ext == "jpeg" else ext, data, cls)
 
-    count, digest = write_tar(storage.join(out, name), samples())
+
+def _build_shard(task: tuple) -> dict:
+    """Worker: read, check and write one shard's images into its tar, then its sidecar.
+
+    `source.samples(shard, rejected)` yields the shard's Samples one at a time, in plan order,
+    and appends [where, why] for each one it leaves out.
+    """
+    source, out, name, shard = task
+    rejected: list = []
+    count, digest = write_tar(storage.join(out, name), source.samples(shard, rejected))
     result = {"name": name, "plan": _plan_id(shard), "count": count, "sha256": digest, "rejected": rejected}
     storage.write_bytes(_sidecar(out, name), json.dumps(result).encode())
     return result
@@ -168,6 +184,22 @@ def shards_from_folder(src: str | Path, out: str | Path, *, per_shard: int = 100
     classes, entries, rejected = list_folder(src, allow_empty_classes=allow_empty_classes)
     plan = plan_shards(entries, per_shard, seed)
     del entries
+    # workers inherit the working directory: a relative SRC stays valid
+    return write_planned(FolderSource(str(src)), plan, classes, out, per_shard=per_shard, workers=workers,
+                         prefix=prefix, progress=progress, rejected=rejected, what=str(src))
+
+
+def write_planned(source, plan: list[list[Entry]], classes: Iterable[str], out: str | Path, *, per_shard: int,
+                  workers: int | None, prefix: str, progress: bool, rejected: list[Rejected],
+                  what: str) -> tuple[Manifest, list[Rejected]]:
+    """Write the shards of `plan` into `out` with worker processes, resuming a killed run, then
+    `dataset.json`; returns the manifest and `rejected` plus every sample the workers left out.
+
+    `source` is small and picklable (a worker gets it with each shard) and has
+    `samples(shard, rejected)` (see `_build_shard`): workers read the images themselves, so the
+    parent holds the plan only, and each worker one sample at a time. `what` names the input
+    in the error raised when no sample is left.
+    """
     out = output_folder(out)
     names = [f"{prefix}-{i:06d}.tar" for i in range(len(plan))]
     done = _finished(out, names, [_plan_id(s) for s in plan])
@@ -178,18 +210,17 @@ def shards_from_folder(src: str | Path, out: str | Path, *, per_shard: int = 100
     n_images = sum(len(s) for s in plan)
     bar = progress_bar(progress, f"{len(todo)} of {len(plan)} shards to {out}", "img", total=n_images,
                        initial=n_images - sum(len(plan[i]) for i in todo))
-    src = str(src)  # workers inherit the working directory
-    tasks = ((src, out, names[i], plan[i]) for i in todo)
+    tasks = ((source, out, names[i], plan[i]) for i in todo)
     index = {name: i for i, name in enumerate(names)}
     for result in _run_parallel(_build_shard, tasks, min(workers or default_workers(), len(todo))):
         done[index[result["name"]]] = result
         bar.update(result["count"] + len(result["rejected"]))
     bar.close()
     results = [done[i] for i in range(len(plan))]
-    rejected += sorted((Rejected(*r) for res in results for r in res["rejected"]), key=lambda r: r.path)
+    rejected = rejected + sorted((Rejected(*r) for res in results for r in res["rejected"]), key=lambda r: r.path)
     infos = [ShardInfo(r["name"], r["count"], r["sha256"]) for r in results if r["count"]]
     if not infos:
-        raise ShardError(f"{src}: no readable images found ({len(rejected)} files left out)")
+        raise ShardError(f"{what}: no readable images found ({len(rejected)} left out)")
     return write_manifest(out, classes, per_shard, infos), rejected
 
 

@@ -314,11 +314,18 @@ def samples_from_fashion_mnist(source: str | Path, split: str, limit: int | None
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
 
 
-def check_image(data: bytes) -> None:
-    """Raise ValueError unless `data` decodes as an image (fully: a truncated file is caught)."""
+# Pillow's format names -> the extension a shard stores the bytes under (MPO: a JPEG with extra frames)
+_FORMAT_EXTS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif",
+                "TIFF": "tif", "PPM": "ppm"}
+
+
+def check_image(data: bytes) -> str | None:
+    """Raise ValueError unless `data` decodes as an image (fully: a truncated file is caught);
+    return the extension for its format (`jpg`, `png`, ...; None for one read_shard does not take)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
+            return _FORMAT_EXTS.get(im.format)
     except _DECODE_ERRORS as e:
         raise ValueError(f"unreadable image ({e})") from None
 
