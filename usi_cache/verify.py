@@ -33,8 +33,9 @@ verification never stops at the first damaged chunk. The checks, in report order
 """
 from __future__ import annotations
 
+import functools
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ from PIL import Image
 
 from . import replay_check, schema, storage
 from .config import ConfigError
+from .dist import World, init_world, map_shards, on_main
 from .inspect_cache import BIG
 from .randaugment import OP_NAMES, parse_policy
 from .shards import Manifest, ShardError, ShardInfo, decode_image, fingerprint, load_manifest, read_shard
@@ -85,51 +87,95 @@ class VerifyReport:
 
 def verify_cache(path: str | Path, shards_dir: str | Path, *, recompute: int = 0,
                  teacher_checkpoint: str | None = None, device: str | None = None, atol: float = 1e-3,
-                 rtol: float = 1e-3, seed: int = 0, progress: bool = True) -> VerifyReport:
-    """Run every check; returns the report (its `.ok` is the verdict)."""
+                 rtol: float = 1e-3, seed: int = 0, progress: bool = True, workers: int = 1,
+                 world: World | None = None) -> VerifyReport | None:
+    """Run every check; returns the report (its `.ok` is the verdict) on rank 0, None on others.
+
+    The shards are checked by `workers` processes on each torchrun rank (`dist.map_shards`); the
+    cache-wide checks run once, on rank 0, which merges the per-shard results in shard order, so
+    the report is the same whatever the worker count or world size (the --recompute views are
+    drawn from `seed` alone, before the shards are split)."""
+    world = world or init_world()
+    rep, ctx = on_main(world, functools.partial(_prepare, path, shards_dir, recompute, teacher_checkpoint,
+                                                device, atol, rtol, seed))
+    if ctx is None:
+        return rep  # the arrays cannot be interpreted: nothing more to check
+    parts = map_shards(_check_one_shard, range(ctx.layout.num_shards),
+                       functools.partial(_open_context, replace(ctx, device=_rank_device(ctx.device, world))),
+                       world=world, workers=workers, progress=progress and ctx.layout.num_shards >= BIG,
+                       desc="verifying")
+    if not world.is_main:
+        return None
+    seen_invalid: set[str] = set()
+    for part, undecodable in parts:  # in shard order
+        _merge(rep, part)
+        seen_invalid |= undecodable
+    stray = sorted(ctx.invalid - seen_invalid)
+    if stray and rep.complete == ctx.layout.num_shards:
+        rep.add("labels", None, f"the cache's invalid list names {len(stray)} key(s) that are not stored with "
+                                f"label -1: {', '.join(stray[:5])}")
+    group, _ = schema.open_cache(path)
+    _check_replay(rep, group, ctx.attrs, ctx.manifest, ctx.layout)
+    if rep.recompute is not None and rep.recompute["views"] == 0:
+        rep.add("recompute", None, "no view could be re-run (no committed, intact sample)")
+    return rep
+
+
+def _prepare(path, shards_dir, recompute: int, teacher_checkpoint, device, atol, rtol, seed):
+    """Rank 0: the cache-wide checks, then (report, the context every process checks shards
+    with), or (report, None) when the arrays cannot be interpreted."""
     rep = VerifyReport(cache=str(path), shards_dir=str(shards_dir))
     try:
         group, attrs = schema.open_cache(path)
     except schema.CacheError as e:
         rep.ran.append("attributes")
         rep.add("attributes", None, str(e))
-        return rep
+        return rep, None
     layout = _check_attrs(rep, group, attrs)
     manifest = _check_dataset(rep, attrs, shards_dir)
     if layout is None:
-        return rep  # the arrays cannot be interpreted: nothing more to check
+        return rep, None
     rep.shards, rep.samples = layout.num_shards, int(attrs["dataset"]["num_samples"])
-    teacher = None
+    ctx = _Context(path=str(path), stored=set(storage.sizes(path)), attrs=attrs, layout=layout, manifest=manifest,
+                   spec=schema.view_spec(attrs), invalid=set(attrs.get("invalid", [])), atol=atol, rtol=rtol)
     if recompute:
-        teacher = _load_teacher(rep, attrs, teacher_checkpoint, device)
-    ctx = _Context(path=str(path), stored=set(storage.sizes(path)), group=group, attrs=attrs, layout=layout, manifest=manifest,
-                   spec=schema.view_spec(attrs), invalid=set(attrs.get("invalid", [])), atol=atol, rtol=rtol,
-                   teacher=teacher)
-    if teacher is not None:
+        from .teacher import cache_teacher_mismatch
+        mismatch = cache_teacher_mismatch(attrs, teacher_checkpoint)
+        if mismatch:
+            rep.add("recompute", None, mismatch)
+        import torch
+        ctx.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        ctx.checkpoint = teacher_checkpoint
         ctx.picks = pick_views(group, layout, recompute, seed)
-        ctx.rc = {"requested": recompute, "views": 0, "skipped": 0, "max_logit_diff": 0.0, "max_lse_diff": 0.0,
-                  "class_mismatches": 0, "near_ties": 0, "atol": atol, "rtol": rtol, "device": str(teacher.device)}
-    rep.ran += [c for c in CHECKS[2:] if c != "recompute" or teacher is not None]
-    bar = None
-    if progress and layout.num_shards >= BIG:
-        from tqdm import tqdm
-        bar = tqdm(total=layout.num_shards, unit="shard", desc="verifying", leave=False, disable=None)
-    seen_invalid: set[str] = set()
-    for i in range(layout.num_shards):
-        seen_invalid |= _check_shard(rep, ctx, i)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    stray = sorted(ctx.invalid - seen_invalid)
-    if stray and rep.complete == layout.num_shards:
-        rep.add("labels", None, f"the cache's invalid list names {len(stray)} key(s) that are not stored with "
-                                f"label -1: {', '.join(stray[:5])}")
-    _check_replay(rep, group, attrs, manifest, layout)
-    rep.recompute = ctx.rc
-    if teacher is not None and ctx.rc["views"] == 0:
-        rep.add("recompute", None, "no view could be re-run (no committed, intact sample)")
-    return rep
+        rep.recompute = {"requested": recompute, **_recompute_counts(), "atol": atol, "rtol": rtol,
+                         "device": ctx.device}
+    rep.ran += [c for c in CHECKS[2:] if c != "recompute" or recompute]
+    return rep, ctx
+
+
+def _check_one_shard(ctx: _Context, i: int) -> tuple[VerifyReport, set[str]]:
+    """Shard i's part of the report (problems, counts, recompute counts) and its undecodable keys."""
+    part = VerifyReport(cache=ctx.path, shards_dir="")
+    if ctx.teacher is not None:
+        part.recompute = _recompute_counts()
+    return part, _check_shard(part, ctx, i)
+
+
+def _merge(rep: VerifyReport, part: VerifyReport) -> None:
+    rep.problems += part.problems
+    for name in ("complete", "views", "valid", "compared"):
+        setattr(rep, name, getattr(rep, name) + getattr(part, name))
+    if part.recompute is not None:
+        rc, pr = rep.recompute, part.recompute
+        for name in ("views", "skipped", "class_mismatches", "near_ties"):
+            rc[name] += pr[name]
+        for name in ("max_logit_diff", "max_lse_diff"):
+            rc[name] = max(rc[name], pr[name])
+
+
+def _recompute_counts() -> dict:
+    return {"views": 0, "skipped": 0, "max_logit_diff": 0.0, "max_lse_diff": 0.0, "class_mismatches": 0,
+            "near_ties": 0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,9 +279,10 @@ def _short(x) -> str:
 
 @dataclass
 class _Context:
+    """What checking a shard needs. Built on rank 0 and sent to every process without `group`
+    and `teacher`, which each process opens for itself (`_open_context`)."""
     path: str
     stored: set  # keys of the cache's files/objects, listed once (one listing, not a request per chunk)
-    group: object
     attrs: dict
     layout: schema.Layout
     manifest: Manifest | None
@@ -243,9 +290,27 @@ class _Context:
     invalid: set
     atol: float
     rtol: float
-    teacher: object = None
+    device: str | None = None  # --recompute: the teacher's device; None: no re-run
+    checkpoint: str | None = None  # --recompute: the teacher's checkpoint
     picks: dict = field(default_factory=dict)  # shard -> (slot positions, views) to re-run
-    rc: dict | None = None
+    group: object = None
+    teacher: object = None
+
+
+def _open_context(ctx: _Context) -> _Context:
+    """The context of one process: its own handle on the cache, its own teacher."""
+    teacher = None
+    if ctx.device is not None:
+        from .teacher import load_cache_teacher
+        teacher, _ = load_cache_teacher(ctx.attrs, ctx.checkpoint, ctx.device)  # the mismatch is rank 0's
+    return replace(ctx, group=schema.open_cache(ctx.path)[0], teacher=teacher)
+
+
+def _rank_device(device: str | None, world: World) -> str | None:
+    """Each torchrun rank re-runs the teacher on its own GPU."""
+    if device == "cuda" and world.distributed:
+        return f"cuda:{world.local_rank}"
+    return device
 
 
 def _read(rep: VerifyReport, ctx: _Context, shard: int, name: str) -> np.ndarray | None:
@@ -474,14 +539,6 @@ def _check_shard(rep: VerifyReport, ctx: _Context, i: int) -> set[str]:
 # re-running the teacher
 
 
-def _load_teacher(rep: VerifyReport, attrs: dict, checkpoint: str | None, device: str | None):
-    from .teacher import load_cache_teacher
-    teacher, mismatch = load_cache_teacher(attrs, checkpoint, device)
-    if mismatch:
-        rep.add("recompute", None, mismatch)
-    return teacher
-
-
 def pick_views(group, layout: schema.Layout, n: int, seed: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """n seeded random (slot, view) pairs among the valid slots of committed shards, per shard."""
     valid = {}
@@ -507,7 +564,7 @@ def pick_views(group, layout: schema.Layout, n: int, seed: int) -> dict[int, tup
 def _recompute(rep: VerifyReport, ctx: _Context, i: int, x: dict, known: np.ndarray, tar) -> None:
     """Replay the picked views of shard i, re-run the teacher, compare with the cache."""
     import torch
-    rc, layout = ctx.rc, ctx.layout
+    rc, layout = rep.recompute, ctx.layout
     slots, views = ctx.picks[i]
     usable = [(p, v) for p, v in zip(slots.tolist(), views.tolist()) if known[p]]
     if tar is None or any(x[n] is None for n in schema.PER_VIEW):
