@@ -33,6 +33,7 @@ verification never stops at the first damaged chunk. The checks, in report order
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 from dataclasses import dataclass, field, replace
@@ -595,8 +596,9 @@ def _recompute(rep: VerifyReport, ctx: _Context, i: int, x: dict, known: np.ndar
     usable = rendered
     if not usable:
         return
-    logits = torch.cat([ctx.teacher(torch.from_numpy(np.stack(images[j:j + 64])))
-                        for j in range(0, len(images), 64)])
+    with _split_independent_threads(ctx.teacher.device):
+        logits = torch.cat([ctx.teacher(torch.from_numpy(np.stack(images[j:j + 64])))
+                            for j in range(0, len(images), 64)])
     p_idx, v_idx = np.array(usable).T
     stored = x["logits"][p_idx, v_idx]
     c = torch.from_numpy(x["classes"][p_idx, v_idx].astype(np.int64))
@@ -632,6 +634,23 @@ def _recompute(rep: VerifyReport, ctx: _Context, i: int, x: dict, known: np.ndar
                                 f"rtol {ctx.rtol} in "
                                 f"{len(bad)} re-run view(s), first slot {base + p_idx[j]} view {v_idx[j]} "
                                 f"(largest difference {float(diff[j].max()):.4g})")
+
+
+@contextlib.contextmanager
+def _split_independent_threads(device):
+    """One thread for a teacher on the CPU, in every process: a float32 sum's last bits depend on
+    the thread count, and the re-run's statistics must not depend on how many processes share
+    the shards (--workers, torchrun). The parallelism comes from the processes."""
+    import torch
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _check_replay(rep: VerifyReport, group, attrs: dict, manifest: Manifest | None, layout) -> None:
