@@ -1,7 +1,9 @@
 """`usi verify`: check that a cache belongs to its shards and that every value in it is sane.
 
 Every check runs on every shard, and every problem is recorded with its shard and check name:
-verification never stops at the first damaged chunk. The checks, in report order:
+verification never stops at the first damaged chunk. The per-shard checks run in parallel
+(`--workers` processes, torchrun ranks) and rank 0 merges them in shard order, so the report does
+not depend on the split. The checks, in report order:
 
 * attributes  — the `usi_cache` attribute is self-consistent (its dataset fingerprint matches
                 the dataset fields it summarises, C / k / V / op table agree) and fits the arrays.
@@ -157,8 +159,11 @@ def _prepare(path, shards_dir, recompute: int, teacher_checkpoint, device, atol,
 def _check_one_shard(ctx: _Context, i: int) -> tuple[VerifyReport, set[str]]:
     """Shard i's part of the report (problems, counts, recompute counts) and its undecodable keys."""
     part = VerifyReport(cache=ctx.path, shards_dir="")
-    if ctx.teacher is not None:
+    if ctx.device is not None:
         part.recompute = _recompute_counts()
+        if ctx.teacher is None and i in ctx.picks:  # loaded by the processes that re-run views only
+            from .teacher import load_cache_teacher
+            ctx.teacher, _ = load_cache_teacher(ctx.attrs, ctx.checkpoint, ctx.device)  # the mismatch is rank 0's
     return part, _check_shard(part, ctx, i)
 
 
@@ -299,12 +304,9 @@ class _Context:
 
 
 def _open_context(ctx: _Context) -> _Context:
-    """The context of one process: its own handle on the cache, its own teacher."""
-    teacher = None
-    if ctx.device is not None:
-        from .teacher import load_cache_teacher
-        teacher, _ = load_cache_teacher(ctx.attrs, ctx.checkpoint, ctx.device)  # the mismatch is rank 0's
-    return replace(ctx, group=schema.open_cache(ctx.path)[0], teacher=teacher)
+    """The context of one process: its own handle on the cache (and its own teacher, loaded when
+    its first shard with views to re-run comes)."""
+    return replace(ctx, group=schema.open_cache(ctx.path)[0])
 
 
 def _rank_device(device: str | None, world: World) -> str | None:
