@@ -125,14 +125,14 @@ def map_shards(fn: Callable, shards, init: Callable, *, world: World, workers: i
     functions, `functools.partial`). Only the per-shard results travel back, and they come back
     in the order of `shards` whatever the split: a caller that merges them in that order gets
     the same floating-point sums for any worker count or world size. A tqdm bar over rank 0's
-    shards shows progress and an ETA. Worker processes are spawned, not forked: a forked child
+    shards shows progress and an ETA on a terminal. Worker processes are spawned, not forked: a forked child
     would inherit torch's thread pools and CUDA state, which are not fork-safe.
     """
     mine = list(shards)[world.rank::world.size]
     bar = None
     if progress and world.is_main and mine:
         from tqdm import tqdm
-        bar = tqdm(total=len(mine), unit="shard", dynamic_ncols=True, leave=False,
+        bar = tqdm(total=len(mine), unit="shard", dynamic_ncols=True, leave=False, disable=None,
                    desc=desc if not world.distributed else f"{desc} (rank 0 of {world.size})")
     results = {}
     try:
