@@ -194,3 +194,11 @@ def test_incomplete_shard_is_reported_and_skipped(tiny, tmp_path):
     assert d["stats"]["views"] == e["views"] + e2["views"]
     text = inspect(out).output
     assert "2/3 complete; missing: shard 1" in text and "incomplete shards skipped: 1" in text
+
+
+def test_stats_are_the_same_for_any_worker_count(tiny):
+    """Shards counted by 2 processes: the same statistics, to the last bit of every float sum."""
+    for extra in ([], ["--sample-views", "50", "--seed", "3"]):
+        one = json.loads(inspect(tiny.out, "--json", *extra).output)
+        two = json.loads(inspect(tiny.out, "--json", "--workers", "2", *extra).output)
+        assert two == one and one["stats"]["views"] == (50 if extra else 25 * V)

@@ -10,7 +10,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from conftest import cache_args, make_shards, save_teacher
+from conftest import cache_args, make_shards, run_py, save_teacher
 from usi_cache import schema
 from usi_cache.cli import main
 from usi_cache.verify import CHECKS
@@ -173,3 +173,27 @@ def test_recompute_fails_a_corrupted_box(tiny, copy):
     group["boxes"][:] = boxes
     output, verdict = verify(copy, tiny.shards, "--recompute", 12, "--teacher-checkpoint", tiny.ckpt, code=1)
     assert verdict.startswith("verdict: FAILED") and "recompute" in failing(output), output
+
+
+def test_report_is_the_same_for_any_split(tiny, copy):
+    """Damage in every shard, then --workers 1, --workers 2 and a 2-rank torchrun run: the same
+    report (problems, their order, counts and the re-run's statistics), printed once."""
+    group = zarr.open_group(str(copy), mode="r+")
+    labels = group["labels"][:]
+    labels[3] = (labels[3] + 1) % 5  # shard 0: a wrong label
+    group["labels"][:] = labels
+    boxes = group["boxes"][:]
+    boxes[12:15, :, 2] = (boxes[12:15, :, 2] - 1).clip(min=1)  # shard 1: crops the teacher did not see
+    group["boxes"][:] = boxes
+    f = Path(schema.chunk_files(copy, "lse", 2, tiny.layout)[0])
+    data = bytearray(f.read_bytes())
+    data[20:28] = b"\xa5" * 8  # shard 2: a damaged chunk
+    f.write_bytes(bytes(data))
+    args = ["verify", str(copy), "--shards", str(tiny.shards), "--recompute", "60", "--teacher-checkpoint",
+            str(tiny.ckpt), "--device", "cpu"]
+    one = CliRunner().invoke(main, args).output
+    assert all(c in failing(one) for c in ("labels", "view params", "checksums", "recompute")), one
+    two = CliRunner().invoke(main, [*args, "--workers", "2"]).output
+    assert two == one
+    r = run_py(["-m", "usi_cache.cli", *args], torchrun=2, timeout=400)
+    assert r.returncode != 0 and r.stdout == one, r.stdout + r.stderr

@@ -330,6 +330,9 @@ main.add_command(train_command)
 
 
 # ---------------------------------------------------------------- inspect, verify
+WORKERS_HELP = ("Processes on this machine reading shards in parallel (under torchrun, per rank: "
+                "ranks take disjoint shards). The report does not depend on it.")
+
 @main.command("inspect")
 @click.argument("cache", type=click.Path())
 @click.option("--key", help="Show one sample by its key.")
@@ -342,11 +345,19 @@ main.add_command(train_command)
 @click.option("--no-stats", is_flag=True, help="Summary only: skip the teacher statistics.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG figure (one sample, or the statistics).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help=WORKERS_HELP)
 @one_line_errors
 def inspect_command(cache, no_stats, **kwargs):
-    """Summarise a cache, its teacher's statistics, or one sample's views."""
+    """Summarise a cache, its teacher's statistics, or one sample's views (torchrun: rank 0 prints)."""
+    from .dist import close_world, init_world
     from .inspect_cache import run_inspect
-    click.echo(run_inspect(cache, stats=not no_stats, **kwargs))
+    world = init_world()
+    try:
+        text = run_inspect(cache, stats=not no_stats, world=world, **kwargs)
+    finally:
+        close_world(world)
+    if world.is_main:
+        click.echo(text)
 
 
 @main.command("verify")
@@ -360,11 +371,20 @@ def inspect_command(cache, no_stats, **kwargs):
 @click.option("--atol", default=1e-3, show_default=True, help="--recompute: logit tolerance, absolute part.")
 @click.option("--rtol", default=1e-3, show_default=True, help="--recompute: logit tolerance, relative part.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the --recompute sample.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help=WORKERS_HELP)
 @one_line_errors
 def verify_command(cache, shards_dir, **kwargs):
-    """Check a cache against its shards; exit status 0 only when every check holds."""
+    """Check a cache against its shards; exit status 0 only when every check holds (torchrun: rank 0
+    prints the report and exits with the verdict)."""
+    from .dist import close_world, init_world
     from .verify import format_report, verify_cache
-    report = verify_cache(cache, shards_dir, **kwargs)
+    world = init_world()
+    try:
+        report = verify_cache(cache, shards_dir, world=world, **kwargs)
+    finally:
+        close_world(world)
+    if report is None:
+        return  # not rank 0
     click.echo(format_report(report))
     if not report.ok:
         sys.exit(1)

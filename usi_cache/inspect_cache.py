@@ -14,12 +14,14 @@ teacher's full C-class entropy (equal when k = C).
 """
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from . import replay_check, schema, storage
+from .dist import World, init_world, map_shards, on_main
 from .mixing import CUTMIX, MIXUP, NO_MIX
 from .randaugment import GEOMETRIC_OPS
 from .shards import Manifest, ShardError, load_manifest, read_shard
@@ -271,6 +273,17 @@ class StatsAccumulator:
         self.rel_conf += np.bincount(b, weights=conf, minlength=RELIABILITY_BINS)
         self.rel_acc += np.bincount(b, weights=top1, minlength=RELIABILITY_BINS).astype(np.int64)
 
+    def merge(self, other: StatsAccumulator) -> None:
+        """Add another accumulator's counts and sums (merge in a fixed order for fixed float sums)."""
+        for name in ("n_view", "top1_view", "topm_view", "conf_view", "class_n", "class_top1", "hist_top1",
+                     "hist_tail", "rel_n", "rel_conf", "rel_acc"):
+            getattr(self, name).__iadd__(getattr(other, name))
+        self.mass += other.mass
+        self.tail += other.tail
+        self.entropy += other.entropy
+        self.confusions.update(other.confusions)
+        self.samples += other.samples
+
     def result(self, class_names: list[str]) -> dict:
         n = int(self.n_view.sum())
         div = max(n, 1)
@@ -330,68 +343,90 @@ class StatsAccumulator:
 
 
 def teacher_stats(path: str | Path, *, shard_range: str | None = None, sample_views: int | None = None,
-                  seed: int = 0, progress: bool = True) -> dict:
+                  seed: int = 0, progress: bool = True, workers: int = 1, world: World | None = None) -> dict | None:
     """Teacher statistics over the committed shards in `shard_range` (all views, or a seeded
-    uniform sample of `sample_views` (slot, view) pairs). Reads one shard's block at a time."""
+    uniform sample of `sample_views` (slot, view) pairs). Reads one shard's block at a time, in
+    `workers` processes on each torchrun rank; returns the statistics on rank 0 (None on the
+    others). Each shard is counted into its own accumulator and rank 0 adds them up in shard
+    order, so the floating-point sums do not depend on the worker count or world size."""
+    world = world or init_world()
+    path = str(path)
+    scope = on_main(world, functools.partial(_stats_scope, path, shard_range, sample_views, seed))
+    parts = map_shards(_shard_stats, list(scope["picks"]), functools.partial(_open_stats, path, scope["picks"]),
+                       world=world, workers=workers, progress=progress and len(scope["picks"]) >= BIG,
+                       desc="teacher statistics")
+    if not world.is_main:
+        return None
+    layout = scope["layout"]
+    acc = StatsAccumulator(layout.num_classes, layout.views, layout.topk)
+    excluded = 0
+    for part, invalid in parts:  # in shard order
+        acc.merge(part)
+        excluded += invalid
+    out = acc.result(scope["classes"])
+    out["scope"] = {"shards": scope["shards"], "shards_read": len(parts),
+                    "incomplete_skipped": scope["incomplete"], "sample_views": sample_views,
+                    "seed": seed if sample_views is not None else None,
+                    "invalid_excluded": excluded}
+    return out
+
+
+def _stats_scope(path: str, shard_range: str | None, sample_views: int | None, seed: int) -> dict:
+    """Rank 0: the committed shards to read and, per shard, the (slot, view) pairs to count
+    (None: every view of every valid slot; else indices into its valid slots x views)."""
     group, attrs = schema.open_cache(path)
     layout = schema.Layout.from_attrs(attrs)
     selected = parse_shard_range(shard_range, layout.num_shards)
     if sample_views is not None and sample_views < 1:
         raise schema.CacheError(f"--sample-views: expected a positive number, got {sample_views}")
-    labels = {}
+    valid = {}
     incomplete = []
     for i in selected:
         lab = schema.read_array(group, schema.COMMIT_ARRAY, layout.rows(i))
         if (lab == schema.NOT_WRITTEN).any():
             incomplete.append(i)
         else:
-            labels[i] = lab
-    # (slot, view) pairs to count, per shard: every view of every valid slot, or a sample of them.
-    picks: dict[int, np.ndarray | None] = {i: None for i in labels}
-    total = sum(int((lab >= 0).sum()) for lab in labels.values()) * layout.views
+            valid[i] = int((lab >= 0).sum())
+    picks: dict[int, np.ndarray | None] = {i: None for i in valid}
+    total = sum(valid.values()) * layout.views
     if sample_views is not None and sample_views < total:
         chosen = np.sort(np.random.default_rng(seed).choice(total, sample_views, replace=False))
         picks, start = {}, 0
-        for i, lab in labels.items():
-            n = int((lab >= 0).sum()) * layout.views
+        for i, n in valid.items():
+            n *= layout.views
             mine = chosen[(chosen >= start) & (chosen < start + n)] - start
             if len(mine):
                 picks[i] = mine
             start += n
+    return {"picks": picks, "incomplete": incomplete, "shards": [selected.start, selected.stop],
+            "layout": layout, "classes": list(attrs["dataset"]["classes"])}
+
+
+def _open_stats(path: str, picks: dict) -> tuple:
+    group, attrs = schema.open_cache(path)
+    return group, attrs, schema.Layout.from_attrs(attrs), picks
+
+
+def _shard_stats(state: tuple, i: int) -> tuple[StatsAccumulator, int]:
+    """Shard i's statistics and its number of invalid samples (label -1)."""
+    group, attrs, layout, picks = state
+    rows = layout.rows(i)
+    lab = schema.read_array(group, schema.COMMIT_ARRAY, rows)
+    valid = np.flatnonzero(lab >= 0)
+    excluded = int(attrs["dataset"]["shards"][i]["count"]) - len(valid)
+    if picks[i] is None:
+        slot_idx = np.repeat(valid, layout.views)
+        view_idx = np.tile(np.arange(layout.views), len(valid))
+    else:
+        slot_idx, view_idx = valid[picks[i] // layout.views], picks[i] % layout.views
     acc = StatsAccumulator(layout.num_classes, layout.views, layout.topk)
-    excluded = 0
-    todo = list(picks)
-    bar = None
-    if progress and len(todo) >= BIG:
-        from tqdm import tqdm
-        bar = tqdm(total=len(todo), unit="shard", desc="teacher statistics", leave=False, disable=None)
-    for i in todo:
-        rows = layout.rows(i)
-        lab = labels[i]
-        valid = np.flatnonzero(lab >= 0)
-        count = attrs["dataset"]["shards"][i]["count"]
-        excluded += count - len(valid)
-        if picks[i] is None:
-            slot_idx = np.repeat(valid, layout.views)
-            view_idx = np.tile(np.arange(layout.views), len(valid))
-        else:
-            slot_idx, view_idx = valid[picks[i] // layout.views], picks[i] % layout.views
-        acc.samples += len(np.unique(slot_idx))
-        if len(slot_idx):
-            classes = schema.read_array(group, "classes", rows)
-            log_p = schema.log_probs(schema.read_array(group, "logits", rows),
-                                     schema.read_array(group, "lse", rows), layout)
-            acc.add(lab[slot_idx], view_idx, classes[slot_idx, view_idx], log_p[slot_idx, view_idx])
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    out = acc.result(list(attrs["dataset"]["classes"]))
-    out["scope"] = {"shards": [selected.start, selected.stop], "shards_read": len(todo),
-                    "incomplete_skipped": incomplete, "sample_views": sample_views,
-                    "seed": seed if sample_views is not None else None,
-                    "invalid_excluded": excluded}
-    return out
+    acc.samples += len(np.unique(slot_idx))
+    if len(slot_idx):
+        classes = schema.read_array(group, "classes", rows)
+        log_p = schema.log_probs(schema.read_array(group, "logits", rows),
+                                 schema.read_array(group, "lse", rows), layout)
+        acc.add(lab[slot_idx], view_idx, classes[slot_idx, view_idx], log_p[slot_idx, view_idx])
+    return acc, excluded
 
 
 def _pct(x) -> str:
@@ -603,8 +638,9 @@ def replay_sample(path: str | Path, info: dict, shards_dir: str | Path | None):
 def run_inspect(path: str | Path, *, key: str | None = None, slot: int | None = None,
                 shards_dir: str | None = None, shard_range: str | None = None, sample_views: int | None = None,
                 seed: int = 0, stats: bool = True, plot: str | None = None, as_json: bool = False,
-                progress: bool = True) -> str:
-    """`usi inspect`: the report as text (or JSON), writing the figure to `plot` when given."""
+                progress: bool = True, workers: int = 1, world: World | None = None) -> str:
+    """`usi inspect`: the report as text (or JSON), writing the figure to `plot` when given.
+    Under torchrun the ranks share the statistics' shards and rank 0 alone reports ("" elsewhere)."""
     import json
 
     import click
@@ -614,6 +650,13 @@ def run_inspect(path: str | Path, *, key: str | None = None, slot: int | None = 
     if one and (shard_range is not None or sample_views is not None):
         raise click.UsageError("--shard-range and --sample-views restrict the statistics; "
                                "they do not apply to one sample (--key/--slot)")
+    world = world or init_world()
+    st = None
+    if stats and not one:  # every rank takes part
+        st = teacher_stats(path, shard_range=shard_range, sample_views=sample_views, seed=seed,
+                           progress=progress, workers=workers, world=world)
+    if not world.is_main:
+        return ""
     report = {"summary": summarize(path, shards_dir), "stats": None, "sample": None, "plot": None}
     if one:
         report["sample"] = sample_info(path, find_slot(path, key=key, slot=slot))
@@ -628,8 +671,7 @@ def run_inspect(path: str | Path, *, key: str | None = None, slot: int | None = 
                                              title=f"{storage.basename(path)}: teacher {t['name']}, "
                                                    f"views replayed at {t['input_size']} px"))
     elif stats:
-        report["stats"] = teacher_stats(path, shard_range=shard_range, sample_views=sample_views, seed=seed,
-                                        progress=progress)
+        report["stats"] = st
         if plot:
             from .plots import plot_stats
             report["plot"] = str(plot_stats(report["stats"], report["summary"], plot))

@@ -1,7 +1,9 @@
 """`usi verify`: check that a cache belongs to its shards and that every value in it is sane.
 
 Every check runs on every shard, and every problem is recorded with its shard and check name:
-verification never stops at the first damaged chunk. The checks, in report order:
+verification never stops at the first damaged chunk. The per-shard checks run in parallel
+(`--workers` processes, torchrun ranks) and rank 0 merges them in shard order, so the report does
+not depend on the split. The checks, in report order:
 
 * attributes  — the `usi_cache` attribute is self-consistent (its dataset fingerprint matches
                 the dataset fields it summarises, C / k / V / op table agree) and fits the arrays.
@@ -33,8 +35,10 @@ verification never stops at the first damaged chunk. The checks, in report order
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +46,7 @@ from PIL import Image
 
 from . import replay_check, schema, storage
 from .config import ConfigError
+from .dist import World, init_world, map_shards, on_main
 from .inspect_cache import BIG
 from .randaugment import OP_NAMES, parse_policy
 from .shards import Manifest, ShardError, ShardInfo, decode_image, fingerprint, load_manifest, read_shard
@@ -86,54 +91,103 @@ class VerifyReport:
 
 def verify_cache(path: str | Path, shards_dir: str | Path, *, recompute: int = 0,
                  teacher_checkpoint: str | None = None, device: str | None = None, atol: float = 1e-3,
-                 rtol: float = 1e-3, seed: int = 0, progress: bool = True) -> VerifyReport:
-    """Run every check; returns the report (its `.ok` is the verdict)."""
+                 rtol: float = 1e-3, seed: int = 0, progress: bool = True, workers: int = 1,
+                 world: World | None = None) -> VerifyReport | None:
+    """Run every check; returns the report (its `.ok` is the verdict) on rank 0, None on others.
+
+    The shards are checked by `workers` processes on each torchrun rank (`dist.map_shards`); the
+    cache-wide checks run once, on rank 0, which merges the per-shard results in shard order, so
+    the report is the same whatever the worker count or world size (the --recompute views are
+    drawn from `seed` alone, before the shards are split)."""
+    world = world or init_world()
+    rep, ctx = on_main(world, functools.partial(_prepare, path, shards_dir, recompute, teacher_checkpoint,
+                                                device, atol, rtol, seed))
+    if ctx is None:
+        return rep  # the arrays cannot be interpreted: nothing more to check
+    parts = map_shards(_check_one_shard, range(ctx.layout.num_shards),
+                       functools.partial(_open_context, replace(ctx, device=_rank_device(ctx.device, world))),
+                       world=world, workers=workers, progress=progress and ctx.layout.num_shards >= BIG,
+                       desc="verifying")
+    if not world.is_main:
+        return None
+    seen_invalid: set[str] = set()
+    for part, undecodable in parts:  # in shard order
+        _merge(rep, part)
+        seen_invalid |= undecodable
+    stray = sorted(ctx.invalid - seen_invalid)
+    if stray and rep.complete == ctx.layout.num_shards:
+        rep.add("labels", None, f"the cache's invalid list names {len(stray)} key(s) that are not stored with "
+                                f"label -1: {', '.join(stray[:5])}")
+    group, _ = schema.open_cache(path)
+    _check_replay(rep, group, ctx.attrs, ctx.manifest, ctx.layout)
+    if rep.recompute is not None and rep.recompute["views"] == 0:
+        rep.add("recompute", None, "no view could be re-run (no committed, intact sample)")
+    return rep
+
+
+def _prepare(path, shards_dir, recompute: int, teacher_checkpoint, device, atol, rtol, seed):
+    """Rank 0: the cache-wide checks, then (report, the context every process checks shards
+    with), or (report, None) when the arrays cannot be interpreted."""
     rep = VerifyReport(cache=str(path), shards_dir=str(shards_dir))
     try:
         group, attrs = schema.open_cache(path)
     except schema.CacheError as e:
         rep.ran.append("attributes")
         rep.add("attributes", None, str(e))
-        return rep
+        return rep, None
     layout = _check_attrs(rep, group, attrs)
     manifest = _check_dataset(rep, attrs, shards_dir)
     if layout is None:
-        return rep  # the arrays cannot be interpreted: nothing more to check
+        return rep, None
     rep.shards, rep.samples = layout.num_shards, int(attrs["dataset"]["num_samples"])
-    teacher = None
+    ctx = _Context(path=str(path), stored=set(storage.sizes(path)), attrs=attrs, layout=layout, manifest=manifest,
+                   spec=schema.view_spec(attrs), invalid=set(attrs.get("invalid", [])), atol=atol, rtol=rtol)
     if recompute:
-        teacher = _load_teacher(rep, attrs, teacher_checkpoint, device)
+        from .teacher import cache_teacher_mismatch
+        mismatch = cache_teacher_mismatch(attrs, teacher_checkpoint)
+        if mismatch:
+            rep.add("recompute", None, mismatch)
+        import torch
+        ctx.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        ctx.checkpoint = teacher_checkpoint
         # a half-precision re-run differs from the original by its own rounding (a batch of another
-        # shape may take other kernels): two of its spacings, relative to the logits
-        rtol = max(rtol, {"bf16": 2 ** -7, "fp16": 2 ** -10}.get(getattr(teacher, "precision", "fp32"), 0.0))
-    ctx = _Context(path=str(path), stored=set(storage.sizes(path)), group=group, attrs=attrs, layout=layout, manifest=manifest,
-                   spec=schema.view_spec(attrs), invalid=set(attrs.get("invalid", [])), atol=atol, rtol=rtol,
-                   teacher=teacher)
-    if teacher is not None:
+        # shape may take other kernels): two of its spacings, relative to the logits; caches from
+        # before the precision was recorded ran bf16 autocast on CUDA
+        precision = attrs["teacher"].get("precision") or ("bf16" if torch.device(ctx.device).type == "cuda" else "fp32")
+        ctx.rtol = rtol = max(rtol, {"bf16": 2 ** -7, "fp16": 2 ** -10}.get(precision, 0.0))
         ctx.picks = pick_views(group, layout, recompute, seed)
-        ctx.rc = {"requested": recompute, "views": 0, "skipped": 0, "max_logit_diff": 0.0, "max_lse_diff": 0.0,
-                  "class_mismatches": 0, "near_ties": 0, "atol": atol, "rtol": rtol, "device": str(teacher.device)}
-    rep.ran += [c for c in CHECKS[2:] if c != "recompute" or teacher is not None]
-    bar = None
-    if progress and layout.num_shards >= BIG:
-        from tqdm import tqdm
-        bar = tqdm(total=layout.num_shards, unit="shard", desc="verifying", leave=False, disable=None)
-    seen_invalid: set[str] = set()
-    for i in range(layout.num_shards):
-        seen_invalid |= _check_shard(rep, ctx, i)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    stray = sorted(ctx.invalid - seen_invalid)
-    if stray and rep.complete == layout.num_shards:
-        rep.add("labels", None, f"the cache's invalid list names {len(stray)} key(s) that are not stored with "
-                                f"label -1: {', '.join(stray[:5])}")
-    _check_replay(rep, group, attrs, manifest, layout)
-    rep.recompute = ctx.rc
-    if teacher is not None and ctx.rc["views"] == 0:
-        rep.add("recompute", None, "no view could be re-run (no committed, intact sample)")
-    return rep
+        rep.recompute = {"requested": recompute, **_recompute_counts(), "atol": atol, "rtol": rtol,
+                         "device": ctx.device}
+    rep.ran += [c for c in CHECKS[2:] if c != "recompute" or recompute]
+    return rep, ctx
+
+
+def _check_one_shard(ctx: _Context, i: int) -> tuple[VerifyReport, set[str]]:
+    """Shard i's part of the report (problems, counts, recompute counts) and its undecodable keys."""
+    part = VerifyReport(cache=ctx.path, shards_dir="")
+    if ctx.device is not None:
+        part.recompute = _recompute_counts()
+        if ctx.teacher is None and i in ctx.picks:  # loaded by the processes that re-run views only
+            from .teacher import load_cache_teacher
+            ctx.teacher, _ = load_cache_teacher(ctx.attrs, ctx.checkpoint, ctx.device)  # the mismatch is rank 0's
+    return part, _check_shard(part, ctx, i)
+
+
+def _merge(rep: VerifyReport, part: VerifyReport) -> None:
+    rep.problems += part.problems
+    for name in ("complete", "views", "valid", "compared"):
+        setattr(rep, name, getattr(rep, name) + getattr(part, name))
+    if part.recompute is not None:
+        rc, pr = rep.recompute, part.recompute
+        for name in ("views", "skipped", "class_mismatches", "near_ties"):
+            rc[name] += pr[name]
+        for name in ("max_logit_diff", "max_lse_diff"):
+            rc[name] = max(rc[name], pr[name])
+
+
+def _recompute_counts() -> dict:
+    return {"views": 0, "skipped": 0, "max_logit_diff": 0.0, "max_lse_diff": 0.0, "class_mismatches": 0,
+            "near_ties": 0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,9 +291,10 @@ def _short(x) -> str:
 
 @dataclass
 class _Context:
+    """What checking a shard needs. Built on rank 0 and sent to every process without `group`
+    and `teacher`, which each process opens for itself (`_open_context`)."""
     path: str
     stored: set  # keys of the cache's files/objects, listed once (one listing, not a request per chunk)
-    group: object
     attrs: dict
     layout: schema.Layout
     manifest: Manifest | None
@@ -247,9 +302,24 @@ class _Context:
     invalid: set
     atol: float
     rtol: float
-    teacher: object = None
+    device: str | None = None  # --recompute: the teacher's device; None: no re-run
+    checkpoint: str | None = None  # --recompute: the teacher's checkpoint
     picks: dict = field(default_factory=dict)  # shard -> (slot positions, views) to re-run
-    rc: dict | None = None
+    group: object = None
+    teacher: object = None
+
+
+def _open_context(ctx: _Context) -> _Context:
+    """The context of one process: its own handle on the cache (and its own teacher, loaded when
+    its first shard with views to re-run comes)."""
+    return replace(ctx, group=schema.open_cache(ctx.path)[0])
+
+
+def _rank_device(device: str | None, world: World) -> str | None:
+    """Each torchrun rank re-runs the teacher on its own GPU."""
+    if device == "cuda" and world.distributed:
+        return f"cuda:{world.local_rank}"
+    return device
 
 
 def _read(rep: VerifyReport, ctx: _Context, shard: int, name: str) -> np.ndarray | None:
@@ -488,14 +558,6 @@ def _check_shard(rep: VerifyReport, ctx: _Context, i: int) -> set[str]:
 # re-running the teacher
 
 
-def _load_teacher(rep: VerifyReport, attrs: dict, checkpoint: str | None, device: str | None):
-    from .teacher import load_cache_teacher
-    teacher, mismatch = load_cache_teacher(attrs, checkpoint, device)
-    if mismatch:
-        rep.add("recompute", None, mismatch)
-    return teacher
-
-
 def pick_views(group, layout: schema.Layout, n: int, seed: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """n seeded random (slot, view) pairs among the valid slots of committed shards, per shard."""
     valid = {}
@@ -521,7 +583,7 @@ def pick_views(group, layout: schema.Layout, n: int, seed: int) -> dict[int, tup
 def _recompute(rep: VerifyReport, ctx: _Context, i: int, x: dict, known: np.ndarray, tar) -> None:
     """Replay the picked views of shard i, re-run the teacher, compare with the cache."""
     import torch
-    rc, layout = ctx.rc, ctx.layout
+    rc, layout = rep.recompute, ctx.layout
     slots, views = ctx.picks[i]
     usable = [(p, v) for p, v in zip(slots.tolist(), views.tolist()) if known[p]]
     if tar is None or any(x[n] is None for n in schema.PER_VIEW):
@@ -552,8 +614,9 @@ def _recompute(rep: VerifyReport, ctx: _Context, i: int, x: dict, known: np.ndar
     usable = rendered
     if not usable:
         return
-    logits = torch.cat([ctx.teacher(torch.from_numpy(np.stack(images[j:j + 64])))
-                        for j in range(0, len(images), 64)])
+    with _split_independent_threads(ctx.teacher.device):
+        logits = torch.cat([ctx.teacher(torch.from_numpy(np.stack(images[j:j + 64])))
+                            for j in range(0, len(images), 64)])
     p_idx, v_idx = np.array(usable).T
     stored = x["logits"][p_idx, v_idx]
     c = torch.from_numpy(x["classes"][p_idx, v_idx].astype(np.int64))
@@ -589,6 +652,23 @@ def _recompute(rep: VerifyReport, ctx: _Context, i: int, x: dict, known: np.ndar
                                 f"rtol {ctx.rtol} in "
                                 f"{len(bad)} re-run view(s), first slot {base + p_idx[j]} view {v_idx[j]} "
                                 f"(largest difference {float(diff[j].max()):.4g})")
+
+
+@contextlib.contextmanager
+def _split_independent_threads(device):
+    """One thread for a teacher on the CPU, in every process: a float32 sum's last bits depend on
+    the thread count, and the re-run's statistics must not depend on how many processes share
+    the shards (--workers, torchrun). The parallelism comes from the processes."""
+    import torch
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _check_replay(rep: VerifyReport, group, attrs: dict, manifest: Manifest | None, layout) -> None:
