@@ -172,3 +172,37 @@ def _save(fig, path) -> Path:
     fig.savefig(path, format="png")
     plt.close(fig)
     return path
+
+
+def read_curve(run: str | Path, key: str = "val_top1") -> list[float]:
+    """`key` per epoch from a training run's log.jsonl (one JSON record per epoch)."""
+    path = Path(run) / "log.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no training log (is {run} a run folder?)")
+    import json
+    return [json.loads(ln)[key] for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def plot_curves(groups: dict[str, list[list[float]]], path: str | Path, *, title: str = "",
+                ylabel: str = "val top-1 (%)") -> Path:
+    """One line per group: the mean over its runs per epoch, with a band from the lowest to the
+    highest run (one run: the line alone). groups: label -> one list of values per run (per
+    epoch); runs of different lengths are cut to the shortest."""
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for (label, runs), color in zip(groups.items(), _colors(len(groups))):
+        n = min(len(r) for r in runs)
+        a = np.array([r[:n] for r in runs], dtype=float)
+        epochs = np.arange(1, n + 1)
+        mean = a.mean(0)
+        ax.plot(epochs, mean, color=color, marker="o", markersize=3,
+                label=f"{label}: {mean[-1]:.2f} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
+        if len(runs) > 1:
+            ax.fill_between(epochs, a.min(0), a.max(0), color=color, alpha=0.18, linewidth=0)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8, title="mean over runs, last epoch")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
