@@ -201,6 +201,7 @@ def main() -> None:
                    help="also stage-2 img/s on the paired vs the plain cache (alternating short runs)")
     a = p.parse_args()
     t_start = time.perf_counter()
+    demo_mod.one_torch_thread()  # as the demo's own students ran
     demo, work = Path(a.demo), Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     cache, ckpt = demo / "cache.zarr", demo / "teacher" / "best.pth"
@@ -211,7 +212,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--rows: unknown row {unknown[0]!r} (known: {', '.join(ROWS)})")
     seeds = [int(s) for s in a.seeds.split(",")]
-    base = demo_mod.student_config(work, "x")  # the demo's student recipe
+    base = demo_mod.student_config(demo, work / "x")  # the demo's student recipe
     E, teacher = base.epochs, demo_mod.TEACHER_MODEL
     _, attrs = schema.open_cache(cache)
     if attrs["views"] != E:
@@ -243,7 +244,7 @@ def main() -> None:
     results = {}
     for row in rows:
         extra = targets(row)
-        results[row] = [train_run(row, s, demo_mod.student_config(work, f"{row}-s{s}", seed=s, **extra),
+        results[row] = [train_run(row, s, demo_mod.student_config(demo, work / f"{row}-s{s}", seed=s, **extra),
                                   reuse.get(row, [])) for s in seeds]
     wall = time.perf_counter() - t_start
     header = [f"{base.model}, {E} epochs, seeds {a.seeds}", "top-1 (mean ± std over seeds)", "per seed"]
@@ -264,6 +265,8 @@ def main() -> None:
         print(f"paired / plain: {med['paired cache'] / med['plain cache']:.3f}")
     print(f"benchmark wall time: {wall:.0f} s ({sum(1 for rs in results.values() for r in rs if r['wall_s'])} "
           f"runs trained, the rest reused)")
+    groups = " ".join(f"'{ROWS[r]}={work}/{r}-s*'" for r in rows)
+    print(f"curves: usi curves --out docs/{a.name}-top1.png {groups}")
     path = write_result(a.name, {"args": vars(a), "epochs": E, "student": base.model, "teacher": teacher,
                                  "rows": {r: ROWS[r] for r in rows}, "seeds": seeds, "accuracy": results,
                                  "topk_fidelity": fid, "paired_throughput": tp, "wall_s": wall})

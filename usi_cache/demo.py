@@ -82,23 +82,29 @@ def _train(cfg: TrainConfig) -> dict:
             "img_per_s": last["img_per_s"], "epochs": last["epoch"] + 1, "val_images": last["val_count"]}
 
 
-def student_config(out: Path, name: str, **extra) -> TrainConfig:
-    """The demo's student recipe (configs/demo-fmnist.yaml) on the subset shards."""
-    shards = out / "shards"
+def student_config(out: Path, run: Path, **extra) -> TrainConfig:
+    """The demo's student recipe (configs/demo-fmnist.yaml) on the subset shards of the demo
+    folder `out`, writing to the run folder `run`."""
+    shards = Path(out) / "shards"
     return load_stage_config(TrainConfig, "train", CONFIG, {
         "train_shards": str(shards / "train"), "val_shards": str(shards / "test"), "model": STUDENT_MODEL,
-        "out": str(out / f"student-{name}"), **extra})
+        "out": str(run), **extra})
+
+
+def one_torch_thread() -> None:
+    """One torch thread unless OMP_NUM_THREADS says otherwise: on 2 cores the data worker needs
+    the other core. Two torch threads fight the worker (and anything else on a shared machine)
+    for the cores and spin."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+        torch.set_num_threads(1)
 
 
 def run_demo(out: str | Path) -> dict:
-    import torch
     from .cache import run_cache
     out = Path(out)
     t0 = time.perf_counter()
-    if "OMP_NUM_THREADS" not in os.environ:
-        # One torch thread: the demo's data worker needs the other core. Two torch threads
-        # fight the worker (and anything else on a shared machine) for the cores and spin.
-        torch.set_num_threads(1)
+    one_torch_thread()
     click.echo(f"demo: Fashion-MNIST at 32 px; teacher {TEACHER_MODEL} trained label-only on all 60,000 "
                f"training images ({TEACHER_EPOCHS} epochs); cache V = {VIEWS}, k = 10 over the students' "
                f"{SUBSET} images; students {STUDENT_MODEL} on those {SUBSET} images: labels only vs cached KD; "
@@ -122,7 +128,7 @@ def run_demo(out: str | Path) -> dict:
 
     results = {"shards": shards, "teacher": teacher, "cache": cache}
     for name, extra, upstream in (("labels", {}, shard_key), ("cached-kd", {"cache": c_cfg.out}, c_key)):
-        s_cfg = student_config(out, name, **extra)
+        s_cfg = student_config(out, out / f"student-{name}", **extra)
         if s_cfg.epochs != VIEWS:
             raise click.ClickException(f"{CONFIG}: train.epochs = {s_cfg.epochs}, the demo's cache has V = {VIEWS}")
         results[name] = _stage(out / f"student-{name}", _key(upstream, to_dict(s_cfg)), f"student {name}",
