@@ -203,15 +203,15 @@ def main() -> None:
     t_start = time.perf_counter()
     demo_mod.one_torch_thread()  # as the demo's own students ran
     demo, work = Path(a.demo), Path(a.work)
-    work.mkdir(parents=True, exist_ok=True)
+    rows = [r.strip() for r in a.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown or not rows:
+        raise SystemExit(f"--rows: unknown row {(unknown or [''])[0]!r} (known: {', '.join(ROWS)})")
+    seeds = [int(s) for s in a.seeds.split(",")]
     cache, ckpt = demo / "cache.zarr", demo / "teacher" / "best.pth"
     if not schema.exists(cache) or not ckpt.is_file():
         raise SystemExit(f"{demo}: no demo cache/teacher; run `make demo` first")
-    rows = [r.strip() for r in a.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        raise SystemExit(f"--rows: unknown row {unknown[0]!r} (known: {', '.join(ROWS)})")
-    seeds = [int(s) for s in a.seeds.split(",")]
+    work.mkdir(parents=True, exist_ok=True)
     base = demo_mod.student_config(demo, work / "x")  # the demo's student recipe
     E, teacher = base.epochs, demo_mod.TEACHER_MODEL
     _, attrs = schema.open_cache(cache)

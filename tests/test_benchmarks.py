@@ -66,3 +66,15 @@ def test_demo_table_says_what_the_cache_cost():
     assert "| student | test_efficientnet, cached KD | 4000 | 10 | 83.50 | 100 s |" in text
     assert "+3.50 points" in text and "40000 teacher forward passes" in text
     assert "an online teacher would run 40000 forward passes (10 epochs x 4000 images) for every student" in text
+
+
+def test_fidelity_benchmark_refuses_unknown_rows_and_a_missing_demo(tmp_path):
+    import sys
+    run = lambda *args: subprocess.run([sys.executable, "benchmarks/fidelity.py", "--demo", str(tmp_path / "demo"),
+                                        "--work", str(tmp_path / "work"), *args], cwd=ROOT, capture_output=True,
+                                       text=True, timeout=120)
+    r = run("--rows", "labels,bogus")
+    assert r.returncode != 0 and "unknown row 'bogus'" in r.stderr
+    r = run("--rows", "labels,cached", "--seeds", "1")
+    assert r.returncode != 0 and "run `make demo` first" in r.stderr
+    assert not (tmp_path / "work").exists()
