@@ -50,7 +50,8 @@ def test_curves_command_plots_mean_and_band_from_run_logs(tmp_path):
     r = CliRunner().invoke(main, ["curves", "--out", str(png), f"labels only={tmp_path}/labels-s*",
                                   f"cached KD, V = E={tmp_path}/cached-s*"])
     assert r.exit_code == 0, r.output
-    assert "labels only: 2 run(s): 60.00, 64.00" in r.output and "cached KD, V = E: 1 run(s): 70.00" in r.output
+    assert "labels only: 2 run(s), last epoch: 60.00, 64.00" in r.output
+    assert "cached KD, V = E: 1 run(s), last epoch: 70.00" in r.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = CliRunner().invoke(main, ["curves", "--out", str(png), f"x={tmp_path}/nothing-*"])
     assert r.exit_code != 0 and "matches no run folder" in r.output

@@ -346,8 +346,11 @@ def curves_command(groups, out, key, title):
         if not runs:
             raise click.UsageError(f"{pattern!r}: matches no run folder")
         data[label] = [read_curve(r, key) for r in runs]
-        click.echo(f"{label}: {len(runs)} run(s): " + ", ".join(f"{c[-1]:.2f}" for c in data[label]))
-    click.echo(f"written {plot_curves(data, out, title=title, ylabel=key)}")
+        lengths = sorted({len(c) for c in data[label]})
+        click.echo(f"{label}: {len(runs)} run(s), last epoch: " + ", ".join(f"{c[-1]:.2f}" for c in data[label])
+                   + (f" (runs of {lengths} epochs: cut to {lengths[0]})" if len(lengths) > 1 else ""))
+    ylabel = {"val_top1": "val top-1 (%)", "val_top1_ema": "val top-1, EMA weights (%)"}.get(key, key)
+    click.echo(f"written {plot_curves(data, out, title=title, ylabel=ylabel)}")
 
 
 # ---------------------------------------------------------------- demo
