@@ -106,12 +106,11 @@ def topk_fidelity(cache: Path, shards: Path, ckpt: Path, teacher_name: str, n_vi
     return {"views": len(images), "per_k": out}
 
 
-def paired_cache(cache: Path, demo: Path, work: Path, ckpt: Path, teacher: str, views: int, mix: dict) -> Path:
+def paired_cache(cache: Path, demo: Path, out: Path, ckpt: Path, teacher: str, views: int, mix: dict) -> Path:
     """A paired cache of the demo teacher: same shards, view spec, seed and k as the demo cache,
     mixed as the student recipe mixes batches (`mix`: mixup, cutmix, prob, switch), so the
     paired row mixes exactly as often as the others."""
     _, attrs = schema.open_cache(cache)
-    out = work / f"paired-v{views}-p{mix['prob']}.zarr"
     cfg = CacheConfig(shards=str(demo / "shards" / "train"), out=str(out), teacher=teacher,
                       teacher_checkpoint=str(ckpt), views=views, topk=attrs["topk"], seed=attrs["seed"],
                       input_size=attrs["teacher"]["input_size"], batch_size=256, workers=1, mix="paired",
@@ -155,8 +154,9 @@ def same_config(a: dict, b: dict) -> bool:
     return {k: v for k, v in a.items() if k != "out"} == {k: v for k, v in b.items() if k != "out"}
 
 
-def train_run(row: str, seed: int, cfg, reuse: list[Path]) -> dict:
-    """One student run, or a finished one with the same config (this folder, or one of `reuse`)."""
+def train_run(row: str, seed: int, cfg, reuse: list[Path], train: bool = True) -> dict | None:
+    """One student run, or a finished one with the same config (this folder, or one of `reuse`);
+    None when there is none and `train` is off."""
     out, want = Path(cfg.out), to_dict(cfg)
     total = cfg.epochs + cfg.cooldown_epochs
     for src in [out, *reuse]:
@@ -171,6 +171,9 @@ def train_run(row: str, seed: int, cfg, reuse: list[Path]) -> dict:
             wall = None
             break
     else:
+        if not train:
+            print(f"  {row} seed {seed}: no finished run, left out (--no-train)", flush=True)
+            return None
         t = time.perf_counter()
         run_train(cfg, progress=False)
         wall, log = time.perf_counter() - t, read_log(out)
@@ -178,7 +181,7 @@ def train_run(row: str, seed: int, cfg, reuse: list[Path]) -> dict:
     print(f"  {row} seed {seed}: top-1 {last['val_top1']:.2f}"
           + (f" (EMA {last['val_top1_ema']:.2f})" if last["val_top1_ema"] is not None else "")
           + (f", {wall:.0f} s" if wall else ""), flush=True)
-    return {"top1": last["val_top1"], "top1_ema": last["val_top1_ema"], "wall_s": wall,
+    return {"seed": seed, "top1": last["val_top1"], "top1_ema": last["val_top1_ema"], "wall_s": wall,
             "curve": [r["val_top1"] for r in log], "val_images": last["val_count"]}
 
 
@@ -199,6 +202,8 @@ def main() -> None:
                    help="also benchmark 4 over N replayed views: tail mass and KL for k = 1, 2, 5, 10")
     p.add_argument("--paired-throughput", action="store_true",
                    help="also stage-2 img/s on the paired vs the plain cache (alternating short runs)")
+    p.add_argument("--no-train", action="store_true",
+                   help="only collect finished runs: a (row, seed) without one is left out of the table")
     a = p.parse_args()
     t_start = time.perf_counter()
     demo_mod.one_torch_thread()  # as the demo's own students ran
@@ -226,34 +231,40 @@ def main() -> None:
         print(table(["k", "mean tail mass", "mean KL(full ‖ k+1 buckets)"],
                     [[k, f"{v['tail_mass']:.4f}", f"{v['kl']:.5f}"] for k, v in fid["per_k"].items()]))
 
-    def targets(row: str) -> dict:  # built only for the rows asked for
-        if row == "fixed":
-            return {"cache": str(derive(cache, work / "cache-v1.zarr", views=1))}
-        if row == "quarter":
-            return {"cache": str(derive(cache, work / f"cache-v{max(1, E // 4)}.zarr", views=max(1, E // 4)))}
-        if row == "cached":
-            return {"cache": str(cache)}
-        if row == "paired":
-            return {"cache": str(paired_cache(cache, demo, work, ckpt, teacher, E, mix))}
+    paths = {"fixed": work / "cache-v1.zarr", "quarter": work / f"cache-v{max(1, E // 4)}.zarr",
+             "cached": cache, "paired": work / f"paired-v{E}-p{mix['prob']}.zarr"}
+
+    def targets(row: str) -> dict:  # caches built only for the rows asked for, and not with --no-train
         if row == "online":
             return {"teacher": teacher, "teacher_checkpoint": str(ckpt)}
-        return {}
+        if row == "labels":
+            return {}
+        if not a.no_train and row == "fixed":
+            derive(cache, paths[row], views=1)
+        if not a.no_train and row == "quarter":
+            derive(cache, paths[row], views=max(1, E // 4))
+        if not a.no_train and row == "paired":
+            paired_cache(cache, demo, paths[row], ckpt, teacher, E, mix)
+        return {"cache": str(paths[row])}
 
     reuse = {"labels": [demo / "student-labels"], "cached": [demo / "student-cached-kd"]}
     print(f"\n5. accuracy fidelity: rows {', '.join(rows)}; seeds {a.seeds}; {base.model}, {E} epochs", flush=True)
     results = {}
     for row in rows:
         extra = targets(row)
-        results[row] = [train_run(row, s, demo_mod.student_config(demo, work / f"{row}-s{s}", seed=s, **extra),
-                                  reuse.get(row, [])) for s in seeds]
+        runs = [train_run(row, s, demo_mod.student_config(demo, work / f"{row}-s{s}", seed=s, **extra),
+                          reuse.get(row, []), train=not a.no_train) for s in seeds]
+        if any(runs):
+            results[row] = [r for r in runs if r]
     wall = time.perf_counter() - t_start
-    header = [f"{base.model}, {E} epochs, seeds {a.seeds}", "top-1 (mean ± std over seeds)", "per seed"]
-    body = [[ROWS[row], mean_std([r["top1"] for r in rs]), ", ".join(f"{r['top1']:.2f}" for r in rs)]
+    header = [f"{base.model}, {E} epochs", "top-1 (mean ± std over seeds)", "per seed"]
+    body = [[ROWS[row], mean_std([r["top1"] for r in rs]), ", ".join(f"{r['top1']:.2f} ({r['seed']})" for r in rs)]
             for row, rs in results.items()]
     tp = None
     if a.paired_throughput:
         print("\n6. stage-2 throughput, paired vs plain cache (alternating)", flush=True)
-        tp = paired_throughput(demo, work, cache, Path(targets("paired")["cache"]), base.model)
+        targets("paired")
+        tp = paired_throughput(demo, work, cache, paths["paired"], base.model)
     print()
     print(table(header, body))
     n_val = {r["val_images"] for rs in results.values() for r in rs}
