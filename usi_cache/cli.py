@@ -1,4 +1,4 @@
-"""The `usi` command line: shards, cache, train, inspect, verify, demo.
+"""The `usi` command line: shards, cache, train, inspect, verify, curves, demo.
 
 Every expected failure (bad config, missing file, mismatched cache) is turned into a
 one-line error by `one_line_errors`, never a traceback.
@@ -404,6 +404,35 @@ def audit_command(cache, **kwargs):
     """Top-k fidelity of a cache: tail mass, KL and bytes per view for k = 1 ... 100; stored in the cache."""
     from .audit import audit_cache, format_audit
     click.echo(format_audit(audit_cache(cache, **kwargs)))
+
+
+# ---------------------------------------------------------------- curves
+@main.command("curves")
+@click.argument("groups", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The PNG to write.")
+@click.option("--key", default="val_top1", show_default=True, help="The log.jsonl field to plot per epoch.")
+@click.option("--title", default="", help="Figure title.")
+@one_line_errors
+def curves_command(groups, out, key, title):
+    """Plot a log field per epoch from training runs' log.jsonl: one line per GROUP (mean over
+    its runs, band from min to max). GROUP is LABEL=GLOB, GLOB matching run folders, e.g.
+    'labels only=runs/fidelity/labels-s*'."""
+    import glob
+    from .plots import plot_curves, read_curve
+    data = {}
+    for g in groups:
+        label, sep, pattern = g.rpartition("=")
+        if not sep or not label:
+            raise click.UsageError(f"{g!r}: expected LABEL=GLOB")
+        runs = sorted(glob.glob(pattern))
+        if not runs:
+            raise click.UsageError(f"{pattern!r}: matches no run folder")
+        data[label] = [read_curve(r, key) for r in runs]
+        lengths = sorted({len(c) for c in data[label]})
+        click.echo(f"{label}: {len(runs)} run(s), last epoch: " + ", ".join(f"{c[-1]:.2f}" for c in data[label])
+                   + (f" (runs of {lengths} epochs: cut to {lengths[0]})" if len(lengths) > 1 else ""))
+    ylabel = {"val_top1": "val top-1 (%)", "val_top1_ema": "val top-1, EMA weights (%)"}.get(key, key)
+    click.echo(f"written {plot_curves(data, out, title=title, ylabel=ylabel)}")
 
 
 # ---------------------------------------------------------------- demo
