@@ -210,9 +210,11 @@ class PlanSummary:
 
     def describe(self, spec: PlanSpec) -> str:
         g = spec.world * spec.batch
+        capped = spec.max_steps is not None and spec.max_steps < spec.num_samples // g
+        why = f"max_steps = {spec.max_steps}" if capped else "< one global batch"
         if spec.repeats == 1:
             return (f"{self.uses} of {spec.num_samples} valid samples per epoch ({self.steps} steps x {g}); "
-                    f"the remainder of {self.left_out} (< one global batch) rotates from epoch to epoch")
+                    f"the {self.left_out} left out ({why}) change from epoch to epoch")
         return (f"{self.selected} distinct samples x {spec.repeats} views = {self.uses} uses per epoch "
                 f"({self.steps} steps x {g}; {self.dropped_uses} copies dropped); each epoch selects a "
                 f"different {self.selected / spec.num_samples:.0%} of the {spec.num_samples} valid samples")
