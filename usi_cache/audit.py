@@ -24,9 +24,7 @@ import numpy as np
 import torch
 
 from . import schema
-from .mixing import PartnerImages
-from .render import render_stored, stored_view
-from .shards import read_shard
+from .render import render_stored, shard_images, stored_view
 
 AUDIT_KS = (1, 2, 5, 10, 20, 50, 100)
 BATCH = 64  # views per teacher batch
@@ -76,14 +74,7 @@ def replayed_views(group, attrs: dict, layout: schema.Layout, manifest, n: int, 
     images, top1 = [], []
     for shard, (slots, views) in pick_views(group, layout, n, seed).items():
         block = schema.read_block(group, layout, shard)
-        wanted, encoded = set(slots.tolist()), []
-        for p, sample in enumerate(read_shard(manifest.path(shard))):
-            if p in wanted and sample.key != block.keys[p]:
-                raise schema.CacheError(f"{manifest.path(shard)}: position {p} holds {sample.key!r}, "
-                                        f"the cache has {block.keys[p]!r}")
-            # a paired view needs its partner, anywhere in the shard: keep the encoded bytes
-            encoded.append(sample.data if p in wanted or layout.paired else b"")
-        images_at = PartnerImages(encoded)
+        images_at = shard_images(manifest.path(shard), set(slots.tolist()), layout.paired, block.keys)
         for p, v in zip(slots.tolist(), views.tolist()):
             stored = stored_view(block, p, v, shard * layout.slots_per_shard, layout.slots_per_shard)
             try:

@@ -24,9 +24,8 @@ from . import replay_check, schema, storage
 from .dist import World, init_world, map_shards, on_main
 from .mixing import CUTMIX, MIXUP, NO_MIX
 from .randaugment import GEOMETRIC_OPS
-from .shards import Manifest, ShardError, load_manifest, read_shard
-from .mixing import PartnerImages
-from .render import render, render_stored, stored_view
+from .shards import Manifest, ShardError, load_manifest
+from .render import render, render_stored, shard_images, stored_view
 from .views import decode_view
 
 TOP5 = 5  # "top-5" agreement; top-min(5, k) when the cache keeps fewer than 5 classes
@@ -596,17 +595,11 @@ def replay_sample(path: str | Path, info: dict, shards_dir: str | Path | None):
     layout = schema.Layout.from_attrs(attrs)
     manifest = shards_for(attrs, shards_dir)
     shard, pos = info["shard"], info["position"]
-    encoded = []
-    for p, sample in enumerate(read_shard(manifest.path(shard))):
-        if p == pos and sample.key != info["key"]:
-            raise ShardError(f"{manifest.path(shard)}: position {pos} holds {sample.key!r}, "
-                             f"the cache has {info['key']!r}")
-        encoded.append(sample.data if p == pos or layout.paired else b"")
-    if pos >= len(encoded):
-        raise ShardError(f"{manifest.path(shard)}: has no sample at position {pos}")
-    images = PartnerImages(encoded)
-    image = images.get(pos)
     block = schema.read_block(group, layout, shard)
+    images = shard_images(manifest.path(shard), {pos}, layout.paired, block.keys)
+    if pos >= len(images.encoded):
+        raise ShardError(f"{manifest.path(shard)}: has no sample at position {pos}")
+    image = images.get(pos)
     spec, size = schema.view_spec(attrs), int(attrs["teacher"]["input_size"])
     views = []
     for v in range(layout.views):

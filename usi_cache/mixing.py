@@ -138,8 +138,10 @@ class PartnerImages:
         self.decoded: "OrderedDict[int, object]" = OrderedDict()
 
     def get(self, position: int):
-        """The RGB PIL image at `position`, or None when it does not decode."""
+        """The RGB PIL image at `position`, or None when it does not decode or is not in the shard."""
         from .shards import decode_image
+        if not 0 <= position < len(self.encoded):
+            return None
         if position in self.decoded:
             self.decoded.move_to_end(position)
             return self.decoded[position]

@@ -10,14 +10,15 @@ plain view and a paired (mixed) view are built by the same code everywhere:
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from .config import ViewSpec
-from .mixing import NO_MIX, PairParams, mix_pixels
+from .mixing import NO_MIX, PairParams, PartnerImages, mix_pixels
+from .shards import ShardError, read_shard
 from .views import ViewParams, decode_view, replay_array
 
 
@@ -99,3 +100,19 @@ def render_stored(view: StoredView, image: Image.Image, partner_image: Callable[
             raise ValueError(f"partner position {view.pair.partner} does not decode")
         partner = Partner(other, view.partner_params, view.pair)
     return render(image, view.params, size, spec, partner)
+
+
+def shard_images(path: str, wanted: Collection[int], paired: bool, keys=None) -> PartnerImages:
+    """The images of one shard by position, decoded on demand, to render its stored views: the
+    encoded bytes of the `wanted` positions (of every position in a paired cache: a partner may
+    lie anywhere in the shard). With `keys` (the cache's keys by position), a wanted position
+    holding another sample is a ShardError."""
+    last = max(wanted, default=-1)
+    encoded = []
+    for p, sample in enumerate(read_shard(path)):
+        if keys is not None and p in wanted and sample.key != keys[p]:
+            raise ShardError(f"{path}: position {p} holds {sample.key!r}, the cache has {keys[p]!r}")
+        encoded.append(sample.data if paired or p in wanted else b"")
+        if not paired and p >= last:
+            break  # nothing further is rendered
+    return PartnerImages(encoded)

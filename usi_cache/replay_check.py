@@ -15,9 +15,8 @@ import hashlib
 import numpy as np
 
 from . import schema
-from .mixing import PartnerImages
-from .render import render_stored, stored_view
-from .shards import Manifest, read_shard
+from .render import render_stored, shard_images, stored_view
+from .shards import Manifest
 
 SAMPLES = 4  # samples of the fingerprint (x up to 2 views each)
 
@@ -64,10 +63,7 @@ def fingerprint(group, attrs: dict, manifest: Manifest, views: list[list[int]] |
     rows = layout.rows(shard)  # only what rendering reads (a damaged logits chunk is verify's to report)
     block = {name: schema.read_array(group, name, rows)
              for name in schema.VIEW_PARAMS + (schema.MIX_ARRAYS if layout.paired else ())}
-    last = max(positions)
-    encoded = [s.data for p, s in zip(range(layout.slots_per_shard), read_shard(manifest.path(shard)))
-               if layout.paired or p <= last]
-    images = PartnerImages(encoded, capacity=2 * SAMPLES)
+    images = shard_images(manifest.path(shard), set(positions), layout.paired)
     digest = hashlib.sha256()
     spec, size = schema.view_spec(attrs), int(attrs["teacher"]["input_size"])
     for slot, v in views:

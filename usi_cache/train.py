@@ -55,7 +55,9 @@ class Targets:
     teacher: object = None  # usi_cache.teacher.Teacher (online mode)
 
 
-def resolve_targets(cfg: TrainConfig, world: World, fingerprint: str, num_classes: int, log) -> Targets:
+def resolve_targets(cfg: TrainConfig, world: World, manifest, log) -> Targets:
+    """The run's target source, checked against the train shards' `manifest`."""
+    fingerprint, num_classes = manifest.fingerprint, len(manifest.classes)
     if cfg.cache:
         group, attrs = schema.open_cache(cfg.cache)
         found = attrs["dataset"]["fingerprint"]
@@ -72,7 +74,7 @@ def resolve_targets(cfg: TrainConfig, world: World, fingerprint: str, num_classe
             raise schema.CacheError(f"{cfg.cache}: incomplete (some shards were never committed); "
                                     f"finish it with cache_teacher.py first")
         # every rank re-renders the fingerprint (nodes may differ); all stop together on any mismatch
-        whys = all_gather_objects(world, replay_check.mismatch(group, attrs, load_manifest(cfg.train_shards)))
+        whys = all_gather_objects(world, replay_check.mismatch(group, attrs, manifest))
         why = next((f"rank {r}: {w}" if world.distributed else w for r, w in enumerate(whys) if w), None)
         if why and not cfg.allow_replay_mismatch:
             raise schema.CacheError(f"{cfg.cache}: {why}; the student would be taught with pixels the teacher "
@@ -177,7 +179,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool) -> dict
     if val_m.classes != train_m.classes:
         raise ShardError(f"{cfg.val_shards}: class names differ from the train shards {cfg.train_shards}")
     C = len(train_m.classes)
-    targets = resolve_targets(cfg, world, train_m.fingerprint, C, log)
+    targets = resolve_targets(cfg, world, train_m, log)
     dev = world.device
     cuda = dev.type == "cuda"
 
@@ -378,13 +380,17 @@ CHECK_EVERY = 20  # steps between CPU-GPU syncs (finite-loss check, progress bar
 
 
 def check_finite(first_bad: torch.Tensor, recent_keys: dict[int, list[str]], epoch: int, world: World) -> None:
-    """Stop at a non-finite loss, naming its step and batch (a CPU-GPU sync point). Every rank
-    checks at the same steps and takes the latest bad step of any rank, so all ranks stop together."""
+    """Stop at a non-finite loss, naming its step and, on the rank that saw it, its batch (a CPU-GPU
+    sync point). Every rank checks at the same steps and takes the first bad step of any rank,
+    so all ranks stop together."""
+    none = torch.iinfo(torch.int64).max
+    bad = torch.where(first_bad >= 0, first_bad, torch.full_like(first_bad, none))
+    own = int(bad)
     if world.distributed:
-        torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MAX)
-    step = int(first_bad)
-    if step >= 0:
-        keys = recent_keys.get(step)
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+    step = int(bad)
+    if step != none:
+        keys = recent_keys.get(step) if own == step else None  # another rank's batch: not ours to name
         raise TrainError(f"non-finite loss at epoch {epoch} step {step}"
                          + (f" (batch keys {', '.join(keys)}, ...)" if keys else ""))
 

@@ -89,13 +89,13 @@ class TrainStream(IterableDataset):
             samples = list(samples)
             partners = PartnerImages([x.data for x in samples])
         total = s.plan.counts[piece.shard]
+        first = next(iter(blocks.values()), None)  # keys and labels: the same in every view's block
         j = count = 0  # valid index; samples read
         for pos, sample in enumerate(samples):
             count += 1
             if pos >= slots:
                 raise ShardError(f"{path}: more samples than the manifest's {slots} per shard")
-            if blocks:
-                first = next(iter(blocks.values()))
+            if first is not None:
                 cached_key = str(first.keys[pos])
                 if cached_key != sample.key:
                     raise schema.CacheError(f"{path} position {pos}: shard has key {sample.key!r}, "
@@ -118,14 +118,13 @@ class TrainStream(IterableDataset):
                partners: PartnerImages | None) -> dict:
         """One training sample: the stored (or, without a cache, freshly drawn) view replayed."""
         s = self.s
-        path = s.manifest.path(shard)
         try:
             image = decode_image(sample.data)
         except ValueError as e:
             why = ("the cache holds a target for it" if blocks else
                    "training without a cache needs every sample to decode (shards made by `usi shards` "
                    "leave such files out; a cache marks them)")
-            raise ShardError(f"{path}: sample {sample.key!r} does not decode ({e}); {why}") from None
+            raise ShardError(f"{s.manifest.path(shard)}: sample {sample.key!r} does not decode ({e}); {why}") from None
         out = {"label": sample.cls, "key": sample.key, "sid": shard * slots + pos, "view": view}
         if not blocks:  # label-only / online: a fresh view
             params = sample_view(view_rng(s.plan.seed, sample.key, view), image.height, image.width, s.spec)
@@ -136,7 +135,7 @@ class TrainStream(IterableDataset):
                 stored = stored_view(b, pos, None, shard * slots, slots)
                 pixels = render_stored(stored, image, partners.get if partners else None, s.size, s.spec)
             except ValueError as e:
-                raise ShardError(f"{path}: {sample.key!r}: {e}") from None
+                raise ShardError(f"{s.manifest.path(shard)}: {sample.key!r}: {e}") from None
             if s.layout.paired:  # the mixed ground truth: the partner's label and lambda
                 q = stored.partner_position
                 out["label_b"] = out["label"] if q is None else int(b.labels[q])

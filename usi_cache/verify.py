@@ -51,7 +51,7 @@ from .inspect_cache import BIG
 from .randaugment import OP_NAMES, parse_policy
 from .shards import Manifest, ShardError, ShardInfo, decode_image, fingerprint, load_manifest, read_shard
 from .render import render_stored, stored_view
-from .mixing import NO_MIX, pair_rng, sample_pair
+from .mixing import NO_MIX, PartnerImages, pair_rng, sample_pair
 from .views import encode_ops, sample_view, view_rng
 
 CHECKS = ("attributes", "fingerprint", "complete", "chunk files", "checksums", "keys", "labels", "finite",
@@ -592,23 +592,14 @@ def _recompute(rep: VerifyReport, ctx: _Context, i: int, x: dict, known: np.ndar
     if not usable:
         return
     size = int(ctx.attrs["teacher"]["input_size"])
-    decoded: dict = {}
-
-    def image_at(q: int):
-        if q not in decoded:
-            try:
-                decoded[q] = decode_image(tar[3][q]) if 0 <= q < len(tar[3]) else None
-            except ValueError:
-                decoded[q] = None
-        return decoded[q]
-
+    at = PartnerImages(tar[3])  # the shard's encoded images by position, decoded on demand
     images, rendered = [], []
     for p, v in usable:  # the same render as stages 1 and 2: a paired view is mixed with its partner
         try:
             stored = stored_view(x, p, v, i * layout.slots_per_shard, layout.slots_per_shard)
-            images.append(render_stored(stored, image_at(p), image_at, size, ctx.spec))
+            images.append(render_stored(stored, at.get(p), at.get, size, ctx.spec))
             rendered.append((p, v))
-        except (ValueError, IndexError) as e:
+        except ValueError as e:
             rep.add("recompute", i, f"slot {i * layout.slots_per_shard + p} view {v}: the stored view cannot "
                                     f"be rebuilt ({e})")
     usable = rendered
