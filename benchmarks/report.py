@@ -73,7 +73,8 @@ class Prose:
             text = parts.get((kind, name), parts.get((kind, None), []))
             return textwrap.dedent("\n".join(text)).strip()
 
-        self.title, self.description, self.interpretation = get("Title"), get("Description"), get("Interpretation")
+        self.title = get("Title").rstrip(".")
+        self.description, self.interpretation = get("Description"), get("Interpretation")
 
 
 def load(path: Path) -> dict:

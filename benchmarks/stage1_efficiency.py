@@ -1,4 +1,4 @@
-"""Stage-1 efficiency: cache_teacher views/s against the bare teacher forward.
+r"""Stage-1 efficiency: cache_teacher views/s against the bare teacher forward.
 
 Stage 1 end to end (decoding and augmentation in worker processes, the teacher, writing the
 cache) on synthetic JPEG shards, against the same teacher run alone on pre-made uint8 batches of
