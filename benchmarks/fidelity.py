@@ -348,10 +348,9 @@ def report(r: dict) -> str:
     return "\n".join(out).replace("\n\n\n", "\n\n").strip()
 
 
-def main() -> None:
-    a = parser().parse_args()
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
     t_start = time.perf_counter()
-    demo_mod.one_torch_thread()  # as the demo's own students ran
     demo, work = Path(a.demo), Path(a.work)
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
@@ -361,6 +360,7 @@ def main() -> None:
     cache, ckpt = demo / "cache.zarr", demo / "teacher" / "best.pth"
     if not schema.exists(cache) or not ckpt.is_file():
         raise SystemExit(f"{demo}: no demo cache/teacher; run `make demo` first")
+    demo_mod.one_torch_thread()  # as the demo's own students ran (after the checks: they run in-process in tests)
     work.mkdir(parents=True, exist_ok=True)
     base = demo_mod.student_config(demo, work / "x")  # the demo's student recipe
     E, teacher = base.epochs, demo_mod.TEACHER_MODEL
