@@ -40,8 +40,8 @@ PART = re.compile(r"^(Title|Description|Interpretation)(?: \(([\w.-]+)\))?:(.*)$
 INTRO = """\
 Each benchmark script prints its tables and writes `benchmarks/results/NAME.json`. This page is
 generated from those files by `.venv/bin/python benchmarks/report.py`, with the same `report()`
-function each script prints its tables with; do not edit it by hand (`report.py --check`, run by
-the tests, fails when it differs). Rerun a benchmark with the command in its section, then the
+function each script prints its tables with. Do not edit it by hand: `report.py --check` and the
+tests fail when it differs. Rerun a benchmark with the command in its section, then the
 generator. Timings on a small shared machine are noisy: ratios are measured side by side in one
 run, raw numbers can move a lot between runs."""
 
@@ -128,7 +128,11 @@ def section(path: Path, result: dict, module: str, mod: ModuleType) -> str:
     out += [note, ""] if note else [""]
     if prose.description:
         out += [prose.description, ""]
-    out += [mod.report(result).strip(), ""]
+    try:
+        tables = mod.report(result).strip()
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # a file the script cannot read
+        raise SystemExit(f"{path}: {module}.report() cannot render it ({type(e).__name__}: {e})")
+    out += [tables, ""]
     if prose.interpretation:
         out += [prose.interpretation, ""]
     return "\n".join(out)

@@ -164,7 +164,9 @@ def test_report_check_and_bad_results_files_are_one_line_errors(tmp_path):
     for content, message in [("{", "not a readable JSON results file"),
                              ('{"machine": "m", "date": "d"}', "field 'benchmark' missing or not a string"),
                              ('{"benchmark": "nope", "machine": "m", "date": "d"}',
-                              "benchmark 'nope' has no script benchmarks/nope.py")]:
+                              "benchmark 'nope' has no script benchmarks/nope.py"),
+                             ('{"benchmark": "cache_cost", "machine": "m", "date": "d"}',
+                              "cache_cost.report() cannot render it (KeyError: 'args')")]:
         bad.write_text(content)
         with pytest.raises(SystemExit) as e:
             report.main(["--results", str(res), "--out", str(tmp_path / "o.md")])
