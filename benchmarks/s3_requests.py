@@ -66,7 +66,7 @@ def report(r: dict) -> str:
     return "\n".join([
         f"one stage-2 epoch, 1 process, 1 worker, {r['train_shards']} train shards of {r['per_shard']} ({cache}), "
         f"{val}:", "", table(["requests", "count", "per train shard"], rows), "",
-        f"* per train shard: {per['train shard (tar)']:.0f} requests for its tar, {per['cache chunk']:.0f} for its "
+        f"* per train shard: {per['train shard (tar)']:.1f} requests for its tar, {per['cache chunk']:.1f} for its "
         "cache block"])
 
 
