@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import cache_args, make_shards, save_teacher
 from usi_cache import schema
 from usi_cache.cli import main
-from usi_cache.inspect_cache import format_stats, format_summary
+from usi_cache.inspect_format import format_stats, format_summary
 
 V, K = 8, 3  # conftest's cache_args
 

@@ -350,7 +350,12 @@ WORKERS_HELP = ("Processes on this machine reading shards in parallel (under tor
 def inspect_command(cache, no_stats, **kwargs):
     """Summarise a cache, its teacher's statistics, or one sample's views (torchrun: rank 0 prints)."""
     from .dist import close_world, init_world
-    from .inspect_cache import run_inspect
+    from .inspect_cache import run_inspect, validate_request
+    try:  # options that do not make one report are a usage error (exit status 2)
+        validate_request(stats=not no_stats, **{k: kwargs[k] for k in ("key", "slot", "shard_range",
+                                                                         "sample_views", "plot")})
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
     world = init_world()
     try:
         text = run_inspect(cache, stats=not no_stats, world=world, **kwargs)
