@@ -43,6 +43,7 @@ def test_audit_ks():
     assert audit_ks(5) == [1, 2, 5] and audit_ks(30) == [1, 2, 5, 10, 20, 30]
 
 
+@pytest.mark.slow
 def test_audit_end_to_end(tmp_path, shards, teacher_ckpt):
     out = tmp_path / "c.zarr"
     r = CliRunner().invoke(main, ["cache", *cache_args(shards, teacher_ckpt, out), "--audit", "20"])

@@ -42,6 +42,7 @@ def assert_same_cache(a, b):
     assert aa["invalid"] == ab["invalid"]
 
 
+@pytest.mark.slow
 def test_cache_contents_and_replay_invariant(tmp_path, shards, teacher_ckpt):
     out = tmp_path / "c.zarr"
     r = make_cache(shards, teacher_ckpt, out)
@@ -93,6 +94,7 @@ def test_cache_contents_and_replay_invariant(tmp_path, shards, teacher_ckpt):
     np.testing.assert_allclose(lse.numpy(), x["lse"][slots, views], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_rank(tmp_path, shards, teacher_ckpt):
     one, two = tmp_path / "one.zarr", tmp_path / "two.zarr"
     make_cache(shards, teacher_ckpt, one)
@@ -102,6 +104,7 @@ def test_two_ranks_equal_one_rank(tmp_path, shards, teacher_ckpt):
     assert_same_cache(one, two)
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_cache(tmp_path, shards, teacher_ckpt):
     a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
     make_cache(shards, teacher_ckpt, a)
@@ -120,6 +123,7 @@ def _committed(cache, chunks) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_cache(tmp_path, teacher_ckpt):
     shards = make_shards(tmp_path / "shards", n=60, per_shard=6)
     full, killed = tmp_path / "full.zarr", tmp_path / "killed.zarr"
@@ -140,6 +144,7 @@ def test_killed_run_resumes_to_the_same_cache(tmp_path, teacher_ckpt):
     assert_same_cache(full, killed)
 
 
+@pytest.mark.slow
 def test_undecodable_image_gets_label_minus_one(tmp_path, teacher_ckpt):
     shards = make_shards(tmp_path / "shards", n=12, per_shard=5, bad=(4,))
     out = tmp_path / "c.zarr"
@@ -179,6 +184,7 @@ def test_empty_shard_folder(tmp_path, teacher_ckpt):
     assert r.exit_code == 1 and "no dataset manifest" in r.output
 
 
+@pytest.mark.slow
 def test_existing_cache_with_other_config_is_refused(tmp_path, shards, teacher_ckpt):
     out = tmp_path / "c.zarr"
     make_cache(shards, teacher_ckpt, out)
@@ -197,6 +203,7 @@ def test_existing_cache_with_other_config_is_refused(tmp_path, shards, teacher_c
     assert schema.open_cache(out)[1]["views"] == 4
 
 
+@pytest.mark.slow
 def test_json_summary(tmp_path, shards, teacher_ckpt):
     r = make_cache(shards, teacher_ckpt, tmp_path / "c.zarr", "--json")
     s = json.loads(r.output[r.output.index("{"):])
@@ -229,6 +236,7 @@ def as_schema2(path) -> np.ndarray:
     return log_p
 
 
+@pytest.mark.slow
 def test_schema2_cache_still_reads_and_verifies(tmp_path, shards, teacher_ckpt):
     out = tmp_path / "c.zarr"
     make_cache(shards, teacher_ckpt, out)

@@ -21,6 +21,7 @@ from epoch_plan import imagenet_counts  # noqa: E402  (the benchmark's shapes, o
 IMAGENET = dict(counts=imagenet_counts(empty=5), seed=42, world=8, workers=8, batch=128)
 
 
+@pytest.mark.slow
 def test_r1_every_valid_sample_exactly_once_but_a_rotating_remainder():
     spec = PlanSpec(**IMAGENET)
     N, G = spec.num_samples, 8 * 128
@@ -41,6 +42,7 @@ def test_r1_every_valid_sample_exactly_once_but_a_rotating_remainder():
     assert not left_out[0] & left_out[1] and not left_out[1] & left_out[2]  # the remainder rotates
 
 
+@pytest.mark.slow
 def test_r3_repeated_augmentation_as_repeat_aug_sampler():
     """Same steps as R = 1; ~N/3 distinct samples, each 3 times with 3 distinct views on 3
     different ranks (so never in one local batch); 3 epochs select every sample once."""

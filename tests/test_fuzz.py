@@ -277,6 +277,7 @@ def check(r, what: str) -> bool:
 
 # ------------------------------------------------------------------------------------ tests
 
+@pytest.mark.slow
 def test_base_arguments_work(w, tmp_path):
     """The fuzz starts from arguments that succeed: every failure below is the mutation's."""
     r = CliRunner().invoke(main, ["cache", *argv(cache_base(w, tmp_path / "c.zarr"))])

@@ -45,6 +45,7 @@ def from_hf(*args: str):
     return CliRunner().invoke(main, ["shards", "from-hf", *map(str, args), "--per-shard", "5", "--quiet"])
 
 
+@pytest.mark.slow
 def test_saved_and_parquet_give_the_same_shards_with_the_original_bytes(tmp_path, saved):
     disk, parquet, samples = saved
     r = from_hf(disk, tmp_path / "a", "--workers", "2")

@@ -166,6 +166,7 @@ def webdataset_shards(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_index_unequal_webdataset_shards_and_cache_them(tmp_path, teacher_ckpt):
     shards = webdataset_shards(tmp_path / "wds")
     r = CliRunner().invoke(main, ["shards", "index", str(shards), "--workers", "2", "--quiet"])
@@ -242,6 +243,7 @@ def test_index_errors_are_one_line(tmp_path):
     assert not (shards / "dataset.json").exists()
 
 
+@pytest.mark.slow
 def test_ingest_memory_benchmark_runs_small(tmp_path):
     import subprocess
     import sys

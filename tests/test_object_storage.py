@@ -124,6 +124,7 @@ def remote(s3, tmp_path_factory):
     return {"url": url, "tmp": tmp, "ckpt": ckpt, "summary": summary, "fs": s3}
 
 
+@pytest.mark.slow
 def test_shards_on_s3_are_the_local_shards(remote):
     """`usi shards` to an s3:// URL writes the same bytes (same fingerprint) as to a folder."""
     fs, url, tmp = remote["fs"], remote["url"], remote["tmp"]
@@ -135,6 +136,7 @@ def test_shards_on_s3_are_the_local_shards(remote):
             assert fs.cat(f"{url}/shards/{split}/{s['name']}") == (tmp / "shards" / split / s["name"]).read_bytes()
 
 
+@pytest.mark.slow
 def test_two_process_cache_on_s3_equals_local_cache(remote):
     """A cache written to S3 by 2 ranks holds exactly what 1 process writes to a local folder,
     and records the s3:// shard root and the teacher checkpoint's URL."""
@@ -154,6 +156,7 @@ def test_two_process_cache_on_s3_equals_local_cache(remote):
     assert attrs["teacher"]["checkpoint"] == f"{remote['url']}/teacher.pth"
 
 
+@pytest.mark.slow
 def test_resume_on_s3_recomputes_only_uncommitted_shards(remote):
     """Deleting one shard's commit marker object (a rank killed before committing it) makes
     the next run recompute that shard only; the result equals the first run."""
@@ -171,6 +174,7 @@ def test_resume_on_s3_recomputes_only_uncommitted_shards(remote):
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
 
 
+@pytest.mark.slow
 def test_train_student_from_s3(remote):
     """2-rank DDP training reads train/val shards and the cache from S3 in DataLoader workers
     and writes its run (log, checkpoints) to S3; --resume reads last.pth back from there."""
@@ -195,6 +199,7 @@ def test_train_student_from_s3(remote):
     assert [json.loads(ln)["epoch"] for ln in fs.cat(f"{out}/log.jsonl").decode().splitlines()] == [0, 1]
 
 
+@pytest.mark.slow
 def test_verify_and_inspect_on_s3(remote):
     """`usi verify` re-runs the teacher (checkpoint on S3) on views re-drawn from S3 shards;
     `usi inspect` replays a sample from the shard root the cache recorded (an s3:// URL)."""
@@ -224,6 +229,7 @@ def test_errors_on_s3_are_one_line(s3):
     assert len(out.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_unreachable_endpoint_is_one_line(tmp_path):
     """No server at the endpoint: a one-line error naming the URL, not a botocore traceback."""
     port = _free_port()
@@ -237,6 +243,7 @@ def test_unreachable_endpoint_is_one_line(tmp_path):
     assert "EndpointConnectionError" in err[0], err[0]  # not "no cache here": the server was never asked
 
 
+@pytest.mark.slow
 def test_any_fsspec_filesystem_works(tmp_path):
     """Not only S3: shards, cache and verify through fsspec's in-memory filesystem."""
     from usi_cache.shards import write_shards

@@ -58,6 +58,7 @@ def rebuild(d, slot: int, v: int, size: int) -> np.ndarray:
     return mix_pixels(view(slot), view(pair.partner), pair)
 
 
+@pytest.mark.slow
 def test_pairs_are_drawn_from_the_seed_within_the_shard(paired):
     x, attrs, m = paired["x"], paired["attrs"], paired["m"]
     assert attrs["mix"] == "paired" and attrs["schema_version"] == schema.SCHEMA_VERSION
@@ -84,6 +85,7 @@ def test_pairs_are_drawn_from_the_seed_within_the_shard(paired):
     assert MIXUP in kinds and CUTMIX in kinds
 
 
+@pytest.mark.slow
 def test_replay_invariant_for_paired_views(paired):
     x = paired["x"]
     teacher, _ = load_teacher(TEACHER, str(paired["ckpt"]), num_classes=NUM_CLASSES, input_size=32)
@@ -121,6 +123,7 @@ def test_stage2_rebuilds_the_mixed_pixels_bit_identically(paired):
     assert n == 25
 
 
+@pytest.mark.slow
 def test_training_on_a_paired_cache(paired, tmp_path):
     val = make_shards(tmp_path / "val", n=12, per_shard=6, seed=9)
     r = CliRunner().invoke(main, ["train", "--model", TEACHER, "--train-shards", str(paired["shards"]),

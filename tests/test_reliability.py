@@ -161,6 +161,7 @@ def block_files(cache: Path, shards) -> dict[str, tuple[int, int]]:
 
 # ----------------------------------------------------------------------- 1. non-finite loss
 
+@pytest.mark.slow
 def test_diverging_run_stops_naming_epoch_step_keys_and_keeps_last_good_checkpoint(data, tmp_path):
     """Epoch 0 warms up at lr 1e-4 and is saved; epoch 1 runs at lr 5e29 and diverges for real."""
     run = tmp_path / "run"
@@ -176,6 +177,7 @@ def test_diverging_run_stops_naming_epoch_step_keys_and_keeps_last_good_checkpoi
     assert not (run / "last.pth.tmp").exists()
 
 
+@pytest.mark.slow
 def test_nan_weights_stop_at_the_first_step_with_nothing_saved(data, tmp_path):
     torch.manual_seed(0)
     state = timm.create_model(TEACHER, num_classes=NUM_CLASSES).state_dict()
@@ -191,6 +193,7 @@ def test_nan_weights_stop_at_the_first_step_with_nothing_saved(data, tmp_path):
 
 # ------------------------------------------------------------------- 2. atomic checkpoints
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_saves_never_leaves_a_corrupt_last_pth(data, tmp_path):
     """Kill -9 the trainer the moment it starts writing last.pth (twice), and once at a random
     moment; last.pth must always load, and --resume must then finish the run."""
@@ -248,6 +251,7 @@ def test_sigkill_during_checkpoint_saves_never_leaves_a_corrupt_last_pth(data, t
 
 # ------------------------------------------------------- 3. a killed rank in 2-rank training
 
+@pytest.mark.slow
 def test_torchrun_training_with_a_killed_rank_fails_fast_and_resumes(data, tmp_path):
     run = tmp_path / "run"
     args = ["train_student.py", *train_args(data, run, "--cache", str(data["cache"]), "--epochs", "3",
@@ -279,6 +283,7 @@ def test_torchrun_training_with_a_killed_rank_fails_fast_and_resumes(data, tmp_p
     assert all(e["rank_weights_equal"] and e["ranks"] == 2 and e["val_count"] == 10 for e in log)
 
 
+@pytest.mark.slow
 def test_torchrun_max_restarts_resumes_after_a_killed_rank(data, tmp_path):
     """With --max-restarts and --resume on the command line, torchrun heals the run by itself."""
     run = tmp_path / "run"
@@ -300,6 +305,7 @@ def test_torchrun_max_restarts_resumes_after_a_killed_rank(data, tmp_path):
 
 # ------------------------------------------------------------ 4. stage 1: kill and full disk
 
+@pytest.mark.slow
 def test_stage1_torchrun_rank_killed_mid_shard_resumes_only_unfinished_shards(data, tmp_path):
     shards = make_shards(tmp_path / "shards", n=60, per_shard=6)
     full, killed = tmp_path / "full.zarr", tmp_path / "killed.zarr"
@@ -345,6 +351,7 @@ def _umount(path: Path) -> None:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)  # a leaked handle: detach
 
 
+@pytest.mark.slow
 def test_stage1_disk_full_is_a_clear_error_and_the_next_run_resumes(data, tmp_path):
     shards = make_shards(tmp_path / "shards", n=30, per_shard=10)
     ref = tmp_path / "ref.zarr"
@@ -370,6 +377,7 @@ def test_stage1_disk_full_is_a_clear_error_and_the_next_run_resumes(data, tmp_pa
         _umount(disk)
 
 
+@pytest.mark.slow
 def test_stage1_disk_full_before_the_cache_exists_says_to_overwrite(data, tmp_path):
     disk = tmp_path / "disk"
     _mount_tmpfs(disk, "12k")  # not even room for the arrays' metadata
@@ -388,6 +396,7 @@ def test_stage1_disk_full_before_the_cache_exists_says_to_overwrite(data, tmp_pa
         _umount(disk)
 
 
+@pytest.mark.slow
 def test_stage2_disk_full_is_a_clear_error(data, tmp_path):
     disk = tmp_path / "disk"
     _mount_tmpfs(disk, "3m")  # best.pth (1.5 MB) fits, last.pth (6 MB) does not
@@ -408,6 +417,7 @@ def _truncate(path: Path, at: int | None = None) -> bytes:
     return data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_stage1_truncated_tar_names_the_shard_and_resumes_once_repaired(data, tmp_path, workers):
     shards = make_shards(tmp_path / "shards", n=30, per_shard=10)
@@ -426,6 +436,7 @@ def test_stage1_truncated_tar_names_the_shard_and_resumes_once_repaired(data, tm
     assert f"{int(done.sum())} reused" in r.output and "3/3 complete" in r.output
 
 
+@pytest.mark.slow
 def test_stage1_tar_cut_between_members_names_the_shard(data, tmp_path):
     shards = make_shards(tmp_path / "shards", n=30, per_shard=10)
     bad = shards / "shard-000001.tar"
@@ -437,6 +448,7 @@ def test_stage1_tar_cut_between_members_names_the_shard(data, tmp_path):
     assert error_line(r.output) == f"Error: {bad}: holds 5 samples, {shards / 'dataset.json'} says 10"
 
 
+@pytest.mark.slow
 def test_corrupt_image_in_a_valid_tar_gets_label_minus_one_and_trains(data, tmp_path):
     samples = make_samples(20)
     png = next(i for i, s in enumerate(samples) if s.ext == "png")
@@ -472,6 +484,7 @@ def test_stage2_truncated_train_shard_is_a_one_line_error_naming_it(data, tmp_pa
     assert error_line(r.output) == f"Error: {bad}: damaged tar (unexpected end of data)"
 
 
+@pytest.mark.slow
 def test_stage2_tar_cut_between_members_is_an_error(data, tmp_path):
     shards = tmp_path / "train"
     shutil.copytree(data["train"], shards)
@@ -508,6 +521,7 @@ def test_pickle_that_runs_code_as_pretrained_checkpoint_is_refused(data, tmp_pat
     assert "system" in line and not marker.exists()
 
 
+@pytest.mark.slow
 def test_tampered_last_pth_is_refused_on_resume(data, tmp_path):
     run, marker = tmp_path / "run", tmp_path / "pwned"
     args = ["train", *train_args(data, run, "--epochs", "1", "--max-steps", "1")]
@@ -523,6 +537,7 @@ def test_tampered_last_pth_is_refused_on_resume(data, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_damaged_last_pth_on_resume_is_a_one_line_error(data, tmp_path):
     run = tmp_path / "run"
     args = ["train", *train_args(data, run, "--epochs", "1", "--max-steps", "1")]
@@ -595,6 +610,7 @@ def test_unreadable_shard_folder_is_a_one_line_error(data, tmp_path):
         shards.chmod(0o755)
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused(data, tmp_path):
     run = tmp_path / "run"
     args = ["train", *train_args(data, run, "--epochs", "1", "--max-steps", "1")]

@@ -35,6 +35,7 @@ def as_if_made_elsewhere(made, tmp_path):
     return cache
 
 
+@pytest.mark.slow
 def test_a_new_cache_records_decoders_and_a_fingerprint_that_reproduces(made):
     group, attrs = schema.open_cache(made["cache"])
     rec = attrs["replay"]
@@ -50,6 +51,7 @@ def test_a_new_cache_records_decoders_and_a_fingerprint_that_reproduces(made):
     assert r.exit_code == 0 and "8 fingerprint views re-rendered bit for bit" in r.output, r.output
 
 
+@pytest.mark.slow
 def test_training_refuses_mismatched_pixels_unless_allowed(made, tmp_path):
     cache = as_if_made_elsewhere(made, tmp_path)
     args = conftest.train_args(made, tmp_path / "run", "--cache", str(cache), "--epochs", "1", "--max-steps", "1",

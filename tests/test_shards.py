@@ -32,6 +32,7 @@ def tar_hashes(folder: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.tar"))}
 
 
+@pytest.mark.slow
 def test_from_folder_is_byte_identical_and_manifest_matches(tmp_path):
     src = make_folder(tmp_path / "src")
     runner = CliRunner()
@@ -124,6 +125,7 @@ def test_truncated_tar_is_named(tmp_path):
         list(read_shard(m.path(0)))
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_fashion_mnist_cli(tmp_path):
     r = CliRunner().invoke(main, ["shards", "fashion-mnist", str(tmp_path), "--per-shard", "100",

@@ -67,6 +67,7 @@ def to_original_tresnet(model: torch.nn.Module, seed: int = 1) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_usi_tresnet_checkpoint_loads_through_timm_filter(tmp_path):
     torch.manual_seed(0)
     ref = randomise_(timm.create_model("tresnet_v2_l", num_classes=10))
