@@ -37,7 +37,7 @@ def test_overrides_win_and_none_means_not_given(tmp_path):
     ("cache:\n  compile: 1\n", r"cache\.compile: expected true/false"),
     ("cache:\n  teacher_precision: fp8\n", r"cache\.teacher_precision: expected auto, fp32, fp16 or bf16"),
     ("cache:\n  audit: -1\n", r"cache\.audit: expected >= 0"),
-    ("cache:\n  audit: 5\n  mix: paired\n", r"cache\.audit: only plain caches"),
+    ("cache:\n  audit: 5\n  mix: {mode: paired}\n", r"cache\.audit: only plain caches"),
     ("trainer:\n  x: 1\n", r"unknown section 'trainer'"),
     ("cache: [1, 2\n", r"not valid YAML"),
 ])
