@@ -126,5 +126,6 @@ def stage_config(cls: type, section: str, kwargs: dict):
         if path in given:
             raise ConfigError(f"{section}.{path}: given twice ({given[path][0]} and --set {item})")
         given[path] = (f"--set {item}", value)
-    return load_stage_config(cls, section, kwargs.pop("config_path"), {p: v for p, (_, v) in given.items()})
+    return load_stage_config(cls, section, kwargs.pop("config_path"), {p: v for p, (_, v) in given.items()},
+                             none_means_unset=False)
 

@@ -392,15 +392,17 @@ def recipe_section(cls: type, section: str, recipe: dict, path=None) -> dict:
     return data
 
 
-def load_stage_config(cls: type, section: str, path: str | Path | None, overrides: dict):
+def load_stage_config(cls: type, section: str, path: str | Path | None, overrides: dict, *,
+                      none_means_unset: bool = True):
     """Dataclass defaults < YAML section `section` (+ the shared `view` section) < overrides.
 
     Override keys are field names or dotted paths into sections (`mix.prob`); a mapping given
-    for a section is merged key by key. Overrides whose value is None were not given.
+    for a section is merged key by key. Overrides whose value is None were not given, unless
+    `none_means_unset` is off (the command line passes only what it was given: null is a value).
     """
     data = recipe_section(cls, section, read_yaml(path), path)
     for key, value in overrides.items():
-        if value is not None:
+        if value is not None or not none_means_unset:
             _assign(cls, data, key.split("."), value, section)
     cfg = from_dict(cls, data, section)
     cfg.validate()
