@@ -70,6 +70,7 @@ def test_section_overrides_merge_key_by_key(tmp_path):
     ("cache:\n  audit: 5\n  mix: {mode: paired}\n", r"cache\.audit: only plain caches"),
     ("trainer:\n  x: 1\n", r"unknown section 'trainer'"),
     ("cache: [1, 2\n", r"not valid YAML"),
+    ("view:\n  hflip: 0.1\ncache:\n  view: {hflip: 0.2}\n", r"cache\.view: also given as the top-level view"),
     # keys that moved name their new place
     ("cache:\n  mixup: 0.5\n", r"^cache\.mixup: moved to cache\.mix\.mixup$"),
     ("cache:\n  mix_switch: 0.5\n", r"^cache\.mix_switch: moved to cache\.mix\.switch$"),

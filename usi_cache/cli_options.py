@@ -44,8 +44,8 @@ class ConfigOption(click.Option):
     """The option of one config key. Its --help line ends with the key's default, and with the
     recipe's value when --config comes before --help."""
 
-    def __init__(self, *args, setting: Setting, section: str, **kwargs):
-        self.setting, self.section = setting, section
+    def __init__(self, *args, setting: Setting, **kwargs):
+        self.setting = setting
         super().__init__(*args, **kwargs)
 
     def get_help_record(self, ctx):
@@ -99,10 +99,10 @@ def config_options(cls: type, section: str):
             if s.type is bool:
                 name = s.flag[2:]
                 options.append(click.option(f"--{name}/--no-{name}", param, default=None, cls=ConfigOption,
-                                            setting=s, section=section, help=s.help))
+                                            setting=s, help=s.help))
             else:
                 options.append(click.option(s.flag, param, default=None, cls=ConfigOption, setting=s,
-                                            section=section, metavar=_metavar(s.type), help=s.help))
+                                            metavar=_metavar(s.type), help=s.help))
         for option in reversed(options):
             fn = option(fn)
         return fn

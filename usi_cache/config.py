@@ -180,7 +180,7 @@ class TrainConfig:
     epochs: int = setting(300, "Cosine length, in epochs.")
     cooldown_epochs: int = setting(10, "Extra epochs at min_lr after the cosine.")
     warmup_epochs: int = setting(5, "Linear warmup epochs, from warmup_lr to lr.")
-    warmup_lr: float = setting(1e-4, "Learning rate the warmup starts from.")
+    warmup_lr: float = setting(1e-4, "Learning rate the warmup starts from (unused without warmup epochs).")
     lr: float = setting(2e-3, "Peak learning rate; not scaled with the batch size (USI).")
     min_lr: float = setting(1e-6, "Learning rate at the end of the cosine and during the cooldown.")
     weight_decay: float = setting(2e-2, "AdamW weight decay; not applied to norm and bias parameters.")
@@ -388,6 +388,8 @@ def recipe_section(cls: type, section: str, recipe: dict, path=None) -> dict:
             raise ConfigError(f"{path}: section {name!r}: expected a mapping of keys, got {recipe[name]!r:.80}")
     data = dict(recipe.get(section) or {})
     if "view" in recipe and "view" in {f.name for f in dataclasses.fields(cls)}:
+        if "view" in data:  # one of the two would be ignored
+            raise ConfigError(f"{path}: {section}.view: also given as the top-level view section: give one")
         data["view"] = dict(recipe["view"] or {})
     return data
 
