@@ -271,6 +271,13 @@ def test_bad_command_lines_are_one_line_errors(args, message):
     assert len(r.output.strip().splitlines()) == 1
 
 
+def test_every_option_of_cache_and_train_has_help():
+    from usi_cache.cli import cache_command, train_command
+    for command in (cache_command, train_command):
+        for p in command.params:
+            assert isinstance(p, click.Option) and p.help, (command.name, p.name)
+
+
 def test_help_shows_defaults_and_the_recipe_values():
     r = CliRunner().invoke(main, ["train", "--help"], terminal_width=300)
     assert r.exit_code == 0, r.output
