@@ -10,11 +10,12 @@ FMNIST := /usr/share/datasets/fashion-mnist
 
 venv: $(STAMP)
 
-# torch 2.14.1 / torchvision 0.29.1 are pinned; pip takes them from the local wheel cache when present.
-$(STAMP): pyproject.toml
+# pyproject.toml holds version floors; constraints.txt the exact versions tested (torch 2.14.1,
+# torchvision 0.29.1, ...). pip takes them from the local wheel cache when present.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 # Fashion-MNIST comes from Debian's package (the demo's data, and some tests').

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from usi_cache.config import CacheConfig, TrainConfig, ViewSpec
+from usi_cache.config import CacheConfig, MixConfig, TrainConfig, ViewSpec
 from usi_cache.shards import (FMNIST_CLASSES, FMNIST_DIR, MANIFEST, Sample, samples_from_fashion_mnist,
                               write_shards)
 
@@ -62,8 +62,8 @@ def cache_config(shards: Path, out: Path, teacher: str, **kw) -> CacheConfig:
 def train_config(train: Path, val: Path, out: Path, model: str, **kw) -> TrainConfig:
     """The demo recipe (configs/demo-fmnist.yaml) with overrides."""
     base = dict(model=model, train_shards=str(train), val_shards=str(val), out=str(out), epochs=10,
-                cooldown_epochs=0, warmup_epochs=1, lr=2e-3, batch_size=128, input_size=32, mixup=0.8,
-                cutmix=1.0, mix_prob=0.5, ema_decay=0.99, workers=1, view=DEMO_VIEW)
+                cooldown_epochs=0, warmup_epochs=1, lr=2e-3, batch_size=128, input_size=32,
+                mix=MixConfig(mode="batch", prob=0.5), ema_decay=0.99, workers=1, view=DEMO_VIEW)
     base.update(kw)
     return TrainConfig(**base)
 

@@ -75,7 +75,7 @@ from usi_cache.shards import decode_image, load_manifest, read_shard
 from usi_cache.teacher import load_teacher
 from usi_cache import demo as demo_mod
 from usi_cache.cache import run_cache
-from usi_cache.config import CacheConfig, to_dict
+from usi_cache.config import CacheConfig, MixConfig, TrainConfig, to_dict, upgrade_saved
 from usi_cache.train import run_train
 from usi_cache.views import decode_view, replay_array
 
@@ -142,8 +142,8 @@ def paired_cache(cache: Path, demo: Path, out: Path, ckpt: Path, teacher: str, v
     _, attrs = schema.open_cache(cache)
     cfg = CacheConfig(shards=str(demo / "shards" / "train"), out=str(out), teacher=teacher,
                       teacher_checkpoint=str(ckpt), views=views, topk=attrs["topk"], seed=attrs["seed"],
-                      input_size=attrs["teacher"]["input_size"], batch_size=256, workers=1, mix="paired",
-                      mixup=mix["mixup"], cutmix=mix["cutmix"], mix_prob=mix["prob"], mix_switch=mix["switch"],
+                      input_size=attrs["teacher"]["input_size"], batch_size=256, workers=1,
+                      mix=MixConfig(mode="paired", **mix),
                       view=schema.view_spec(attrs))
     s = run_cache(cfg, progress=False)  # resumes / reuses a complete cache
     print(f"  paired cache: {s['views']} views, {s['bytes_per_view']:.1f} bytes/view, "
@@ -191,7 +191,7 @@ def train_run(row: str, seed: int, cfg, reuse: list[Path], train: bool = True) -
     for src in [out, *reuse]:
         log = read_log(src)
         if (src / "config.json").is_file() and len(log) == total and same_config(
-                json.loads((src / "config.json").read_text()), want):
+                upgrade_saved(TrainConfig, json.loads((src / "config.json").read_text())), want):
             if src != out:  # keep every (row, seed) log in the benchmark's folder, for the curves
                 out.mkdir(parents=True, exist_ok=True)
                 for f in ("config.json", "log.jsonl"):
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     _, attrs = schema.open_cache(cache)
     if attrs["views"] != E:
         raise SystemExit(f"{cache}: V = {attrs['views']}, the recipe trains {E} epochs: rerun `make demo`")
-    mix = {"mixup": base.mixup, "cutmix": base.cutmix, "prob": base.mix_prob, "switch": base.mix_switch}
+    mix = base.mix.sample_kwargs()
 
     fid = None
     if a.topk_fidelity:

@@ -156,7 +156,9 @@ def wrong_yaml_value(kind: str):
                                                                "hamming")), st.integers()),
         "fill": st.one_of(st.lists(st.integers(-300, 600), min_size=3, max_size=3).filter(
             lambda v: any(not 0 <= c <= 255 for c in v)), st.lists(st.integers(0, 255), max_size=2)),
-        "mix": letters.filter(lambda s: s not in ("none", "paired")),
+        "mix": st.one_of(letters,  # the section's old scalar shape (`mix: paired`)
+                         letters.filter(lambda s: s not in ("none", "paired", "batch")).map(lambda s: {"mode": s}),
+                         negative_float.map(lambda v: {"mixup": v}), st.floats(1.0001, 1e9).map(lambda v: {"prob": v})),
         "dict": st.one_of(st.integers(), letters, st.lists(st.integers(), min_size=1)),
         "crop": st.one_of(st.floats(1.0001, 100), st.floats(-5, 0), letters),
         "betas": st.one_of(st.lists(st.floats(0, 0.99), max_size=4).filter(lambda v: len(v) != 2),
@@ -169,10 +171,9 @@ def wrong_yaml_value(kind: str):
 VIEW_FIELDS = {"scale": "pair01", "ratio": "pair+", "hflip": "prob", "randaugment": "policy",
                "interpolation": "filter", "fill": "fill"}
 CACHE_FIELDS = {"seed": "seed", "pretrained": "bool", "compile": "bool", "overwrite": "bool", "mean": "triple",
-                "std": "triple", "mix": "mix", "mixup": "float>=0", "cutmix": "float>=0", "mix_prob": "prob",
-                "mix_switch": "prob"}
+                "std": "triple", "mix": "mix"}
 TRAIN_FIELDS = {"warmup_lr": "float>=0", "min_lr": "float>=0", "weight_decay": "float>=0", "betas": "betas",
-                "eps": "eps", "eval_crop": "crop", "mix_prob": "prob", "mix_switch": "prob", "amp": "bool",
+                "eps": "eps", "eval_crop": "crop", "mix": "mix", "log_every": "int>=0", "amp": "bool",
                 "channels_last": "bool", "shuffle_buffer": "int>=1", "model_kwargs": "dict", "seed": "seed",
                 "kd_only": "bool", "lr": "float>=0"}
 FIELD_NAMES = {"cache": {f.name for f in CacheConfig.__dataclass_fields__.values()},

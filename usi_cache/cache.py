@@ -152,9 +152,7 @@ class StageTimes:
 
 def _mix_spec(cfg: CacheConfig) -> dict | None:
     """sample_pair's keywords for a paired cache (None for a plain one)."""
-    if cfg.mix != "paired":
-        return None
-    return {"mixup": cfg.mixup, "cutmix": cfg.cutmix, "prob": cfg.mix_prob, "switch": cfg.mix_switch}
+    return cfg.mix.sample_kwargs() if cfg.mix.mode == "paired" else None
 
 
 def _prepare_store(cfg: CacheConfig, attrs: dict, layout: schema.Layout) -> str | None:
@@ -207,7 +205,7 @@ def _run(cfg: CacheConfig, world: World, progress: bool) -> dict:
                            views=cfg.views, topk=cfg.topk, num_classes=C,
                            # at least one slot (then always -1) when RandAugment is off: Zarr
                            # cannot shard zero-size chunks
-                           op_slots=max(1, op_slots(cfg.view)), paired=cfg.mix == "paired")
+                           op_slots=max(1, op_slots(cfg.view)), paired=cfg.mix.mode == "paired")
     attrs = schema.make_attrs(teacher=info.to_dict(), num_classes=C, topk=cfg.topk, views=cfg.views,
                               view_spec=to_dict(cfg.view), op_names=list(OP_NAMES),
                               op_slots=layout.op_slots, seed=cfg.seed,

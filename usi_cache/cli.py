@@ -15,7 +15,8 @@ import tarfile
 
 import click
 
-from .config import ConfigError
+from .cli_options import config_options, stage_config
+from .config import CacheConfig, ConfigError, TrainConfig
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """What a user can cause: bad config or input files, a refused checkpoint, the environment.
@@ -79,18 +80,6 @@ def _tar_message(e: tarfile.TarError, text: str) -> str:
         url, reason = (m.group(3), m.group(2)) if m else (None, text)
     reason = reason.split(" @ ")[0]  # WebDataset appends ' @ <stream repr>'
     return f"{url}: damaged tar ({reason})" if url else f"damaged tar ({reason})"
-
-
-def _floats3(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        parts = tuple(float(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected three comma-separated numbers, got {value!r}") from None
-    if len(parts) != 3:
-        raise click.BadParameter(f"expected three comma-separated numbers, got {value!r}")
-    return parts
 
 
 @click.group()
@@ -223,35 +212,17 @@ def shards_fashion_mnist(out, source, per_shard, seed, limit_train, limit_test):
 
 # ---------------------------------------------------------------- cache (stage 1)
 @click.command("cache")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Recipe YAML (sections view, cache).")
-@click.option("--shards", help="Folder with dataset.json and the tar shards.")
-@click.option("--teacher", help="timm model name (USI names such as tresnet_l_v2 accepted).")
-@click.option("--teacher-checkpoint", help="Teacher state_dict file.")
-@click.option("--pretrained/--no-pretrained", default=None, help="Use timm's pretrained weights (downloads).")
-@click.option("--views", type=int, help="V: augmented views per image.")
-@click.option("--topk", type=int, help="k: logits kept per view.")
-@click.option("--out", help="The Zarr cache to create or resume.")
-@click.option("--seed", type=int, help="View seed.")
-@click.option("--input-size", type=int, help="Teacher input size [default: the model's].")
-@click.option("--mean", callback=_floats3, help="Normalisation mean, e.g. 0.485,0.456,0.406 [default: the model's].")
-@click.option("--std", callback=_floats3, help="Normalisation std [default: the model's].")
-@click.option("--batch-size", type=int, help="Teacher batch size (views).")
-@click.option("--workers", type=int, help="Decode/augment worker processes per rank.")
-@click.option("--compile/--no-compile", default=None, help="torch.compile the teacher (CUDA).")
-@click.option("--teacher-precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default=None,
-              help="Teacher forward precision [default: auto = fp16 on CUDA, fp32 on CPU].")
-@click.option("--audit", type=click.IntRange(min=0), default=None,
-              help="Then re-run the teacher with full logits on N cached views; store the fidelity table.")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing cache.")
-@click.option("--mix", type=click.Choice(["none", "paired"]), default=None,
-              help="paired: the teacher sees each view mixed (Mixup/CutMix) with a partner of its shard.")
+@config_options(CacheConfig, "cache")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @one_line_errors
-def cache_command(config_path, as_json, **overrides):
-    """Stage 1: cache the teacher's top-k logits over V augmented views of every image."""
+def cache_command(as_json, **options):
+    """Stage 1: cache the teacher's top-k logits over V augmented views of every image.
+
+    Every key of the recipe's cache and view sections has an option; --set KEY=VALUE sets any
+    key as well. Precedence: defaults < --config YAML < options.
+    """
     from .cache import format_summary, run_cache
-    from .config import CacheConfig, load_stage_config
-    cfg = load_stage_config(CacheConfig, "cache", config_path, overrides)
+    cfg = stage_config(CacheConfig, "cache", options)
     try:
         summary = run_cache(cfg)
     except OSError as e:
@@ -274,55 +245,19 @@ main.add_command(cache_command)
 
 
 # ---------------------------------------------------------------- train (stage 2)
-def _model_kwargs(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        d = json.loads(value)
-    except json.JSONDecodeError:
-        raise click.BadParameter(f"expected a JSON object, e.g. '{{\"drop_path_rate\": 0.1}}', got {value!r}") from None
-    if not isinstance(d, dict):
-        raise click.BadParameter(f"expected a JSON object, got {value!r}")
-    return d
-
-
 @click.command("train")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Recipe YAML (sections view, train).")
-@click.option("--model", help="timm model name of the student.")
-@click.option("--model-kwargs", callback=_model_kwargs, help='JSON passed to timm.create_model, e.g. \'{"drop_path_rate": 0.1}\'.')
-@click.option("--pretrained-checkpoint", help="Start from these weights.")
-@click.option("--train-shards", help="Train shard folder (dataset.json).")
-@click.option("--val-shards", help="Validation shard folder.")
-@click.option("--cache", help="Teacher cache (offline KD). Without it: labels only, or --teacher.")
-@click.option("--teacher", help="Online KD: timm teacher run on every batch.")
-@click.option("--teacher-checkpoint", help="Weights of the online teacher.")
-@click.option("--out", help="Run directory.")
-@click.option("--epochs", type=int, help="Cosine length in epochs.")
-@click.option("--cooldown-epochs", type=int)
-@click.option("--warmup-epochs", type=int)
-@click.option("--lr", type=float)
-@click.option("--batch-size", type=int, help="Per process.")
-@click.option("--input-size", type=int, help="Student input size.")
-@click.option("--mixup", type=float, help="Mixup alpha (0 = off).")
-@click.option("--cutmix", type=float, help="CutMix alpha (0 = off).")
-@click.option("--kd-alpha", type=float)
-@click.option("--kd-temperature", type=float)
-@click.option("--kd-only/--no-kd-only", default=None)
-@click.option("--ema-decay", type=float, help="0 = no EMA.")
-@click.option("--workers", type=int)
-@click.option("--seed", type=int)
-@click.option("--max-steps", type=int, help="Cap on steps per epoch.")
-@click.option("--repeated-aug", type=int, help="Distinct views of each sample per epoch (USI: 3 when distributed).")
-@click.option("--allow-replay-mismatch/--no-allow-replay-mismatch", default=None,
-              help="Train although this machine's decoders re-render the cache's views differently.")
+@config_options(TrainConfig, "train")
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.pth.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @one_line_errors
-def train_command(config_path, resume, quiet, **overrides):
-    """Stage 2: train a timm student with the USI recipe against a cache (or labels, or an online teacher)."""
-    from .config import TrainConfig, load_stage_config
+def train_command(resume, quiet, **options):
+    """Stage 2: train a timm student with the USI recipe against a cache (or labels, or an online teacher).
+
+    Every key of the recipe's train and view sections has an option; --set KEY=VALUE sets any
+    key as well. Precedence: defaults < --config YAML < options.
+    """
     from .train import run_train
-    cfg = load_stage_config(TrainConfig, "train", config_path, overrides)
+    cfg = stage_config(TrainConfig, "train", options)
     run_train(cfg, resume=resume, progress=not quiet)
 
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import click
 
-from .config import CacheConfig, TrainConfig, load_stage_config, to_dict
+from .config import CacheConfig, TrainConfig, load_stage_config, recipe_path, to_dict
 from .shards import FMNIST_CLASSES, FMNIST_DIR, samples_from_fashion_mnist, write_shards
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo-fmnist.yaml"
+CONFIG = recipe_path("demo-fmnist.yaml")  # packaged with usi_cache (the repository's configs/)
 SUBSET = 4000  # the students' training images: the first SUBSET of the 60,000
 PER_SHARD = 500  # subset and test shards (the cache is chunked per shard)
 FULL_PER_SHARD = 5000  # the teacher's 60,000 images
@@ -34,7 +34,7 @@ TEACHER_MODEL = "test_resnet"  # timm's 0.37 M-parameter test ResNet
 # the teacher's epochs 15x as long as a student's, so it must converge in a few: light
 # augmentation (milder crops, no RandAugment), no mixing, no EMA (not worth it over 4 epochs).
 TEACHER_EPOCHS = 4
-TEACHER_RECIPE = {"epochs": TEACHER_EPOCHS, "warmup_epochs": 0, "mixup": 0.0, "cutmix": 0.0, "mix_prob": 0.0,
+TEACHER_RECIPE = {"epochs": TEACHER_EPOCHS, "warmup_epochs": 0, "mix": {"mixup": 0.0, "cutmix": 0.0, "prob": 0.0},
                   "ema_decay": 0.0, "view": {"scale": [0.64, 1.0], "randaugment": "", "hflip": 0.5}}
 STUDENT_MODEL = "test_efficientnet"  # timm's 0.10 M-parameter test EfficientNet
 VIEWS = 10  # = the students' epochs (the YAML's train.epochs): every epoch sees a fresh cached view

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from . import replay_check, schema, storage
-from .config import TrainConfig, ViewSpec, to_dict
+from .config import TrainConfig, ViewSpec, to_dict, upgrade_saved
 from .dist import World, all_gather_objects, barrier, broadcast_object, close_world, init_world
 from .epoch_plan import PlanError, PlanSpec, summarize
 from .evaluate import evaluate
@@ -146,12 +146,11 @@ def load_resume_state(path: str, cfg: TrainConfig, device, world_size: int) -> d
     except (RuntimeError, EOFError, OSError, KeyError, TypeError) as e:
         raise TrainError(f"{path}: cannot resume from it ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
                          f"move it away to start over") from None
-    now = to_dict(cfg)
-    diff = sorted(k for k in set(now) | set(state["config"])
-                  if k not in RESUMABLE_CHANGES and now.get(k) != state["config"].get(k))
+    now, saved = to_dict(cfg), upgrade_saved(TrainConfig, state["config"], f"{path}: config")  # older runs' shape too
+    diff = sorted(k for k in set(now) | set(saved) if k not in RESUMABLE_CHANGES and now.get(k) != saved.get(k))
     if diff:
         k = diff[0]
-        raise TrainError(f"{path}: made with {k} = {state['config'].get(k)!r}, this run has {now.get(k)!r}"
+        raise TrainError(f"{path}: made with {k} = {saved.get(k)!r}, this run has {now.get(k)!r}"
                          f"{f' (and {len(diff) - 1} more)' if len(diff) > 1 else ''}; --resume continues the "
                          f"same run: use a new --out to change settings")
     saved_world = state.get("world")
@@ -318,8 +317,7 @@ def train_epoch(cfg, epoch, steps, loader, ddp, model, ema, optimizer, targets: 
             perm, mix_lam = None, None
         else:
             rng = np.random.default_rng(stable_seed("mix", cfg.seed, epoch, step, world.rank))
-            mix = sample_mix(rng, x.shape[2], x.shape[3], mixup=cfg.mixup, cutmix=cfg.cutmix,
-                             prob=cfg.mix_prob, switch=cfg.mix_switch)
+            mix = sample_mix(rng, x.shape[2], x.shape[3], **cfg.mix.sample_kwargs())
             x, perm = apply_mix(x, mix)
             mix_lam = mix.lam
             gt = one_hot_mix(labels, perm, mix_lam, C)
