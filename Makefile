@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test venv data clean
+.PHONY: demo test test-fast venv data clean
 
 venv: $(STAMP)
 
@@ -27,8 +27,13 @@ data:
 demo: $(STAMP) data
 	$(BIN)/usi demo
 
-test: $(STAMP) data
-	$(BIN)/python -m pytest -q tests
+# The fast tier (unit tests, < 1 min) first, so that a broken build fails early; then the
+# slow tier (end-to-end runs: torchrun, whole trainings, subprocesses). Together: every test.
+test-fast: $(STAMP) data
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test: test-fast
+	$(BIN)/python -m pytest -q -m slow tests
 
 clean:
 	rm -rf $(VENV) runs/demo
