@@ -228,7 +228,9 @@ def shards_fashion_mnist(out, source, per_shard, seed, limit_train, limit_test):
 @click.option("--teacher", help="timm model name (USI names such as tresnet_l_v2 accepted).")
 @click.option("--teacher-checkpoint", help="Teacher state_dict file.")
 @click.option("--pretrained/--no-pretrained", default=None, help="Use timm's pretrained weights (downloads).")
-@click.option("--views", type=int, help="V: augmented views per image.")
+@click.option("--views", type=int, help="V: augmented views per image (with --add-views: the cache's V now).")
+@click.option("--add-views", type=int, default=None,
+              help="Grow the existing cache --out by N views (V .. V+N-1) without rewriting it; resumable.")
 @click.option("--topk", type=int, help="k: logits kept per view.")
 @click.option("--out", help="The Zarr cache to create or resume.")
 @click.option("--seed", type=int, help="View seed.")

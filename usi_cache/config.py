@@ -61,7 +61,8 @@ class CacheConfig:
     teacher: str = ""  # timm model name (USI aliases such as tresnet_l_v2 accepted)
     teacher_checkpoint: str | None = None  # state_dict file; None = random or pretrained weights
     pretrained: bool = False  # download timm's pretrained weights (needs the network)
-    views: int = 8  # V: augmented views per image
+    views: int = 8  # V: augmented views per image (with add_views: the cache's V before the grow)
+    add_views: int = 0  # grow the existing cache `out` by N views (views V .. V+N-1); 0 = create/resume
     topk: int = 10  # k: logits kept per view
     seed: int = 42  # view seed: views are a pure function of (seed, key, view index)
     input_size: int | None = None  # teacher input size; None = the model's default
@@ -95,6 +96,10 @@ class CacheConfig:
                 raise ConfigError(f"cache.{name}: expected a positive integer, got {getattr(self, name)}")
         if self.workers < 0:
             raise ConfigError(f"cache.workers: expected >= 0, got {self.workers}")
+        if self.add_views < 0:
+            raise ConfigError(f"cache.add_views: expected >= 0 views to add, got {self.add_views}")
+        if self.add_views and self.overwrite:
+            raise ConfigError("cache.add_views: grows the existing cache; it cannot be combined with overwrite")
         if self.teacher_precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ConfigError(f"cache.teacher_precision: expected auto, fp32, fp16 or bf16, "
                               f"got {self.teacher_precision!r}")

@@ -384,8 +384,9 @@ class BlockedArray:
 
 def array(group: zarr.Group, name: str, layout: Layout | None = None):
     """Array `name` of a cache as one array over all its committed views (a zarr.Array, or a
-    `BlockedArray` when the cache grew). `layout` defaults to the group's attributes."""
-    if name in PER_SLOT:
+    `BlockedArray` when the cache grew); a path such as `blocks/1/committed` as it is. `layout`
+    defaults to the group's attributes."""
+    if name not in PER_VIEW + MIX_ARRAYS:  # per-slot arrays, and paths inside a block
         return group[name]
     blocks = (layout or Layout.from_attrs(dict(group.attrs[ATTR]))).blocks
     if len(blocks) == 1:
