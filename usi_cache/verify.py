@@ -239,15 +239,16 @@ def _check_attrs(rep: VerifyReport, group, attrs: dict) -> schema.Layout | None:
     fits = True
     for name in schema.ARRAYS:
         want = (layout.slots, *getattr(empty, name).shape[1:])
-        have = tuple(group[name].shape)
+        arr = schema.array(group, name, layout)  # all view blocks of a grown cache
+        have = tuple(arr.shape)
         if have != want:
             fits = False
             rep.add("attributes", None, f"array {name!r} has shape {have}, the attributes (V = {layout.views}, "
                                         f"k = {layout.topk}, {layout.num_shards} shards of "
                                         f"{layout.slots_per_shard}) say {want}")
-        elif name != "keys" and group[name].dtype != getattr(empty, name).dtype:
+        elif name != "keys" and arr.dtype != getattr(empty, name).dtype:
             fits = False
-            rep.add("attributes", None, f"array {name!r} has dtype {group[name].dtype}, expected "
+            rep.add("attributes", None, f"array {name!r} has dtype {arr.dtype}, expected "
                                         f"{getattr(empty, name).dtype}")
     return layout if fits else None
 
@@ -484,7 +485,7 @@ def _check_shard(rep: VerifyReport, ctx: _Context, i: int) -> set[str]:
             fine = not valid.any()
         if not fine:
             rel = ", ".join(k for k in keys if k not in ctx.stored)
-            fill = np.asarray(ctx.group[name].fill_value).item()
+            fill = np.asarray(schema.array(ctx.group, name, layout).fill_value).item()
             rep.add("chunk files", i, f"{name}: chunk file {rel} is missing (reads as fill value "
                                       f"{fill!r}: the values are lost)")
             x[name] = None
