@@ -181,14 +181,14 @@ def _prepare_store(cfg: CacheConfig, attrs: dict, layout: schema.Layout) -> str 
         _, found = schema.open_cache(out)
     except schema.CacheError as e:
         return f"{e} (use --overwrite to replace it)"
-    return _mismatch(out, found, attrs)
+    return _mismatch(out, found, attrs, "use --overwrite to replace it")
 
 
-def _mismatch(out: str, found: dict, attrs: dict) -> str | None:
+def _mismatch(out: str, found: dict, attrs: dict, hint: str) -> str | None:
     """Why this run may not add to the cache with attributes `found` (None when it may)."""
     diff = schema.attrs_difference(found, attrs)
     if diff:
-        return f"{out}: existing cache differs in {diff}; use --overwrite to replace it"
+        return f"{out}: existing cache differs in {diff}; {hint}"
     made = found.get("decoders") or (found.get("replay") or {}).get("env")
     if made and made != attrs["decoders"]:  # its pixels would not match the ones already cached
         return (f"{out}: made with {replay_check.describe(made)}, this machine has "
@@ -219,7 +219,8 @@ def _prepare_grow(cfg: CacheConfig, attrs: dict) -> str | None:
                 f"(the cache's V now) with --add-views")
     if growing is not None and growing != n:
         return f"{out}: a grow by {growing} views is unfinished; finish it first with --add-views {growing}"
-    error = _mismatch(out, found, {**attrs, "views": V, "schema_version": version})
+    error = _mismatch(out, found, {**attrs, "views": V, "schema_version": version},
+                      "new views must come from the cache's own teacher, settings and dataset")
     if error:
         return error
     undone = int((~schema.completed_shards(group, layout)).sum())
