@@ -309,6 +309,8 @@ def as_schema(path: Path, version: int) -> None:
 def test_a_schema3_cache_grows_and_a_schema2_cache_is_refused(grown, tmp_path):
     v3 = copy(grown["base"], tmp_path / "v3.zarr")
     as_schema(v3, 3)
+    r = cache(grown["shards"], grown["ckpt"], v3, "--views", "2")  # resumes (nothing left to do) as version 3
+    assert "(0 computed now, 3 reused)" in r.output and schema.open_cache(v3)[1]["schema_version"] == 3
     cache(grown["shards"], grown["ckpt"], v3, "--views", "2", "--add-views", "3")
     assert_equivalent(v3, grown["fresh"])
     assert schema.open_cache(v3)[1]["schema_version"] == 4

@@ -181,6 +181,8 @@ def _prepare_store(cfg: CacheConfig, attrs: dict, layout: schema.Layout) -> str 
         _, found = schema.open_cache(out)
     except schema.CacheError as e:
         return f"{e} (use --overwrite to replace it)"
+    if found.get("schema_version") in schema.GROWABLE_VERSIONS:  # block 0 is written alike: a version-3 cache resumes
+        attrs = {**attrs, "schema_version": found["schema_version"]}
     return _mismatch(out, found, attrs, "use --overwrite to replace it")
 
 

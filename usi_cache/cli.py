@@ -250,7 +250,10 @@ def shards_fashion_mnist(out, source, per_shard, seed, limit_train, limit_test):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @one_line_errors
 def cache_command(config_path, as_json, **overrides):
-    """Stage 1: cache the teacher's top-k logits over V augmented views of every image."""
+    """Stage 1: cache the teacher's top-k logits over V augmented views of every image.
+
+    With --add-views N an existing cache grows by views V .. V+N-1 (--views V: its V now); no
+    existing file is rewritten, and rerunning the same command resumes a killed grow."""
     from .cache import format_summary, run_cache
     from .config import CacheConfig, load_stage_config
     cfg = load_stage_config(CacheConfig, "cache", config_path, overrides)

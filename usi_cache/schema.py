@@ -74,7 +74,8 @@ from .config import ViewSpec, from_dict
 SCHEMA_VERSION = 4  # 2 added paired caches (mix_* arrays); 3 stores log-probabilities in `logits`;
 # 4 adds view blocks (caches that grow)
 READABLE_VERSIONS = (1, 2, 3, 4)  # 1 is read as plain; 1 and 2 hold raw logits (see `log_probs`)
-GROWABLE_VERSIONS = (3, 4)  # 1 and 2 store raw logits: a grown block would mix two encodings
+GROWABLE_VERSIONS = (3, 4)  # block 0 alike: these resume and grow; 1 and 2 store raw logits (a grown
+# block would mix two encodings)
 LOG_PROB_VERSION = 3  # the first version whose `logits` array holds log-probabilities
 ATTR = "usi_cache"
 FP16_MAX = 65504.0  # largest finite float16
