@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: data made on the spot, configs, machine description, JSON output."""
+"""Shared by the benchmarks: data made on the spot, configs, machine description, JSON output
+and the markdown helpers of their `report()` functions."""
 from __future__ import annotations
 
 import io
@@ -7,6 +8,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -72,6 +74,19 @@ def write_result(name: str, payload: dict) -> Path:
     payload = {"benchmark": name, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), **payload}
     path.write_text(json.dumps(payload, indent=1) + "\n")
     return path
+
+
+def publish(name: str, payload: dict, report: Callable[[dict], str]) -> Path:
+    """Write results/NAME.json, then print the script's tables rendered from that file by `report`:
+    the same function renders them in docs/benchmarks.md (benchmarks/report.py). Rendering the
+    reloaded file, not the payload, keeps the two identical (JSON turns int keys into strings)."""
+    path = write_result(name, payload)
+    print(report(json.loads(path.read_text())))
+    print(f"written {path}")
+    return path
+
+
+NOT_RECORDED = "not recorded in this results file"
 
 
 def table(header: list[str], rows: list[list]) -> str:

@@ -1,10 +1,15 @@
-"""Benchmark 7 — S3 requests of a stage-2 epoch, counted at a real S3 server.
+"""S3 requests: the requests of one stage-2 epoch, counted at a real S3 server.
 
 Starts moto's S3 server on 127.0.0.1 (its access log lists every request), writes synthetic
-shards and a stage-1 cache to s3://, then runs one epoch of `usi train` reading shards and
-cache from s3:// and counts the requests that epoch made, by kind.
+shards and a stage-1 cache to s3://, then runs one epoch of `usi train` (one process, one data
+worker) reading shards and cache from s3:// and counts the requests that epoch made, by kind.
 
-    .venv/bin/python benchmarks/s3_requests.py
+Interpretation:
+A stage-2 epoch reads each selected piece of a train shard's tar once (a HEAD and a ranged GET;
+shards are streamed in large read-ahead blocks) and its cache block once (the cache-chunk
+requests per train shard above, for all its arrays). A shard cut between two workers is read by
+both, and with repeated augmentation R each selected piece is read by R workers. The metadata
+requests read the cache's `zarr.json` files.
 """
 from __future__ import annotations
 
@@ -18,10 +23,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench_common import synthetic_shards, table, write_result
+from bench_common import NOT_RECORDED, publish, synthetic_shards, table
 
 ROOT = Path(__file__).resolve().parent.parent
 N_TRAIN, N_VAL, PER_SHARD = 40, 16, 8
+VIEWS, TOPK = 3, 3  # of the cache
 REQUEST = re.compile(r'"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP')
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the server colours some status lines
 
@@ -50,6 +56,20 @@ def _kind(method: str, path: str) -> str:
     return "other (manifests, listings)"
 
 
+def report(r: dict) -> str:
+    """The table and findings of an s3_requests results file."""
+    counts, per = r["counts"], r["per_train_shard"]
+    rows = [[k, v, f"{per[k]:.1f}" if k in per else "-"] for k, v in sorted(counts.items())]
+    rows.append(["total", sum(counts.values()), "-"])
+    cache = f"cache V = {r['cache_views']}, k = {r['cache_topk']}" if "cache_views" in r else f"cache: {NOT_RECORDED}"
+    val = f"{r['val_shards']} val shards" if "val_shards" in r else f"val shards: {NOT_RECORDED}"
+    return "\n".join([
+        f"one stage-2 epoch, 1 process, 1 worker, {r['train_shards']} train shards of {r['per_shard']} ({cache}), "
+        f"{val}:", "", table(["requests", "count", "per train shard"], rows), "",
+        f"* per train shard: {per['train shard (tar)']:.1f} requests for its tar, {per['cache chunk']:.1f} for its "
+        "cache block"])
+
+
 def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="usi-s3-"))
     port = _free_port()
@@ -75,8 +95,9 @@ def main() -> None:
             local = synthetic_shards(tmp / split, n, classes=5, size=40, per_shard=PER_SHARD, seed=seed)
             fs.put(str(local), f"bench/{split}", recursive=True)
         url = "s3://bench"
-        _usi("cache", "--shards", f"{url}/train", "--teacher", "test_resnet", "--views", "3", "--topk", "3",
-             "--input-size", "32", "--batch-size", "16", "--workers", "1", "--out", f"{url}/cache.zarr", env=env)
+        _usi("cache", "--shards", f"{url}/train", "--teacher", "test_resnet", "--views", str(VIEWS),
+             "--topk", str(TOPK), "--input-size", "32", "--batch-size", "16", "--workers", "1",
+             "--out", f"{url}/cache.zarr", env=env)
         log.flush()
         start = len(log_path.read_text().splitlines())
         _usi("train", "--model", "test_resnet", "--train-shards", f"{url}/train", "--val-shards", f"{url}/val",
@@ -91,13 +112,9 @@ def main() -> None:
     counts = Counter(_kind(*m.groups()) for ln in lines if (m := REQUEST.search(ANSI.sub("", ln))))
     n_train_shards = -(-N_TRAIN // PER_SHARD)
     per_shard = {k: counts[k] / n_train_shards for k in ("train shard (tar)", "cache chunk")}
-    rows = [[k, v, f"{v / n_train_shards:.1f}" if k in per_shard else "-"] for k, v in sorted(counts.items())]
-    rows.append(["total", sum(counts.values()), "-"])
-    print(f"one stage-2 epoch, 1 process, 1 worker, {n_train_shards} train shards of {PER_SHARD} "
-          f"(cache V = 3, k = 3), {-(-N_VAL // PER_SHARD)} val shards:")
-    print(table(["requests", "count", "per train shard"], rows))
-    write_result("s3_requests", {"train_shards": n_train_shards, "per_shard": PER_SHARD,
-                                 "counts": dict(counts), "per_train_shard": per_shard})
+    publish("s3_requests", {"train_shards": n_train_shards, "per_shard": PER_SHARD,
+                            "val_shards": -(-N_VAL // PER_SHARD), "cache_views": VIEWS, "cache_topk": TOPK,
+                            "counts": dict(counts), "per_train_shard": per_shard}, report)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,28 @@
-"""The benchmark scripts and the demo's stage bookkeeping, run small for real."""
+"""The benchmark scripts, their generated doc and the demo's stage bookkeeping, run small for real."""
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
+import sys
 
-
+import pytest
 from conftest import ROOT
+
 from usi_cache import demo
 
+BENCH = ROOT / "benchmarks"
+DOC = ROOT / "docs" / "benchmarks.md"
 
+
+def bench(name: str):
+    """A benchmark script as a module (they import bench_common as a top-level module)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(name)
+
+
+@pytest.mark.slow
 def test_gpu_check_tiny_runs_both_stages(tmp_path):
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--tiny"], cwd=ROOT, capture_output=True, text=True,
                        timeout=600, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path),
@@ -17,6 +31,11 @@ def test_gpu_check_tiny_runs_both_stages(tmp_path):
     assert "bare teacher forward" in r.stdout and "cache / label-only" in r.stdout
     s2 = json.loads((tmp_path / "results/stage2_overhead.json").read_text())
     assert s2["median"]["cache"] > 0 and s2["ratios"]["FLOP ideal (1 + teacher_fwd / student_fwd_bwd)"] > 1
+    # the tables the script printed are report() of the file it wrote: what docs/benchmarks.md shows
+    s1 = json.loads((tmp_path / "results/stage1_efficiency.json").read_text())
+    text = bench("stage1_efficiency").report(s1)
+    assert text in r.stdout and f"| ratio | {s1['ratio']:.3f} |" in text
+    assert f"| wall time | {s1['summary']['wall_s']:.1f} s for {128 * 2} views |" in text
 
 
 def test_demo_stage_reuse_is_keyed_on_config(tmp_path, capsys):
@@ -40,6 +59,7 @@ def _fake_run(folder, curve):
                                               for e, v in enumerate(curve)))
 
 
+@pytest.mark.slow
 def test_curves_command_plots_mean_and_band_from_run_logs(tmp_path):
     from click.testing import CliRunner
     from usi_cache.cli import main
@@ -70,12 +90,85 @@ def test_demo_table_says_what_the_cache_cost():
 
 
 def test_fidelity_benchmark_refuses_unknown_rows_and_a_missing_demo(tmp_path):
-    import sys
-    run = lambda *args: subprocess.run([sys.executable, "benchmarks/fidelity.py", "--demo", str(tmp_path / "demo"),
-                                        "--work", str(tmp_path / "work"), *args], cwd=ROOT, capture_output=True,
-                                       text=True, timeout=120)
-    r = run("--rows", "labels,bogus")
-    assert r.returncode != 0 and "unknown row 'bogus'" in r.stderr
-    r = run("--rows", "labels,cached", "--seeds", "1")
-    assert r.returncode != 0 and "run `make demo` first" in r.stderr
+    fidelity = bench("fidelity")
+    run = lambda *args: fidelity.main(["--demo", str(tmp_path / "demo"), "--work", str(tmp_path / "work"), *args])
+    with pytest.raises(SystemExit) as e:
+        run("--rows", "labels,bogus")
+    assert "unknown row 'bogus'" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        run("--rows", "labels,cached", "--seeds", "1")
+    assert "run `make demo` first" in str(e.value)
     assert not (tmp_path / "work").exists()
+
+def test_epoch_plan_prints_the_report_of_the_file_it_writes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench("bench_common"), "RESULTS", tmp_path)
+    ep = bench("epoch_plan")
+    args = ["--shards", "12", "--samples", "1200", "--empty", "1", "--world", "2", "--workers", "2", "--batch", "16",
+            "--buffer", "50", "--epochs", "3"]
+    ep.main(args)
+    r = json.loads((tmp_path / "epoch_plan.json").read_text())
+    out = capsys.readouterr().out
+    assert ep.report(r) in out
+    one, three = r["R=1"], r["R=3"]
+    assert one["uses"] + one["left_out"] == 1200 and one["left_out"] < 2 * 16 and three["max_uses"] == 3
+    assert f"* R = 1: {one['left_out']} samples rest each epoch (one global batch: 32)" in out
+    assert "12 shards of uneven size (with no valid sample: 1), 1200 valid samples" in out
+    cmd, note = bench("report").command("epoch_plan", ep, r)  # rebuilt from the recorded args
+    assert cmd == ".venv/bin/python benchmarks/epoch_plan.py " + " ".join(args) and note == ""
+
+
+def test_benchmark_doc_is_what_the_results_files_generate(tmp_path):
+    report = bench("report")
+    out = tmp_path / "benchmarks.md"
+    report.main(["--out", str(out)])
+    text = out.read_text()
+    assert text == DOC.read_text(), "docs/benchmarks.md differs: regenerate it with benchmarks/report.py"
+    results = sorted((BENCH / "results").glob("*.json"))
+    assert len(results) >= 9
+    for path in results:  # every results file: a section, or named as not rendered
+        r = json.loads(path.read_text())
+        module = report.MODULES.get(r["benchmark"], r["benchmark"])
+        mod = bench(module)
+        if hasattr(mod, "report"):
+            assert f"`{path.name}`, measured on {r['machine']}, {r['date']}:" in text
+            assert mod.report(r).strip() in text
+        else:
+            assert f"`{path.name}` (`{module}.py` has no `report()` yet)" in text
+    s1 = json.loads((BENCH / "results/stage1_efficiency.json").read_text())
+    assert f"| ratio | {s1['ratio']:.3f} |" in text
+    cost = json.loads((BENCH / "results/cache_cost.json").read_text())["bytes_per_view"]["10"]
+    assert f"| 10 | {cost['total']:.1f} | {cost['logits']:.1f} | {cost['classes']:.1f} |" in text
+    # two results files of one script: each its own title, prose and command
+    topk = text[text.index("## Top-k fidelity"):text.index("## Accuracy fidelity")]
+    assert "fidelity.py --rows labels --seeds 42 --name fidelity-topk --topk-fidelity 4000" in topk
+    assert "replays N of the demo cache's training views" in topk and "Rows (`--rows`)" not in topk
+    assert "Rows (`--rows`)" in text[text.index("## Accuracy fidelity"):]
+
+
+def test_report_check_and_bad_results_files_are_one_line_errors(tmp_path):
+    report = bench("report")
+    page = tmp_path / "benchmarks.md"
+    page.write_text(DOC.read_text())
+    report.main(["--check", "--out", str(page)])  # up to date: no error
+    page.write_text(DOC.read_text().replace("| ratio | 0", "| ratio | 1", 1))
+    with pytest.raises(SystemExit) as e:
+        report.main(["--check", "--out", str(page)])
+    assert str(e.value).startswith(f"{page}: differs from what ") and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        report.main(["--check", "--out", str(tmp_path / "none.md")])
+    assert str(e.value).startswith(f"{tmp_path / 'none.md'}: missing")
+
+    res = tmp_path / "results"
+    res.mkdir()
+    bad = res / "x.json"
+    for content, message in [("{", "not a readable JSON results file"),
+                             ('{"machine": "m", "date": "d"}', "field 'benchmark' missing or not a string"),
+                             ('{"benchmark": "nope", "machine": "m", "date": "d"}',
+                              "benchmark 'nope' has no script benchmarks/nope.py"),
+                             ('{"benchmark": "cache_cost", "machine": "m", "date": "d"}',
+                              "cache_cost.report() cannot render it (KeyError: 'args')")]:
+        bad.write_text(content)
+        with pytest.raises(SystemExit) as e:
+            report.main(["--results", str(res), "--out", str(tmp_path / "o.md")])
+        assert str(e.value).startswith(f"{bad}: {message}"), e.value
+    assert not (tmp_path / "o.md").exists()

@@ -12,10 +12,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import cache_args, make_shards, save_teacher
+from conftest import ROOT, cache_args, make_shards, save_teacher
 from usi_cache import schema
 from usi_cache.cli import main
-from usi_cache.inspect_cache import format_stats, format_summary
+from usi_cache.config import ConfigError
+from usi_cache.inspect_cache import inspect_report
+from usi_cache.inspect_format import format_stats, format_summary
+from usi_cache.view_sample import pick_views, sample_slot_views, valid_positions
 
 V, K = 8, 3  # conftest's cache_args
 
@@ -159,6 +162,7 @@ def _png(path: Path, min_size: tuple[int, int]):
     assert arr.std() > 10  # not a blank canvas
 
 
+@pytest.mark.slow
 def test_plots(tiny, tmp_path):
     out = inspect(tiny.out, "--plot", tmp_path / "stats.png").output
     assert f"plot written to {tmp_path / 'stats.png'}" in out
@@ -196,9 +200,62 @@ def test_incomplete_shard_is_reported_and_skipped(tiny, tmp_path):
     assert "2/3 complete; missing: shard 1" in text and "incomplete shards skipped: 1" in text
 
 
+@pytest.mark.slow
 def test_stats_are_the_same_for_any_worker_count(tiny):
     """Shards counted by 2 processes: the same statistics, to the last bit of every float sum."""
     for extra in ([], ["--sample-views", "50", "--seed", "3"]):
         one = json.loads(inspect(tiny.out, "--json", *extra).output)
         two = json.loads(inspect(tiny.out, "--json", "--workers", "2", *extra).output)
         assert two == one and one["stats"]["views"] == (50 if extra else 25 * V)
+
+
+def test_sampled_views_are_the_shared_samplers(tiny):
+    """--sample-views counts exactly the (slot, view) pairs of view_sample.pick_views, the sampler
+    `usi verify --recompute` and `usi audit` draw from."""
+    group, attrs = schema.open_cache(tiny.out)
+    layout = schema.Layout.from_attrs(attrs)
+    picks = pick_views(group, layout, 50, 3)
+    slots = np.concatenate([i * 10 + p for i, (p, _) in sorted(picks.items())])
+    views = np.concatenate([v for _, (_, v) in sorted(picks.items())])
+    assert len(set(zip(slots.tolist(), views.tolist()))) == 50 and (tiny.x["labels"][slots] >= 0).all()
+    st = json.loads(inspect(tiny.out, "--json", "--sample-views", "50", "--seed", "3").output)["stats"]
+    top1 = tiny.x["classes"][slots, views, 0] == tiny.x["labels"][slots]
+    assert [v["views"] for v in st["per_view"]] == np.bincount(views, minlength=V).tolist()
+    assert st["top1_agreement"] == pytest.approx(top1.mean())
+    assert st["samples"] == len(set(slots.tolist()))
+    other = pick_views(group, layout, 50, 4)  # the seed matters
+    assert any(not np.array_equal(other[i][0], picks[i][0]) for i in picks)
+
+
+def test_sampler_draws_distinct_valid_pairs(tiny):
+    group, attrs = schema.open_cache(tiny.out)
+    layout = schema.Layout.from_attrs(attrs)
+    valid = {i: valid_positions(group, layout, i) for i in range(layout.num_shards)}
+    assert sum(len(p) for p in valid.values()) == 25  # img0004 is left out
+    total = 25 * V
+    for n in (1, 37, total - 1):
+        picks = sample_slot_views(valid, V, n, seed=5)
+        pairs = [(i, p, v) for i, (ps, vs) in picks.items() for p, v in zip(ps.tolist(), vs.tolist())]
+        assert len(pairs) == len(set(pairs)) == n
+        assert all(p in valid[i] and 0 <= v < V for i, p, v in pairs)
+        assert sample_slot_views(valid, V, n, seed=5).keys() == picks.keys()
+    every = sample_slot_views(valid, V, total + 10, seed=5)  # more than there are: all of them
+    assert sum(len(p) for p, _ in every.values()) == total
+
+
+def test_library_raises_project_errors_not_click(tiny):
+    """Bad option combinations are ConfigError in the library (the command line maps them to usage
+    errors), and no library module of inspect or verify imports click."""
+    with pytest.raises(ConfigError, match="give --key or --slot, not both"):
+        inspect_report(tiny.out, key="img0007", slot=1)
+    with pytest.raises(ConfigError, match="do not apply to one sample"):
+        inspect_report(tiny.out, slot=1, sample_views=5)
+    with pytest.raises(ConfigError, match="drop --no-stats"):
+        inspect_report(tiny.out, stats=False, plot="x.png")
+    r = inspect(tiny.out, "--no-stats", "--plot", "x.png", ok=False)
+    assert r.exit_code == 2 and "drop --no-stats" in r.output
+    modules = [*(ROOT / "usi_cache").glob("inspect_*.py"), *(ROOT / "usi_cache").glob("verify*.py"),
+               ROOT / "usi_cache" / "view_sample.py", ROOT / "usi_cache" / "reports.py"]
+    assert len(modules) >= 10
+    for m in modules:
+        assert "click" not in m.read_text(), m

@@ -2,18 +2,20 @@
 for each kind of damage."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
 
 from conftest import cache_args, make_shards, run_py, save_teacher
-from usi_cache import schema
+from usi_cache import schema, verify_checks
 from usi_cache.cli import main
-from usi_cache.verify import CHECKS
+from usi_cache.verify import CHECKS, report_dict, verify_cache
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +141,9 @@ def test_shards_that_do_not_match(tiny, tmp_path):
     (lambda a: a["dataset"]["shards"][1].update(count=9), "fingerprint", "shard 1: sample count differs"),
     (lambda a: a.update(topk=2), "attributes", "cache: array 'logits' has shape (30, 8, 3)"),
     (lambda a: a["view_spec"].update(hflip=0.0), "view params", "shard 0: not the seeded sampler's views"),
+    (lambda a: a.update(invalid=[*a["invalid"], "img0001"]), "labels",
+     "cache: the cache's invalid list names 1 key(s) that are not stored with label -1: img0001"),
+    (lambda a: a["replay"].update(sha256="0" * 64), "replay", "cache: "),
 ])
 def test_tampered_attribute(tiny, copy, edit, check, message):
     group = zarr.open_group(str(copy), mode="r+")
@@ -149,6 +154,15 @@ def test_tampered_attribute(tiny, copy, edit, check, message):
     problems = failing(output)
     assert any(p.startswith(message) for p in problems[check]), output
     assert verdict.startswith("verdict: FAILED") and check in verdict
+
+
+def test_undecodable_image_missing_from_the_invalid_list(tiny, copy):
+    group = zarr.open_group(str(copy), mode="r+")
+    group.attrs[schema.ATTR] = {**group.attrs[schema.ATTR], "invalid": []}
+    slot = list(group["keys"][:]).index("img0004")
+    output, _ = verify(copy, tiny.shards, code=1)
+    assert failing(output) == {"labels": [f"shard {slot // 10}: 1 wrong label(s), first slot {slot} (img0004) has "
+                                          "label -1 but is not in the cache's invalid list"]}, output
 
 
 def test_chunks_that_zarr_leaves_out_are_not_problems(tiny, tmp_path):
@@ -175,6 +189,7 @@ def test_recompute_fails_a_corrupted_box(tiny, copy):
     assert verdict.startswith("verdict: FAILED") and "recompute" in failing(output), output
 
 
+@pytest.mark.slow
 def test_report_is_the_same_for_any_split(tiny, copy):
     """Damage in every shard, then --workers 1, --workers 2 and a 2-rank torchrun run: the same
     report (problems, their order, counts and the re-run's statistics), printed once."""
@@ -197,3 +212,101 @@ def test_report_is_the_same_for_any_split(tiny, copy):
     assert two == one
     r = run_py(["-m", "usi_cache.cli", *args], torchrun=2, timeout=400)
     assert r.returncode != 0 and r.stdout == one, r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# one fault per named check, all in one cache: each check names its own slot and view
+
+def _valid_slots(x, shard: int, n: int) -> list[int]:
+    return [int(s) for s in np.flatnonzero(x["labels"][shard * 10:(shard + 1) * 10] >= 0)[:n] + shard * 10]
+
+
+@pytest.fixture(scope="module")
+def faults(tiny, tmp_path_factory):
+    """A copy of the tiny cache with one fault per value check; where each fault sits."""
+    out = tmp_path_factory.mktemp("faults") / "c.zarr"
+    shutil.copytree(tiny.out, out)
+    group = zarr.open_group(str(out), mode="r+")
+    x = {n: group[n][:] for n in schema.ARRAYS}
+    tar_labels = x["labels"].copy()  # the cache was made from the shards: their classes
+    a, a2, c, c2, neg = _valid_slots(x, 0, 5)
+    b, d, h = _valid_slots(x, 1, 3)
+    e, f, g = _valid_slots(x, 2, 3)
+    x["logits"][a, 2, 1] = np.nan  # finite (and top-k mass: a NaN sum is not <= 1)
+    x["lse"][a2, 5] = np.inf  # finite
+    x["classes"][c, 0, 2] = 9  # class range: C = 5
+    x["classes"][c2, 3, 1] = x["classes"][c2, 3, 0]  # class range: repeated
+    x["labels"][neg] = -1  # labels: a decodable image stored as invalid
+    x["logits"][b, 4] = 0.0  # top-k mass: p = 1, 1, 1
+    x["logits"][d, 1] = [-2.0, -0.5, -3.0]  # sorted
+    x["keys"][h] = "elsewhere"  # keys
+    x["boxes"][e, 2, 2] = 500  # boxes (and view params)
+    x["flips"][f, 0] ^= 1  # view params
+    x["labels"][g] = (x["labels"][g] + 1) % 5  # labels
+    for name in ("logits", "lse", "classes", "labels", "keys", "boxes", "flips"):
+        group[name][:] = x[name]
+    output, verdict = verify(out, tiny.shards, code=1)
+    found = json.loads(verify(out, tiny.shards, "--json", code=1)[0])
+    where = dict(a=a, a2=a2, c=c, c2=c2, neg=neg, b=b, d=d, h=h, e=e, f=f, g=g, neg_key=str(x["keys"][neg]),
+                 g_label=int(x["labels"][g]), g_tar=int(tar_labels[g]))
+    return SimpleNamespace(out=out, shards=tiny.shards, text=output, verdict=verdict, json=found, at=where)
+
+
+EXPECTED = {  # check -> the start of each of its problems (in report order), from the slots above
+    "keys": lambda w: [f"shard 1: 1 key(s) out of place, first at slot {w['h']}: cache has 'elsewhere'"],
+    "labels": lambda w: [f"shard 0: 1 wrong label(s), first slot {w['neg']} ({w['neg_key']}) has label -1 "
+                         "but its image decodes",
+                         f"shard 2: 1 wrong label(s), first slot {w['g']}: cache {w['g_label']}, tar {w['g_tar']}"],
+    "finite": lambda w: [f"shard 0: non-finite logits in 1 view(s), first at slot {w['a']} view 2",
+                         f"shard 0: non-finite lse in 1 view(s), first at slot {w['a2']} view 5"],
+    "class range": lambda w: [f"shard 0: class index >= C = 5 in 1 view(s), first at slot {w['c']} view 0",
+                              f"shard 0: a class repeated within one view's top-k in 1 view(s), first at slot "
+                              f"{w['c2']} view 3"],
+    "sorted": lambda w: [f"shard 1: logits not descending in 1 view(s), first at slot {w['d']} view 1"],
+    "top-k mass": lambda w: [f"shard 0: top-k probabilities sum above 1 in 1 view(s), first at slot {w['a']} view 2",
+                             f"shard 1: top-k probabilities sum above 1 in 1 view(s), first at slot {w['b']} view 4 "
+                             "(sum 3.000000)"],
+    "boxes": lambda w: [f"shard 2: crop box outside the image in 1 view(s), first at slot {w['e']} view 2 (box "],
+    "view params": lambda w: ["shard 2: not the seeded sampler's views (seed 42): boxes in 1 view(s), flips in 1 "
+                              f"view(s); first at slot {min(w['e'], w['f'])} view "],
+}
+
+
+@pytest.mark.parametrize("check", sorted(EXPECTED))
+def test_each_check_names_its_own_fault(faults, check):
+    problems = failing(faults.text)
+    assert set(problems) == set(EXPECTED), faults.text  # no check fires on another check's fault
+    want = EXPECTED[check](faults.at)
+    assert len(problems[check]) == len(want), problems[check]
+    for line, start in zip(problems[check], want):
+        assert line.startswith(start), (line, start)
+
+
+def test_json_report_lists_the_checks_that_ran(faults):
+    """--json: every check of the lists in report order, with the same problems as the text."""
+    d = faults.json
+    names = [c["name"] for c in d["checks"]]
+    shard_checks = [name for name, _ in verify_checks.SHARD_CHECKS]
+    assert names == [c for c in CHECKS if c != "recompute"] and d["not_run"] == ["recompute"]
+    assert names == ["attributes", "fingerprint"] + shard_checks[:-1] + ["replay"]
+    assert not d["ok"] and {c["name"] for c in d["checks"] if not c["ok"]} == set(EXPECTED)
+    text = failing(faults.text)
+    for c in d["checks"]:
+        lines = [f"{'shard ' + str(p['shard']) if p['shard'] is not None else 'cache'}: {p['message']}"
+                 for p in c["problems"]]
+        assert lines == text.get(c["name"], []), c["name"]
+    assert (d["views"], d["valid"], d["compared"]) == (192, 24, 23)  # img0004 and one -1; one key moved
+
+
+def test_the_check_list_is_what_runs(faults, monkeypatch):
+    """Take `boxes` out of SHARD_CHECKS: its fault goes unreported and the report says it did not
+    run; the other checks still find theirs."""
+    whole = report_dict(verify_cache(faults.out, faults.shards, progress=False))
+    monkeypatch.setattr(verify_checks, "SHARD_CHECKS",
+                        tuple((n, f) for n, f in verify_checks.SHARD_CHECKS if n != "boxes"))
+    rep = verify_cache(faults.out, faults.shards, progress=False)
+    assert "boxes" not in rep.ran and not any(p.check == "boxes" for p in rep.problems)
+    without = report_dict(rep)
+    assert without["not_run"] == ["boxes", "recompute"]
+    assert [c for c in whole["checks"] if c["name"] != "boxes"] == without["checks"]
+    assert any(c["name"] == "boxes" and not c["ok"] for c in whole["checks"])

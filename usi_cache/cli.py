@@ -355,7 +355,12 @@ WORKERS_HELP = ("Processes on this machine reading shards in parallel (under tor
 def inspect_command(cache, no_stats, **kwargs):
     """Summarise a cache, its teacher's statistics, or one sample's views (torchrun: rank 0 prints)."""
     from .dist import close_world, init_world
-    from .inspect_cache import run_inspect
+    from .inspect_cache import run_inspect, validate_request
+    try:  # options that do not make one report are a usage error (exit status 2)
+        validate_request(stats=not no_stats, **{k: kwargs[k] for k in ("key", "slot", "shard_range",
+                                                                         "sample_views", "plot")})
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
     world = init_world()
     try:
         text = run_inspect(cache, stats=not no_stats, world=world, **kwargs)
@@ -377,12 +382,13 @@ def inspect_command(cache, no_stats, **kwargs):
 @click.option("--rtol", default=1e-3, show_default=True, help="--recompute: logit tolerance, relative part.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the --recompute sample.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help=WORKERS_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (every problem, none left out).")
 @one_line_errors
-def verify_command(cache, shards_dir, **kwargs):
+def verify_command(cache, shards_dir, as_json, **kwargs):
     """Check a cache against its shards; exit status 0 only when every check holds (torchrun: rank 0
     prints the report and exits with the verdict)."""
     from .dist import close_world, init_world
-    from .verify import format_report, verify_cache
+    from .verify import format_report, report_dict, verify_cache
     world = init_world()
     try:
         report = verify_cache(cache, shards_dir, world=world, **kwargs)
@@ -390,7 +396,7 @@ def verify_command(cache, shards_dir, **kwargs):
         close_world(world)
     if report is None:
         return  # not rank 0
-    click.echo(format_report(report))
+    click.echo(json.dumps(report_dict(report), indent=1) if as_json else format_report(report))
     if not report.ok:
         sys.exit(1)
 
