@@ -90,7 +90,8 @@ def derive(src: Path, dst: Path, *, k: int | None = None, views: int | None = No
     layout = schema.Layout.from_attrs(attrs)
     k, views = k or layout.topk, views or layout.views
     # the replay fingerprint and the audit describe the source's views and k: not carried over
-    new = {n: a for n, a in dict(attrs, topk=k, views=views).items() if n not in ("replay", "audit")}
+    new = {n: a for n, a in dict(attrs, topk=k, views=views, view_blocks=[views]).items()
+           if n not in ("replay", "audit")}
     new_layout = schema.Layout(layout.num_shards, layout.slots_per_shard, views, k, layout.num_classes,
                                layout.op_slots)
     out = schema.create(dst, new, new_layout)
@@ -109,7 +110,7 @@ def topk_fidelity(cache: Path, shards: Path, ckpt: Path, teacher_name: str, n_vi
     teacher, info = load_teacher(teacher_name, str(ckpt), num_classes=attrs["num_classes"],
                                  input_size=attrs["teacher"]["input_size"])
     m = load_manifest(shards)
-    x = {n: group[n][:] for n in (*schema.VIEW_PARAMS, "labels")}
+    x = {n: schema.array(group, n)[:] for n in (*schema.VIEW_PARAMS, "labels")}  # every view block
     images = []
     rng = np.random.default_rng(0)
     per_sample = max(1, n_views // m.num_samples + 1)

@@ -85,7 +85,7 @@ def test_cache_contents_and_replay_invariant(tmp_path, shards, teacher_ckpt):
     top, cls = torch.topk(logits, 3, dim=1)
     slots, views = np.array(rows).T
     np.testing.assert_array_equal(cls.numpy(), x["classes"][slots, views])
-    assert attrs["schema_version"] == 3 and attrs["teacher"]["precision"] == "fp32"  # CPU: 'auto' is fp32
+    assert attrs["schema_version"] == 4 and attrs["teacher"]["precision"] == "fp32"  # CPU: 'auto' is fp32
     # schema 3 stores log-probabilities z - lse, rounded once to float16
     lse = torch.logsumexp(logits.double(), 1)
     cached = x["logits"][slots, views]

@@ -5,6 +5,11 @@ needed. Within a rank, DataLoader workers each own whole shards: a worker decode
 once, samples and replays its V views, and emits teacher batches made only of that shard's
 views, in tar order. Batch composition therefore depends on the shard alone, which keeps the
 cache bit-identical across world sizes, worker counts and resumes.
+
+With `add_views` N the run grows an existing cache instead: the same checks as a resume, then
+views V .. V+N-1 are written as a new view block (schema.py) by the ranks exactly like the
+first V, each shard's block committed by its own marker, and the cache shows V+N views once
+every shard has them. Existing chunk files are never written again.
 """
 from __future__ import annotations
 
@@ -34,12 +39,13 @@ class ViewJob:
 
     root: str
     shard_names: tuple[str, ...]
-    layout: schema.Layout
+    layout: schema.Layout  # of the view block being written (V = its views)
     spec: ViewSpec
     size: int  # teacher input size (square)
     seed: int
     batch_size: int
     mix: dict | None = None  # paired caches: mixup, cutmix, prob, switch (sample_pair's keywords)
+    first_view: int = 0  # the block's first view index: views are drawn by their index in the cache
 
 
 def shard_batches(job: ViewJob, shard: int) -> Iterator[dict]:
@@ -72,14 +78,15 @@ def shard_batches(job: ViewJob, shard: int) -> Iterator[dict]:
         except ValueError:
             continue  # label stays -1 (INVALID); reported when the run completes
         meta.labels[p] = sample.cls
-        for v in range(V):
+        for j in range(V):  # j: the view's place in the block; v: its index in the cache
+            v = job.first_view + j
             params = sample_view(view_rng(job.seed, sample.key, v), image.height, image.width, job.spec)
-            meta.boxes[p, v] = params.box
-            meta.flips[p, v] = params.flip
-            meta.aug_ops[p, v], meta.aug_levels[p, v], meta.aug_resample[p, v] = encode_ops(params, n)
-            partner = _draw_partner(job, samples, partners, meta, shard, p, v) if partners else None
+            meta.boxes[p, j] = params.box
+            meta.flips[p, j] = params.flip
+            meta.aug_ops[p, j], meta.aug_levels[p, j], meta.aug_resample[p, j] = encode_ops(params, n)
+            partner = _draw_partner(job, samples, partners, meta, shard, p, v, j) if partners else None
             images.append(render(image, params, job.size, job.spec, partner))
-            pos.append(p), views.append(v)
+            pos.append(p), views.append(j)
             if len(images) == job.batch_size:
                 yield batch()
     if images:
@@ -88,9 +95,9 @@ def shard_batches(job: ViewJob, shard: int) -> Iterator[dict]:
 
 
 def _draw_partner(job: ViewJob, samples, partners: PartnerImages, meta: schema.ShardBlock, shard: int,
-                  p: int, v: int) -> Partner | None:
-    """Draw the partner of view v of sample p (its view v) and record the pairing in `meta`;
-    None when the view is not mixed or the partner does not decode."""
+                  p: int, v: int, j: int) -> Partner | None:
+    """Draw the partner of view v of sample p (its view v) and record the pairing in `meta` at
+    the block's place j; None when the view is not mixed or the partner does not decode."""
     key = samples[p].key
     pair = sample_pair(pair_rng(job.seed, key, v), p, len(samples), job.size, **job.mix)
     partner_image = partners.get(pair.partner) if pair.kind != NO_MIX else None
@@ -99,8 +106,8 @@ def _draw_partner(job: ViewJob, samples, partners: PartnerImages, meta: schema.S
     q = pair.partner
     q_params = sample_view(view_rng(job.seed, samples[q].key, v), partner_image.height, partner_image.width,
                            job.spec)
-    meta.mix_partner[p, v] = shard * job.layout.slots_per_shard + q
-    meta.mix_kind[p, v], meta.mix_lam[p, v], meta.mix_box[p, v] = pair.kind, pair.lam, pair.box
+    meta.mix_partner[p, j] = shard * job.layout.slots_per_shard + q
+    meta.mix_kind[p, j], meta.mix_lam[p, j], meta.mix_box[p, j] = pair.kind, pair.lam, pair.box
     return Partner(partner_image, q_params, pair)
 
 
@@ -172,14 +179,69 @@ def _prepare_store(cfg: CacheConfig, attrs: dict, layout: schema.Layout) -> str 
         _, found = schema.open_cache(out)
     except schema.CacheError as e:
         return f"{e} (use --overwrite to replace it)"
+    if found.get("schema_version") in schema.GROWABLE_VERSIONS:  # block 0 is written alike: a version-3 cache resumes
+        attrs = {**attrs, "schema_version": found["schema_version"]}
+    return _mismatch(out, found, attrs, "use --overwrite to replace it")
+
+
+def _mismatch(out: str, found: dict, attrs: dict, hint: str) -> str | None:
+    """Why this run may not add to the cache with attributes `found` (None when it may)."""
     diff = schema.attrs_difference(found, attrs)
     if diff:
-        return f"{out}: existing cache differs in {diff}; use --overwrite to replace it"
+        return f"{out}: existing cache differs in {diff}; {hint}"
     made = found.get("decoders") or (found.get("replay") or {}).get("env")
     if made and made != attrs["decoders"]:  # its pixels would not match the ones already cached
         return (f"{out}: made with {replay_check.describe(made)}, this machine has "
                 f"{replay_check.describe(attrs['decoders'])}; finish it where it was made, or --overwrite")
     return None
+
+
+def _prepare_grow(cfg: CacheConfig, attrs: dict) -> str | None:
+    """Rank 0, --add-views N: check the cache as a resume does, then start (or resume) the grow
+    from V = cfg.views to V+N. Rerunning the same command after a kill resumes it, after success
+    it does nothing. Returns an error."""
+    out, n = cfg.out, cfg.add_views
+    if not schema.exists(out):
+        return f"{out}: no cache to grow here; make it first (without --add-views)"
+    try:
+        group, found = schema.open_cache(out, mode="r+")
+    except schema.CacheError as e:
+        return str(e)
+    version = found.get("schema_version")
+    if version not in schema.GROWABLE_VERSIONS:
+        return (f"{out}: a schema-{version} cache stores raw logits and cannot grow; rebuild it with this "
+                f"version (--overwrite, --views {found['views'] + n})")
+    layout = schema.Layout.from_attrs(found)
+    V, growing = layout.views, found.get("growing")
+    grown = growing is None and len(layout.blocks) > 1 and layout.blocks[-1].count == n and V == cfg.views + n
+    if V != cfg.views and not grown:
+        return (f"{out}: the cache has V = {V} views, this run says views = {cfg.views}; give --views {V} "
+                f"(the cache's V now) with --add-views")
+    if growing is not None and growing != n:
+        return f"{out}: a grow by {growing} views is unfinished; finish it first with --add-views {growing}"
+    error = _mismatch(out, found, {**attrs, "views": V, "schema_version": version},
+                      "new views must come from the cache's own teacher, settings and dataset")
+    if error:
+        return error
+    undone = int((~schema.completed_shards(group, layout)).sum())
+    if undone:
+        return (f"{out}: {undone} of {layout.num_shards} shards are not committed yet; finish the cache "
+                f"(the same command without --add-views) before growing it")
+    if not grown:
+        schema.begin_grow(group, layout, n)
+    return None
+
+
+def _target(cfg: CacheConfig, found: dict) -> tuple[schema.Layout, schema.ViewBlock]:
+    """The cache's committed layout and the view block this run writes: block 0 (create or
+    resume), the grow recorded in `found`, or, for a grow already committed, its block (then
+    every shard is done)."""
+    layout = schema.Layout.from_attrs(found)
+    if not cfg.add_views:
+        return layout, layout.blocks[0]
+    if found.get("growing"):
+        return layout, schema.ViewBlock(len(layout.blocks), layout.views, found["growing"])
+    return layout, layout.blocks[-1]
 
 
 def run_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
@@ -216,21 +278,32 @@ def _run(cfg: CacheConfig, world: World, progress: bool) -> dict:
     except ValueError as e:
         raise schema.CacheError(str(e)) from None
     attrs["decoders"] = replay_check.decoder_env()
-    error = _prepare_store(cfg, attrs, layout) if world.is_main else None
+    error = None
+    if world.is_main:
+        error = _prepare_grow(cfg, attrs) if cfg.add_views else _prepare_store(cfg, attrs, layout)
     error = broadcast_object(world, error)
     if error:
         raise schema.CacheError(error)
-    group, _ = schema.open_cache(cfg.out, mode="r+")
-    done = schema.completed_shards(group, layout)
+    group, found = schema.open_cache(cfg.out, mode="r+")
+    layout, block = _target(cfg, found)
+    done = schema.completed_shards(group, layout, block)
     pending = [i for i in range(layout.num_shards) if not done[i]]
     barrier(world)  # every rank has read the same completion state before anyone writes
     mine = pending[world.rank::world.size]
-    times = _compute(cfg, world, manifest, layout, group, teacher, info.input_size, mine, progress)
+    times = _compute(cfg, world, manifest, layout, block, group, teacher, info.input_size, mine, progress)
     barrier(world)
     all_times = all_gather_objects(world, times)
     summary = None
     if world.is_main:
-        summary = _finish(cfg, group, layout, manifest, all_times, len(pending),
+        if block.index and found.get("growing"):  # every rank has committed its shards of the block
+            if not schema.completed_shards(group, layout, block).all():
+                raise schema.CacheError(f"{cfg.out}: a shard of the new views is not committed; rerun to resume")
+            with storage.errors(cfg.out, "writing the cache's attributes", "every shard is committed: rerun to finish"):
+                found = schema.commit_grow(group)
+        elif found.get("growing"):
+            print(f"warning: {cfg.out} has an unfinished grow by {found['growing']} views (not readable yet); "
+                  f"finish it with --views {layout.views} --add-views {found['growing']}")
+        summary = _finish(cfg, group, schema.Layout.from_attrs(found), block, manifest, all_times, len(pending),
                           time.perf_counter() - t_start)
         _, attrs = schema.open_cache(cfg.out)
         with storage.errors(cfg.out, "writing the cache's attributes", "every shard is committed: rerun to finish"):
@@ -242,12 +315,15 @@ def _run(cfg: CacheConfig, world: World, progress: bool) -> dict:
     return broadcast_object(world, summary)
 
 
-def _compute(cfg, world, manifest: Manifest, layout, group, teacher, size, mine, progress) -> StageTimes:
+def _compute(cfg, world, manifest: Manifest, layout, view_block: schema.ViewBlock, group, teacher, size, mine,
+             progress) -> StageTimes:
+    """Write view block `view_block` of this rank's shards `mine`, each committed on its own."""
     times = StageTimes()
     if not mine:
         return times
+    layout = layout.block_layout(view_block)
     job = ViewJob(manifest.root, tuple(s.name for s in manifest.shards), layout, cfg.view,
-                  size, cfg.seed, cfg.batch_size, _mix_spec(cfg))
+                  size, cfg.seed, cfg.batch_size, _mix_spec(cfg), view_block.start)
     loader = DataLoader(ShardViews(job, mine), batch_size=None, num_workers=min(cfg.workers, len(mine)),
                         prefetch_factor=4 if cfg.workers else None,
                         persistent_workers=False)
@@ -256,7 +332,8 @@ def _compute(cfg, world, manifest: Manifest, layout, group, teacher, size, mine,
     if progress and world.is_main:
         from tqdm import tqdm
         expected = sum(manifest.shards[i].count for i in mine) * layout.views
-        bar = tqdm(total=expected, unit="view", desc=f"teacher views (rank 0 of {world.size})",
+        what = f"views {view_block.views[0]}..{view_block.views[-1]}" if view_block.index else "views"
+        bar = tqdm(total=expected, unit="view", desc=f"teacher {what} (rank 0 of {world.size})",
                    dynamic_ncols=True)
     try:
         t = time.perf_counter()
@@ -288,7 +365,7 @@ def _compute(cfg, world, manifest: Manifest, layout, group, teacher, size, mine,
                 for name in schema.VIEW_PARAMS + schema.PER_SLOT + (schema.MIX_ARRAYS if layout.paired else ()):
                     setattr(block, name, getattr(meta, name))
                 with storage.errors(cfg.out, f"writing shard {shard}", "committed shards are kept: rerun to resume"):
-                    schema.write_block(group, layout, shard, blocks.pop(shard))
+                    schema.write_block(group, layout, shard, blocks.pop(shard), view_block)
                 times.write += time.perf_counter() - t
                 times.shards += 1
             t = time.perf_counter()
@@ -298,8 +375,10 @@ def _compute(cfg, world, manifest: Manifest, layout, group, teacher, size, mine,
     return times
 
 
-def _finish(cfg, group, layout, manifest, all_times: list[StageTimes], pending: int, wall: float) -> dict:
-    """Rank 0, after all ranks finished: record invalid samples and build the summary."""
+def _finish(cfg, group, layout, block: schema.ViewBlock, manifest, all_times: list[StageTimes], pending: int,
+            wall: float) -> dict:
+    """Rank 0, after all ranks finished: record invalid samples and build the summary (`layout`:
+    the cache as it is now; `block`: the view block this run wrote)."""
     n = layout.slots
     labels = schema.read_array(group, "labels", slice(0, n))
     keys = schema.read_array(group, "keys", slice(0, n))
@@ -311,7 +390,7 @@ def _finish(cfg, group, layout, manifest, all_times: list[StageTimes], pending: 
         shown = ", ".join(f"{keys[i]} ({manifest.shards[i // layout.slots_per_shard].name})"
                           for i in bad_slots[:5]) + (" ..." if len(invalid) > 5 else "")
         print(f"warning: {len(invalid)} undecodable sample(s) stored with label -1: {shown}")
-    complete = int(schema.completed_shards(group, layout).sum())
+    complete = int(schema.completed_shards(group, layout, block).sum())
     usage = schema.disk_usage(cfg.out)
     views_total = manifest.num_samples * layout.views
     computed = sum(t.views for t in all_times)
@@ -324,6 +403,7 @@ def _finish(cfg, group, layout, manifest, all_times: list[StageTimes], pending: 
         "samples": manifest.num_samples,
         "views": views_total,
         "views_computed": computed,
+        "grown": {"from": block.start, "to": block.start + block.count} if block.index else None,
         "invalid_samples": len(invalid),
         "bytes_on_disk": usage["total"],
         "bytes_per_view": usage["total"] / max(views_total, 1),
@@ -341,7 +421,8 @@ def format_summary(s: dict) -> str:
         ("shards", f"{s['shards_complete']}/{s['shards']} complete "
                    f"({s['shards_computed']} computed now, {s['shards_reused']} reused)"),
         ("samples", f"{s['samples']}"),
-        ("views", f"{s['views']} ({s['views_computed']} computed now)"),
+        ("views", f"{s['views']} ({s['views_computed']} computed now"
+                  + (f"; grown from V = {s['grown']['from']} to {s['grown']['to']})" if s.get("grown") else ")")),
         ("invalid samples", f"{s['invalid_samples']}"),
         ("size on disk", f"{s['bytes_on_disk'] / 1e6:.2f} MB"),
         ("bytes per view", f"{s['bytes_per_view']:.1f}"),

@@ -220,6 +220,9 @@ def cache_command(as_json, **options):
 
     Every key of the recipe's cache and view sections has an option; --set KEY=VALUE sets any
     key as well. Precedence: defaults < --config YAML < options.
+
+    With --add-views N an existing cache grows by views V .. V+N-1 (--views V: its V now); no
+    existing file is rewritten, and rerunning the same command resumes a killed grow.
     """
     from .cache import format_summary, run_cache
     cfg = stage_config(CacheConfig, "cache", options)

@@ -119,7 +119,9 @@ class CacheConfig:
                                                    "pretrained weights. Excludes pretrained.")
     pretrained: bool = setting(False, "Download timm's pretrained weights (needs the network). "
                                       "Excludes teacher_checkpoint.")
-    views: int = setting(8, "V: augmented views per image.")
+    views: int = setting(8, "V: augmented views per image (with add_views: the cache's V before the grow).")
+    add_views: int = setting(0, "Grow the existing cache `out` by N views (V .. V+N-1) without rewriting it; "
+                                "rerunning resumes a killed grow. 0 = create or resume.")
     topk: int = setting(10, "k: logits kept per view.")
     seed: int = setting(42, "View seed: views are a pure function of (seed, key, view index).")
     input_size: int | None = setting(None, "Teacher input size; null = the model's default.")
@@ -145,6 +147,10 @@ class CacheConfig:
                 raise ConfigError(f"cache.{name}: expected a positive integer, got {getattr(self, name)}")
         if self.workers < 0:
             raise ConfigError(f"cache.workers: expected >= 0, got {self.workers}")
+        if self.add_views < 0:
+            raise ConfigError(f"cache.add_views: expected >= 0 views to add, got {self.add_views}")
+        if self.add_views and self.overwrite:
+            raise ConfigError("cache.add_views: grows the existing cache; it cannot be combined with overwrite")
         if self.teacher_precision not in ("auto", "fp32", "fp16", "bf16"):
             raise ConfigError(f"cache.teacher_precision: expected auto, fp32, fp16 or bf16, "
                               f"got {self.teacher_precision!r}")

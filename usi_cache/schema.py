@@ -39,6 +39,23 @@ p_i is within a relative 2^-10 |log p_i| below the exact one, and sum_i p_i <= 1
 `log_probs` is the one place that turns either into log-probabilities; every reader uses it
 (`read_block` fills `ShardBlock.log_probs` with it).
 
+Schema 4 lets a cache grow by N views without rewriting a byte of it (`usi cache --add-views`).
+The views come in *view blocks*: the V made at creation, then the N of each grow (attribute
+`view_blocks`, e.g. [2, 3] for V = 5). Block 0 is the arrays above, as in schema 3; block b >= 1
+holds its own per-view arrays in group `blocks/<b>/` (shape (slots, N_b, ...), one Zarr shard
+per (WebDataset shard, block), inner chunks of one view) and a commit marker `blocks/<b>/committed`
+(num_shards,) uint8, one chunk per WebDataset shard, written after the shard's per-view arrays.
+A grow in progress is named by the attribute `growing` (N) and is invisible to readers: `views`
+and `view_blocks` count committed blocks only, and grow when every shard of the new block is
+committed. Readers see one (slots, V, ...) array per name through `array`/`open_arrays`, which
+send a view index to the one block that holds it, so reading one view of a shard is still one
+inner chunk. Why blocks of the views one run added, and not one view per Zarr shard: at ImageNet
+size (~1,300 WebDataset shards, 8 per-view arrays) one view per file would make 1,300 x 8 x V files
+(4.2 M objects at V = 400, and V times more write requests per shard in stage 1); blocks keep the
+schema-3 count (x the number of grows), any N works, and an epoch's read is the same one inner
+chunk per (shard, view) per array. Version 3 caches are block 0 alone: they grow too (and become
+version 4); versions 1 and 2 (raw logits) do not.
+
 Root attribute `usi_cache`: see `make_attrs`.
 """
 from __future__ import annotations
@@ -54,14 +71,19 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from . import storage
 from .config import ViewSpec, from_dict
 
-SCHEMA_VERSION = 3  # 2 added paired caches (mix_* arrays); 3 stores log-probabilities in `logits`
-READABLE_VERSIONS = (1, 2, 3)  # 1 is read as plain; 1 and 2 hold raw logits (see `log_probs`)
+SCHEMA_VERSION = 4  # 2 added paired caches (mix_* arrays); 3 stores log-probabilities in `logits`;
+# 4 adds view blocks (caches that grow)
+READABLE_VERSIONS = (1, 2, 3, 4)  # 1 is read as plain; 1 and 2 hold raw logits (see `log_probs`)
+GROWABLE_VERSIONS = (3, 4)  # block 0 alike: these resume and grow; 1 and 2 store raw logits (a grown
+# block would mix two encodings)
 LOG_PROB_VERSION = 3  # the first version whose `logits` array holds log-probabilities
 ATTR = "usi_cache"
 FP16_MAX = 65504.0  # largest finite float16
 NOT_WRITTEN = -2  # labels fill value: the shard's block has not been committed
 INVALID = -1  # label of an empty or undecodable slot
-COMMIT_ARRAY = "labels"
+COMMIT_ARRAY = "labels"  # block 0's commit marker
+BLOCKS_GROUP = "blocks"  # grown view blocks: blocks/<b>/<array>, b >= 1
+BLOCK_MARKER = "committed"  # blocks/<b>/committed: 1 once shard i's views of block b are written
 # Written in this order; the commit marker last.
 TEACHER_OUTPUTS = ("logits", "classes", "lse")
 VIEW_PARAMS = ("boxes", "flips", "aug_ops", "aug_levels", "aug_resample")  # the augmentation of each view
@@ -72,7 +94,8 @@ ARRAYS = PER_VIEW + PER_SLOT  # every cache has these
 # Attribute fields that may legitimately differ between runs writing to the same cache
 # (the checkpoint's path may move; its sha256 is what identifies the teacher).
 VOLATILE_ATTRS = ("created", "tool_version", "invalid", "teacher.checkpoint", "dataset.root", "audit", "replay",
-                  "decoders")  # decoders: compared on their own (cache.py), so older caches still resume
+                  "decoders",  # decoders: compared on their own (cache.py), so older caches still resume
+                  "view_blocks", "growing")  # how the views were added, not what they are
 
 
 class CacheError(ValueError):
@@ -89,11 +112,28 @@ class Layout:
     op_slots: int  # n: RandAugment ops per view
     paired: bool = False  # the mix_* arrays exist: the teacher saw mixed images
     stores_log_probs: bool = True  # `logits` holds z - lse (schema >= 3), not raw logits z
+    view_blocks: tuple[int, ...] = ()  # views of each committed view block; () = one block of V
 
     @property
     def arrays(self) -> tuple[str, ...]:
         """This cache's arrays in writing order (the commit marker last)."""
-        return PER_VIEW + (MIX_ARRAYS if self.paired else ()) + PER_SLOT
+        return self.per_view + PER_SLOT
+
+    @property
+    def per_view(self) -> tuple[str, ...]:
+        """The arrays with a view axis (each view block has its own)."""
+        return PER_VIEW + (MIX_ARRAYS if self.paired else ())
+
+    @property
+    def blocks(self) -> tuple["ViewBlock", ...]:
+        """The committed view blocks, in view order."""
+        sizes = self.view_blocks or (self.views,)
+        starts = np.cumsum((0, *sizes))
+        return tuple(ViewBlock(b, int(starts[b]), n) for b, n in enumerate(sizes))
+
+    def block_layout(self, block: "ViewBlock") -> "Layout":
+        """The layout of one view block's arrays: this cache with V = the block's views."""
+        return replace(self, views=block.count, view_blocks=())
 
     @property
     def slots(self) -> int:
@@ -108,10 +148,14 @@ class Layout:
 
     @classmethod
     def from_attrs(cls, a: dict) -> "Layout":
+        blocks = tuple(int(n) for n in a.get("view_blocks") or (a["views"],))
+        if sum(blocks) != a["views"] or min(blocks) < 1:
+            raise CacheError(f"{ATTR}.view_blocks {list(blocks)} does not add up to views = {a['views']}")
         return cls(num_shards=len(a["dataset"]["shards"]), slots_per_shard=a["dataset"]["per_shard"],
                    views=a["views"], topk=a["topk"], num_classes=a["num_classes"], op_slots=a["op_slots"],
                    paired=a.get("mix", "none") == "paired",
-                   stores_log_probs=a.get("schema_version", SCHEMA_VERSION) >= LOG_PROB_VERSION)
+                   stores_log_probs=a.get("schema_version", SCHEMA_VERSION) >= LOG_PROB_VERSION,
+                   view_blocks=blocks if len(blocks) > 1 else ())
 
     def value_bytes(self, topk: int | None = None) -> int:
         """Uncompressed bytes one view costs, from the arrays' dtypes, with k = `topk`
@@ -121,6 +165,23 @@ class Layout:
         names = PER_VIEW + (MIX_ARRAYS if self.paired else ())
         return sum(np.dtype(specs[n]["dtype"]).itemsize * int(np.prod(specs[n]["chunks"][2:], dtype=np.int64))
                    for n in names)
+
+
+@dataclass(frozen=True)
+class ViewBlock:
+    """Views start .. start+count-1 of every sample, as one run added them (block 0: creation)."""
+
+    index: int
+    start: int
+    count: int
+
+    @property
+    def views(self) -> range:
+        return range(self.start, self.start + self.count)
+
+    def path(self, name: str) -> str:
+        """Where array `name` of this block lives in the group."""
+        return name if self.index == 0 else f"{BLOCKS_GROUP}/{self.index}/{name}"
 
 
 @dataclass
@@ -195,7 +256,8 @@ def make_attrs(*, teacher: dict, num_classes: int, topk: int, views: int, view_s
         "teacher": teacher,  # timm name, checkpoint sha256, mean/std, input size, interpolation
         "num_classes": num_classes,
         "topk": topk,
-        "views": views,
+        "views": views,  # V: committed views (the sum of view_blocks)
+        "view_blocks": [views],  # views added by each run: creation, then each grow (schema 4)
         "view_spec": view_spec,
         "op_names": op_names,  # RandAugment op table: aug_ops values index this list
         "op_slots": op_slots,
@@ -209,6 +271,7 @@ def make_attrs(*, teacher: dict, num_classes: int, topk: int, views: int, view_s
         # "audit": added by `set_audit` (audit.py): the top-k fidelity table, when one was run
         # "decoders": set by stage 1 when it creates the cache (replay_check.decoder_env)
         # "replay": added by `set_replay` (replay_check.py): decoder environment + pixel fingerprint
+        # "growing": N while a grow by N views runs (`begin_grow`); gone once it is committed
     }
 
 
@@ -287,18 +350,56 @@ def open_cache(path: str | Path, mode: str = "r") -> tuple[zarr.Group, dict]:
     if attrs.get("schema_version") not in READABLE_VERSIONS:
         raise CacheError(f"{path}: schema_version {attrs.get('schema_version')!r}, "
                          f"this tool reads versions {', '.join(map(str, READABLE_VERSIONS))}")
-    wanted = ARRAYS + (MIX_ARRAYS if attrs.get("mix", "none") == "paired" else ())
+    wanted = list(ARRAYS + (MIX_ARRAYS if attrs.get("mix", "none") == "paired" else ()))
+    try:
+        layout = Layout.from_attrs(attrs)
+        wanted += [b.path(n) for b in layout.blocks[1:] for n in layout.per_view]
+    except (KeyError, TypeError, ValueError):
+        pass  # a malformed attribute: `usi verify` names the field
     missing = [n for n in wanted if n not in group]
     if missing:
         raise CacheError(f"{path}: array {missing[0]!r} is missing")
     return group, attrs
 
 
-def open_arrays(group: zarr.Group, layout: Layout) -> dict[str, zarr.Array]:
+class BlockedArray:
+    """One per-view array of a grown cache read as a single (slots, V, ...) array: `[rows]` reads
+    every view block, `[rows, view]` only the block holding `view` (one inner chunk per shard)."""
+
+    def __init__(self, parts: list[zarr.Array], blocks: tuple[ViewBlock, ...]):
+        self.parts, self.blocks = parts, blocks
+        first = parts[0]
+        self.shape = (first.shape[0], sum(b.count for b in blocks), *first.shape[2:])
+        self.dtype, self.fill_value, self.store = first.dtype, first.fill_value, first.store
+
+    def __getitem__(self, index):
+        rows, view = index if isinstance(index, tuple) else (index, None)
+        if view is None:
+            return np.concatenate([part[rows] for part in self.parts], axis=1)
+        view = int(view)
+        for part, block in zip(self.parts, self.blocks):
+            if view in block.views:
+                return part[rows, view - block.start]
+        raise IndexError(f"view {view} is outside the cache's {self.shape[1]} views")
+
+
+def array(group: zarr.Group, name: str, layout: Layout | None = None):
+    """Array `name` of a cache as one array over all its committed views (a zarr.Array, or a
+    `BlockedArray` when the cache grew); a path such as `blocks/1/committed` as it is. `layout`
+    defaults to the group's attributes."""
+    if name not in PER_VIEW + MIX_ARRAYS:  # per-slot arrays, and paths inside a block
+        return group[name]
+    blocks = (layout or Layout.from_attrs(dict(group.attrs[ATTR]))).blocks
+    if len(blocks) == 1:
+        return group[name]
+    return BlockedArray([group[b.path(name)] for b in blocks], blocks)
+
+
+def open_arrays(group: zarr.Group, layout: Layout) -> dict:
     """The layout's arrays, opened once: read_array/read_block accept this in place of the
     group, and then read only chunks (on object storage, each `group[name]` is a metadata
     request, which would double the requests of a per-shard read)."""
-    return {name: group[name] for name in layout.arrays}
+    return {name: array(group, name, layout) for name in layout.arrays}
 
 
 def set_invalid(group: zarr.Group, invalid: list[str]) -> None:
@@ -321,9 +422,17 @@ def set_audit(group: zarr.Group, audit: dict) -> None:
     group.attrs[ATTR] = attrs
 
 
-def write_block(group: zarr.Group, layout: Layout, shard: int, block: ShardBlock) -> None:
-    """Write one shard's block: every array in order, the commit marker (labels) last."""
+def write_block(group: zarr.Group, layout: Layout, shard: int, block: ShardBlock,
+                view_block: ViewBlock | None = None) -> None:
+    """Write one shard's block: every array in order, the commit marker (labels) last. With a
+    grown `view_block` (index >= 1), `block` holds that block's views (layout: `block_layout`)
+    and only its per-view arrays are written, then its marker; per-slot arrays are block 0's."""
     rows = layout.rows(shard)
+    if view_block is not None and view_block.index > 0:
+        for name in layout.per_view:
+            group[view_block.path(name)][rows] = getattr(block, name)
+        group[view_block.path(BLOCK_MARKER)][shard] = 1
+        return
     for name in layout.arrays:
         value = getattr(block, name)
         if name == "keys":  # object or StringDType arrays both become Zarr's variable-length strings
@@ -335,7 +444,7 @@ def read_array(group: zarr.Group | dict, name: str, rows: slice, view: int | Non
     """Read rows of one array (optionally one view), naming the array and rows on corruption.
     `group` is the cache's group or its `open_arrays`."""
     try:
-        arr = group[name]
+        arr = group[name] if isinstance(group, dict) else array(group, name)
         return arr[rows] if view is None or name in PER_SLOT else arr[rows, view]
     except Exception as e:
         url = _store_url(group)
@@ -386,10 +495,49 @@ def encode_log_probs(log_p: np.ndarray) -> np.ndarray:
     return h
 
 
-def completed_shards(group: zarr.Group, layout: Layout) -> np.ndarray:
-    """Bool per shard: True when its commit marker was written."""
+def completed_shards(group: zarr.Group, layout: Layout, view_block: ViewBlock | None = None) -> np.ndarray:
+    """Bool per shard: True when its commit marker was written (block 0's `labels`, or the
+    marker of a grown `view_block`; the committed blocks of a cache are whole by construction)."""
+    if view_block is not None and view_block.index > 0:
+        return read_array(group, view_block.path(BLOCK_MARKER), slice(0, layout.num_shards)) == 1
     labels = read_array(group, COMMIT_ARRAY, slice(0, layout.slots))
     return (labels.reshape(layout.num_shards, layout.slots_per_shard) != NOT_WRITTEN).all(axis=1)
+
+
+def begin_grow(group: zarr.Group, layout: Layout, count: int) -> ViewBlock:
+    """Start (or, when the same grow is recorded as running, resume) adding `count` views:
+    record `growing`, then create the new block's arrays that do not exist yet. Readers keep
+    seeing the committed views only. Rank 0 only."""
+    attrs = dict(group.attrs[ATTR])
+    block = ViewBlock(len(layout.blocks), layout.views, count)
+    base = f"{BLOCKS_GROUP}/{block.index}"
+    if attrs.get("growing") != count:
+        if base in group:  # left by a grow that never recorded itself: nothing in it is committed
+            del group[base]
+        attrs["growing"] = count
+        group.attrs[ATTR] = attrs  # first: a kill from here on resumes this grow
+    sub = group.require_group(BLOCKS_GROUP).require_group(str(block.index))
+    specs = _array_specs(layout.block_layout(block))
+    specs[BLOCK_MARKER] = dict(shape=(layout.num_shards,), dtype="uint8", chunks=(1,), shards=None, fill_value=0)
+    for name in layout.per_view + (BLOCK_MARKER,):
+        if name not in sub:
+            spec = specs[name]
+            sub.create_array(name, shape=spec["shape"], dtype=spec["dtype"], chunks=spec["chunks"],
+                             shards=spec["shards"], fill_value=spec["fill_value"],
+                             compressors=[ZstdCodec(level=5), Crc32cCodec()])
+    return block
+
+
+def commit_grow(group: zarr.Group) -> dict:
+    """Make a finished grow visible (every shard's marker is written): V += N, the block joins
+    `view_blocks`, the cache becomes schema 4. Returns the new attributes. Rank 0 only."""
+    attrs = dict(group.attrs[ATTR])
+    count = attrs.pop("growing")
+    attrs["view_blocks"] = [*(attrs.get("view_blocks") or [attrs["views"]]), count]
+    attrs["views"] += count
+    attrs["schema_version"] = SCHEMA_VERSION
+    group.attrs[ATTR] = attrs
+    return attrs
 
 
 def disk_usage(path: str | Path) -> dict[str, int]:
@@ -397,19 +545,26 @@ def disk_usage(path: str | Path) -> dict[str, int]:
     files = storage.sizes(path)
     out = {}
     for name in ARRAYS + MIX_ARRAYS:
-        found = [size for rel, size in files.items() if rel.split("/", 1)[0] == name]
+        found = [size for rel, size in files.items() if _array_of(rel) == name]
         if found or name in ARRAYS:
             out[name] = sum(found)
     out["total"] = sum(files.values())
     return out
 
 
+def _array_of(rel: str) -> str:
+    """The array a file of the cache belongs to (`logits/c/...` and `blocks/1/logits/c/...`)."""
+    parts = rel.split("/")
+    return parts[2] if parts[0] == BLOCKS_GROUP and len(parts) > 2 else parts[0]
+
+
 def chunk_keys(name: str, shard: int, layout: Layout) -> list[str]:
-    """The store keys (paths relative to the cache) of one shard's block of array `name`."""
-    parts = [name, "c", str(shard)]
-    if name not in PER_SLOT:
-        parts += ["0"] * (len(_array_specs(layout)[name]["shape"]) - 1)
-    return ["/".join(parts)]
+    """The store keys (paths relative to the cache) of one shard's block of array `name`: one
+    per view block for a per-view array."""
+    if name in PER_SLOT:
+        return [f"{name}/c/{shard}"]
+    zeros = ["0"] * (len(_array_specs(layout)[name]["shape"]) - 1)
+    return ["/".join([b.path(name), "c", str(shard), *zeros]) for b in layout.blocks]
 
 
 def chunk_files(path: str | Path, name: str, shard: int, layout: Layout) -> list[str]:

@@ -70,13 +70,14 @@ def _array_misfits(group, layout: schema.Layout) -> Found:
     found: Found = []
     for name in schema.ARRAYS:
         want = (layout.slots, *getattr(empty, name).shape[1:])
-        have = tuple(group[name].shape)
+        arr = schema.array(group, name, layout)  # all view blocks of a grown cache
+        have = tuple(arr.shape)
         if have != want:
             found.append((None, f"array {name!r} has shape {have}, the attributes (V = {layout.views}, "
                                 f"k = {layout.topk}, {layout.num_shards} shards of {layout.slots_per_shard}) "
                                 f"say {want}"))
-        elif name != "keys" and group[name].dtype != getattr(empty, name).dtype:
-            found.append((None, f"array {name!r} has dtype {group[name].dtype}, expected "
+        elif name != "keys" and arr.dtype != getattr(empty, name).dtype:
+            found.append((None, f"array {name!r} has dtype {arr.dtype}, expected "
                                 f"{getattr(empty, name).dtype}"))
     return found
 

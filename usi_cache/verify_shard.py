@@ -220,7 +220,7 @@ def _lost_chunks(d: ShardData) -> list[str]:
             fine = not valid.any()
         if not fine:
             rel = ", ".join(k for k in keys if k not in ctx.stored)
-            fill = np.asarray(ctx.group[name].fill_value).item()
+            fill = np.asarray(schema.array(ctx.group, name, layout).fill_value).item()
             lost.append(f"{name}: chunk file {rel} is missing (reads as fill value {fill!r}: the values are lost)")
             x[name] = None
     return lost
