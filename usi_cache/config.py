@@ -155,6 +155,9 @@ class TrainConfig:
     repeated_aug: int = 1  # each sample seen with this many distinct views per epoch (same steps)
     max_steps: int | None = None  # cap on steps per epoch (smoke tests, benchmarks)
     allow_replay_mismatch: bool = False  # train although this machine re-renders the cache's views differently
+    compile: bool = False  # torch.compile the student's training forward
+    log_every: int = 50  # steps between per-step loss/lr lines in log.jsonl; 0 = off
+    tensorboard: bool = False  # also write TensorBoard event files to the run folder
     view: ViewSpec = field(default_factory=ViewSpec)  # label-only/online views; a cache brings its own
 
     def validate(self) -> None:
@@ -165,7 +168,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "input_size", "repeated_aug", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: expected a positive integer, got {getattr(self, name)}")
-        for name in ("cooldown_epochs", "warmup_epochs", "workers"):
+        for name in ("cooldown_epochs", "warmup_epochs", "workers", "log_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
