@@ -4,11 +4,14 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
+
 
 from conftest import ROOT
 from usi_cache import demo
 
 
+@pytest.mark.slow
 def test_gpu_check_tiny_runs_both_stages(tmp_path):
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--tiny"], cwd=ROOT, capture_output=True, text=True,
                        timeout=600, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path),
@@ -17,6 +20,8 @@ def test_gpu_check_tiny_runs_both_stages(tmp_path):
     assert "bare teacher forward" in r.stdout and "cache / label-only" in r.stdout
     s2 = json.loads((tmp_path / "results/stage2_overhead.json").read_text())
     assert s2["median"]["cache"] > 0 and s2["ratios"]["FLOP ideal (1 + teacher_fwd / student_fwd_bwd)"] > 1
+    assert all(len(v) == 1 and v[0] > 0 for v in s2["wall_s"].values()) and len(s2["wall_s"]) == 3
+    assert "whole run: cache / label-only wall" in r.stdout
 
 
 def test_demo_stage_reuse_is_keyed_on_config(tmp_path, capsys):

@@ -24,6 +24,9 @@ from usi_cache.shards import decode_image, load_manifest, read_shard
 from usi_cache.train_data import TrainStream, TrainStreamSpec, valid_counts
 from usi_cache.views import decode_view, replay_array
 
+# every test here trains or needs the module's cache (about 10 s to build): the slow tier
+pytestmark = pytest.mark.slow
+
 LOG_FIELDS = {"epoch", "lr", "train_loss", "img_per_s", "val_top1", "val_top5", "val_top1_ema",
               "val_top5_ema", "val_count", "time_s", "rank_weights_equal"}
 
@@ -49,6 +52,7 @@ def test_two_rank_ddp_on_uneven_shards(data, tmp_path):
     r = run_py(["train_student.py", *train_args(data, run, "--cache", str(data["cache"]))], torchrun=2)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "views repeat" not in r.stdout and "each view repeats" not in r.stdout  # V = 3 >= 2 epochs
+    assert r.stdout.count("epoch 1: loss") == 1 and r.stdout.count("epoch plan:") == 1  # rank 0 only
     log = read_log(run)
     assert [e["epoch"] for e in log] == [0, 1]
     for e in log:

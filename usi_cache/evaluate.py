@@ -19,8 +19,11 @@ class Evaluator:
     def __init__(self, manifest: Manifest, cfg, world, mean: torch.Tensor, std: torch.Tensor, amp: bool):
         stream = EvalStream(manifest, cfg.input_size, cfg.eval_crop, cfg.view.interpolation, world.rank, world.size)
         workers = min(cfg.workers, len(range(world.rank, len(manifest.shards), world.size)))
+        # its own generator: a loader draws a seed when its workers start, and the global generator
+        # (dropout, drop-path) must not depend on when that happens (a resumed run starts them later)
         self.loader = DataLoader(stream, batch_size=cfg.batch_size, num_workers=workers,
-                                 persistent_workers=workers > 0, pin_memory=world.device.type == "cuda")
+                                 persistent_workers=workers > 0, pin_memory=world.device.type == "cuda",
+                                 generator=torch.Generator().manual_seed(0))
         self.world, self.mean, self.std, self.amp = world, mean, std, amp
 
     @torch.no_grad()
