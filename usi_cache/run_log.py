@@ -96,5 +96,5 @@ class RunLog:
         logger = logging.getLogger(PACKAGE_LOGGER)
         if self.handler is not None:
             logger.removeHandler(self.handler)
-        logger.level, logger.propagate = self._saved
-        logger.setLevel(self._saved[0])  # (also clears the logging module's level cache)
+        logger.setLevel(self._saved[0])
+        logger.propagate = self._saved[1]

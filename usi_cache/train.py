@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import timm
@@ -37,6 +39,23 @@ log = logging.getLogger(__name__)
 CHECK_EVERY = 20  # steps between CPU-GPU syncs (finite-loss check, step records, progress bar)
 
 
+@dataclass(frozen=True)
+class Loop:
+    """What every step of a run uses, set up once."""
+
+    cfg: TrainConfig
+    world: World
+    source: LabelTargets  # turns a batch into (x, ground truth, teacher targets)
+    loader: DataLoader  # persistent workers; its TrainStream's set_epoch picks the epoch
+    steps: int  # per epoch, the same on every rank
+    forward: Callable  # the student as trained: DDP-wrapped under torchrun, compiled with --compile
+    mean: torch.Tensor  # (1, 3, 1, 1) input normalisation of the student
+    std: torch.Tensor
+    amp: bool  # bf16 autocast (CUDA)
+    runlog: RunLog
+    progress: bool  # a tqdm bar per epoch on rank 0
+
+
 def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Train as `cfg` says (under torchrun: DDP); returns {"last": epoch record, "best": ...}."""
     world = init_world()
@@ -60,10 +79,11 @@ def train(cfg: TrainConfig, world: World, runlog: RunLog, *, resume: bool, progr
     mean = torch.tensor(data_cfg["mean"], device=world.device).view(1, 3, 1, 1)
     std = torch.tensor(data_cfg["std"], device=world.device).view(1, 3, 1, 1)
     amp = world.device.type == "cuda" and cfg.amp
-    loader = train_loader(cfg, world, train_m, source, plan)
-    evaluate = Evaluator(val_m, cfg, world, mean, std, amp)
     ddp = DistributedDataParallel(state.model) if world.distributed else state.model
-    forward = torch.compile(ddp) if cfg.compile else ddp  # the training forward only: eval runs eager
+    loop = Loop(cfg, world, source, train_loader(cfg, world, train_m, source, plan), plan.steps,
+                torch.compile(ddp) if cfg.compile else ddp,  # the training forward only: eval runs eager
+                mean, std, amp, runlog, progress)
+    evaluate = Evaluator(val_m, cfg, world, mean, std, amp)
     total = cfg.epochs + cfg.cooldown_epochs  # cooldown: the cosine has ended at min_lr
     log.info(f"training {cfg.model} ({source.mode} targets) on {world.size} process(es), {plan.steps} "
              f"steps/epoch of {cfg.batch_size} per process, epochs {state.epoch + 1}..{total - 1}")
@@ -72,9 +92,8 @@ def train(cfg: TrainConfig, world: World, runlog: RunLog, *, resume: bool, progr
     for epoch in range(state.epoch + 1, total):
         t0 = time.perf_counter()
         state.scheduler.step(epoch)
-        loader.dataset.set_epoch(epoch)  # reaches persistent workers: shared memory
-        stats = train_epoch(state, forward, loader, source, epoch, plan.steps, (mean, std), amp, runlog,
-                            world, progress)
+        loop.loader.dataset.set_epoch(epoch)  # reaches persistent workers: shared memory
+        stats = train_epoch(loop, state, epoch)
         usage = gather_usage(stats.pop("sids"), stats.pop("duplicates"), world)
         train_s = time.perf_counter() - t0
         val = evaluate({"raw": state.model} | ({"ema": state.ema.module} if state.ema is not None else {}))
@@ -146,38 +165,37 @@ def train_loader(cfg: TrainConfig, world: World, manifest, source: LabelTargets,
                       persistent_workers=cfg.workers > 0, generator=generator)
 
 
-def train_epoch(state: TrainState, forward, loader, source: LabelTargets, epoch: int, steps: int, norm,
-                amp: bool, runlog: RunLog, world: World, progress: bool) -> dict:
-    """`steps` train_steps. Loss sums and the first non-finite step stay on the device: reading
+def train_epoch(loop: Loop, state: TrainState, epoch: int) -> dict:
+    """`loop.steps` train_steps. Loss sums and the first non-finite step stay on the device: reading
     them is a CPU-GPU sync point, done every CHECK_EVERY steps and at the end, not every step."""
-    cfg, dev = source.cfg, world.device
+    cfg, world = loop.cfg, loop.world
     bar = None
-    if progress and world.is_main:
+    if loop.progress and world.is_main:
         from tqdm import tqdm
-        bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True, leave=False)
-    loss_sum, parts_sum = torch.zeros((), device=dev), {}
-    first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
+        bar = tqdm(total=loop.steps, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True, leave=False)
+    loss_sum, parts_sum = torch.zeros((), device=world.device), {}
+    first_bad = torch.full((), -1, dtype=torch.int64, device=world.device)
     recent_keys: dict[int, list[str]] = {}  # batch keys since the last check, for the error message
     sids, duplicates = [], 0  # which samples this rank trained on (CPU tensors from the loader)
     lr = state.optimizer.param_groups[0]["lr"]  # the scheduler steps per epoch
     n_steps, t_first = 0, None
-    for step, batch in enumerate(loader):
+    for step, batch in enumerate(loop.loader):
         sids.append(batch["sid"])
         duplicates += len(batch["sid"]) - len(torch.unique(batch["sid"]))
         recent_keys[step] = batch["key"][:4]
-        x, gt, teacher = source(batch, epoch, step)
-        loss, parts = train_step(state, forward, x, gt, teacher, cfg, norm, amp)
+        x, gt, teacher = loop.source(batch, epoch, step)
+        loss, parts = train_step(loop, state, x, gt, teacher)
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         loss_sum += loss
         for k, v in parts.items():
             parts_sum[k] = parts_sum.get(k, 0.0) + v
         n_steps += 1
         if cfg.log_every and state.step % cfg.log_every == 0:
-            runlog.step(state.step, epoch, loss, lr)  # read at the next check: no sync here
-        if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
+            loop.runlog.step(state.step, epoch, loss, lr)  # read at the next check: no sync here
+        if (step + 1) % CHECK_EVERY == 0 or step + 1 == loop.steps:
             check_finite(first_bad, recent_keys, epoch, world)
             recent_keys.clear()
-            runlog.flush_steps()
+            loop.runlog.flush_steps()
             if bar is not None:  # the check synced: reading the loss costs nothing more
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         if bar is not None:
@@ -186,24 +204,23 @@ def train_epoch(state: TrainState, forward, loader, source: LabelTargets, epoch:
             t_first = time.perf_counter()
     if bar is not None:
         bar.close()
-    if n_steps != steps:
-        raise TrainError(f"rank {world.rank} ran {n_steps} steps, expected {steps}")
+    if n_steps != loop.steps:
+        raise TrainError(f"rank {world.rank} ran {n_steps} steps, expected {loop.steps}")
     elapsed = time.perf_counter() - t_first if n_steps > 1 else 0.0
     return {"loss": float(loss_sum) / n_steps, "parts": {k: float(v) / n_steps for k, v in parts_sum.items()},
             "img_per_s": (n_steps - 1) * cfg.batch_size * world.size / elapsed if elapsed > 0 else 0.0,
             "sids": torch.cat(sids).numpy() if sids else np.zeros(0, np.int64), "duplicates": duplicates}
 
 
-def train_step(state: TrainState, forward, x: torch.Tensor, gt: torch.Tensor, teacher, cfg: TrainConfig,
-               norm, amp: bool) -> tuple[torch.Tensor, dict]:
+def train_step(loop: Loop, state: TrainState, x: torch.Tensor, gt: torch.Tensor, teacher) -> tuple[torch.Tensor, dict]:
     """One optimizer step (and EMA update) on a prepared batch: x (N, 3, H, W) in [0, 1], gt (N, C),
-    teacher (P, rest) or None; norm = (mean, std). Returns the detached loss and its parts, on the
-    device: nothing here waits for the device."""
-    mean, std = norm
+    teacher (P, rest) or None. Returns the detached loss and its parts, on the device: nothing
+    here waits for the device."""
+    cfg = loop.cfg
     if x.is_cuda and cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-        logits = forward((x - mean) / std)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=loop.amp):
+        logits = loop.forward((x - loop.mean) / loop.std)
     if teacher is None:
         loss, parts = soft_cross_entropy(logits, gt), {}
     else:
