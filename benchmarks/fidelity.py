@@ -177,7 +177,8 @@ ROWS = {  # name -> label in the table
 
 def read_log(run: Path) -> list[dict]:
     path = run / "log.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    return [r for r in records if "step" not in r]  # epoch records only
 
 
 def same_config(a: dict, b: dict) -> bool:

@@ -36,6 +36,8 @@ def test_gpu_check_tiny_runs_both_stages(tmp_path):
     text = bench("stage1_efficiency").report(s1)
     assert text in r.stdout and f"| ratio | {s1['ratio']:.3f} |" in text
     assert f"| wall time | {s1['summary']['wall_s']:.1f} s for {128 * 2} views |" in text
+    assert all(len(v) == 1 and v[0] > 0 for v in s2["wall_s"].values()) and len(s2["wall_s"]) == 3
+    assert "whole run: cache / label-only wall" in r.stdout
 
 
 def test_demo_stage_reuse_is_keyed_on_config(tmp_path, capsys):

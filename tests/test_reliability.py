@@ -172,8 +172,8 @@ def test_diverging_run_stops_naming_epoch_step_keys_and_keeps_last_good_checkpoi
     assert "batch keys img" in line, line
     assert [e["epoch"] for e in read_log(run)] == [0]
     last = torch.load(run / "last.pth", weights_only=True)  # epoch 0's checkpoint, untouched
-    assert last["epoch"] == 0 and all_finite(last["model"]) and all_finite(last["ema"])
-    assert all_finite(torch.load(run / "best.pth", weights_only=True))
+    assert last["epoch"] == 0 and all_finite(last["state_dict"]) and all_finite(last["state_dict_ema"])
+    assert all_finite(torch.load(run / "best.pth", weights_only=True)["state_dict"])
     assert not (run / "last.pth.tmp").exists()
 
 
@@ -233,7 +233,7 @@ def test_sigkill_during_checkpoint_saves_never_leaves_a_corrupt_last_pth(data, t
                 partial += 1  # a half-written file: what last.pth would be without the rename
         if (run / "last.pth").exists():
             state = torch.load(run / "last.pth", weights_only=True)
-            assert {"model", "ema", "optimizer", "scheduler", "epoch", "best"} <= set(state)
+            assert {"state_dict", "state_dict_ema", "optimizer", "scheduler", "epoch", "best"} <= set(state)
             done = [e["epoch"] for e in read_log(run)]
             # log.jsonl is appended before last.pth is renamed into place: at most one line ahead
             # (a resume trims it back to the checkpoint's epoch)

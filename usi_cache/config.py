@@ -212,9 +212,11 @@ class TrainConfig:
     max_steps: int | None = setting(None, "Cap on steps per epoch (smoke tests, benchmarks); null = none.")
     allow_replay_mismatch: bool = setting(False, "Train although this machine's decoders re-render the "
                                                  "cache's views differently.")
-    compile: bool = setting(False, "torch.compile the student.")
+    compile: bool = setting(False, "torch.compile the student's training forward (evaluation runs eager); "
+                                    "the first compile takes minutes on a CPU: meant for GPUs.")
     log_every: int = setting(50, "Steps between per-step loss/lr lines in log.jsonl; 0 = off.")
-    tensorboard: bool = setting(False, "Also write TensorBoard event files to the run folder.")
+    tensorboard: bool = setting(False, "Also write TensorBoard event files to the (local) run folder; needs "
+                                        "the tensorboard extra.")
     view: ViewSpec = setting(factory=ViewSpec, doc="Views of label-only and online runs; a cache brings its own.")
 
     def validate(self) -> None:

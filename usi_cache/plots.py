@@ -197,12 +197,13 @@ def _save(fig, path) -> Path:
 
 
 def read_curve(run: str | Path, key: str = "val_top1") -> list[float]:
-    """`key` per epoch from a training run's log.jsonl (one JSON record per epoch)."""
+    """`key` per epoch from a training run's log.jsonl (its epoch records: step records have "step")."""
     path = Path(run) / "log.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no training log (is {run} a run folder?)")
     import json
-    return [json.loads(ln)[key] for ln in path.read_text().splitlines() if ln.strip()]
+    records = (json.loads(ln) for ln in path.read_text().splitlines() if ln.strip())
+    return [r[key] for r in records if "step" not in r]
 
 
 def plot_curves(groups: dict[str, list[list[float]]], path: str | Path, *, title: str = "",

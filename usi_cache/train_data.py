@@ -8,6 +8,8 @@ buffer that emits every sample exactly once. Every rank runs the same number of 
 """
 from __future__ import annotations
 
+import math
+import multiprocessing
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -50,14 +52,21 @@ class TrainStreamSpec:
 
 class TrainStream(IterableDataset):
     """Yields dicts: image uint8 (3, H, W), label, key, sid (the sample's slot), view, and in
-    cache mode the teacher's top-k log-probabilities (k,) float32 and classes (k,) int64."""
+    cache mode the teacher's top-k log-probabilities (k,) float32 and classes (k,) int64.
+
+    The epoch lives in shared memory: DataLoader workers that persist between epochs keep their
+    own copy of the dataset, and read `set_epoch`'s value when the next epoch's iteration starts."""
 
     def __init__(self, s: TrainStreamSpec):
         self.s = s
-        self.epoch = 0
+        self._epoch = multiprocessing.Value("q", 0, lock=False)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.value = epoch
 
     def __iter__(self):
         s = self.s
@@ -65,21 +74,22 @@ class TrainStream(IterableDataset):
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         if workers != max(s.plan.workers, 1):
             raise RuntimeError(f"the plan has {s.plan.workers} workers per rank, the DataLoader {workers}")
-        pieces = worker_pieces(s.plan, self.epoch, s.rank, worker)
+        epoch = self.epoch  # read once: the whole iteration is this epoch's
+        pieces = worker_pieces(s.plan, epoch, s.rank, worker)
         if not pieces:
             return
         group = schema.open_arrays(schema.open_cache(s.cache)[0], s.layout) if s.cache else None
-        rng = np.random.default_rng(stable_seed("shuffle", s.plan.seed, self.epoch, s.rank, worker))
-        samples = (x for p in pieces for x in self.piece_samples(p, group))
+        rng = np.random.default_rng(stable_seed("shuffle", s.plan.seed, epoch, s.rank, worker))
+        samples = (x for p in pieces for x in self.piece_samples(p, group, epoch))
         yield from exact_shuffle(samples, s.shuffle_buffer, rng, s.plan.batch, key=lambda x: x["sid"])
 
-    def piece_samples(self, piece: Piece, group) -> Iterator[dict]:
+    def piece_samples(self, piece: Piece, group, epoch: int) -> Iterator[dict]:
         """The replayed samples of one shard piece (valid samples lo..hi−1, one copy)."""
         s, m = self.s, self.s.manifest
         path = m.path(piece.shard)
         V = s.layout.views if s.cache else None
         slots = s.layout.slots_per_shard if s.cache else m.per_shard
-        views = view_index(piece.position + np.arange(piece.lo, piece.hi), piece.copy, self.epoch, s.plan, V)
+        views = view_index(piece.position + np.arange(piece.lo, piece.hi), piece.copy, epoch, s.plan, V)
         blocks = {}
         if group is not None:  # one read per array per view this piece uses (one, or two at a boundary)
             blocks = {int(v): schema.read_block(group, s.layout, piece.shard, int(v)) for v in np.unique(views)}
@@ -149,15 +159,16 @@ class TrainStream(IterableDataset):
 
 
 def eval_array(image: Image.Image, size: int, crop_pct: float, interpolation: str) -> np.ndarray:
-    """Validation transform: resize the short side to size / crop_pct, centre-crop size×size."""
-    scale = int(size / crop_pct)
+    """Validation transform, timm's `create_transform(size, is_training=False, crop_pct=...)` bit for
+    bit: resize the short side to floor(size / crop_pct) (the long side truncated, as torchvision's
+    Resize does), then centre-crop size×size at offsets rounded half to even (CenterCrop)."""
+    scale = math.floor(size / crop_pct)
     w, h = image.size
-    if w <= h:
-        nw, nh = scale, max(1, round(h * scale / w))
-    else:
-        nw, nh = max(1, round(w * scale / h)), scale
-    image = image.resize((nw, nh), pil_filter(interpolation))
-    left, top = (nw - size) // 2, (nh - size) // 2
+    short, long = min(w, h), max(w, h)
+    nw, nh = (scale, int(scale * long / short)) if w <= h else (int(scale * long / short), scale)
+    if (nw, nh) != (w, h):  # torchvision returns the image untouched at the target size
+        image = image.resize((nw, nh), pil_filter(interpolation))
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
     return np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
