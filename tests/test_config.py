@@ -111,7 +111,7 @@ def test_missing_file_and_required_fields(tmp_path):
 
 
 def test_configs_are_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         ViewSpec().hflip = 0.1
 
 

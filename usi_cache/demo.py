@@ -20,9 +20,8 @@ import os
 import time
 from pathlib import Path
 
-import click
 
-from .config import CacheConfig, TrainConfig, load_stage_config, recipe_path, to_dict
+from .config import CacheConfig, ConfigError, TrainConfig, load_stage_config, recipe_path, to_dict
 from .shards import FMNIST_CLASSES, FMNIST_DIR, samples_from_fashion_mnist, write_shards
 
 CONFIG = recipe_path("demo-fmnist.yaml")  # packaged with usi_cache (the repository's configs/)
@@ -50,10 +49,10 @@ def _stage(folder: Path, key: str, name: str, fn) -> dict:
     if marker.is_file():
         saved = json.loads(marker.read_text())
         if saved.get("key") == key:
-            click.echo(f"[{name}] reusing {folder} (key {key})")
+            print(f"[{name}] reusing {folder} (key {key})", flush=True)
             return saved["result"]
-        click.echo(f"[{name}] config changed since the last run: recomputing {folder}")
-    click.echo(f"[{name}] running -> {folder}")
+        print(f"[{name}] config changed since the last run: recomputing {folder}", flush=True)
+    print(f"[{name}] running -> {folder}", flush=True)
     t = time.perf_counter()
     result = fn()
     result["wall_s"] = time.perf_counter() - t
@@ -105,10 +104,10 @@ def run_demo(out: str | Path) -> dict:
     out = Path(out)
     t0 = time.perf_counter()
     one_torch_thread()
-    click.echo(f"demo: Fashion-MNIST at 32 px; teacher {TEACHER_MODEL} trained label-only on all 60,000 "
-               f"training images ({TEACHER_EPOCHS} epochs); cache V = {VIEWS}, k = 10 over the students' "
-               f"{SUBSET} images; students {STUDENT_MODEL} on those {SUBSET} images: labels only vs cached KD; "
-               f"all evaluated on the 10,000 test images; recipe {CONFIG}")
+    print(f"demo: Fashion-MNIST at 32 px; teacher {TEACHER_MODEL} trained label-only on all 60,000 "
+          f"training images ({TEACHER_EPOCHS} epochs); cache V = {VIEWS}, k = 10 over the students' "
+          f"{SUBSET} images; students {STUDENT_MODEL} on those {SUBSET} images: labels only vs cached KD; "
+          f"all evaluated on the 10,000 test images; recipe {CONFIG}", flush=True)
     shard_dir = out / "shards"
     shard_key = _key("v2", SUBSET, PER_SHARD, FULL_PER_SHARD)
     shards = _stage(shard_dir, shard_key, "shards", lambda: _shards(shard_dir))
@@ -130,12 +129,12 @@ def run_demo(out: str | Path) -> dict:
     for name, extra, upstream in (("labels", {}, shard_key), ("cached-kd", {"cache": c_cfg.out}, c_key)):
         s_cfg = student_config(out, out / f"student-{name}", **extra)
         if s_cfg.epochs != VIEWS:
-            raise click.ClickException(f"{CONFIG}: train.epochs = {s_cfg.epochs}, the demo's cache has V = {VIEWS}")
+            raise ConfigError(f"{CONFIG}: train.epochs = {s_cfg.epochs}, the demo's cache has V = {VIEWS}")
         results[name] = _stage(out / f"student-{name}", _key(upstream, to_dict(s_cfg)), f"student {name}",
                                lambda: _train(s_cfg))
     results["total_s"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    click.echo("\n" + format_table(results))
+    print("\n" + format_table(results), flush=True)
     return results
 
 
