@@ -132,7 +132,7 @@ def test_training_on_a_paired_cache(paired, tmp_path):
                                   "--warmup-epochs", "0", "--batch-size", "5", "--input-size", "32", "--workers",
                                   "1", "--quiet"])
     assert r.exit_code == 0, r.output
-    assert "paired cache" in r.output and "batch-level mixup/cutmix is not used" in r.output
+    assert "paired cache" in r.output and "batch mixing (train.mix) is not used" in r.output
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[0]["train_kd"] > 0 and log[0]["val_count"] == 12
 
