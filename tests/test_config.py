@@ -320,3 +320,15 @@ def test_resume_from_a_run_saved_before_mixconfig(tmp_path):
     r = CliRunner().invoke(main, [*args, "--resume"])
     assert r.exit_code == 0, r.output
     assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 1
+
+
+def test_mix_none_on_the_command_line_drops_the_recipes_mix_keys(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  mix:\n    prob: 0.5\n")
+    cfg = load_stage_config(TrainConfig, "train", recipe, {**TRAIN, "mix.mode": "none"})
+    assert cfg.mix.mode == "none" and cfg.mix.prob == 1.0
+    with pytest.raises(ConfigError, match="train.mix.prob: set to 0.3, but train.mix.mode is none"):
+        load_stage_config(TrainConfig, "train", recipe, {**TRAIN, "mix.mode": "none", "mix.prob": 0.3})
+    with pytest.raises(ConfigError, match="train.mix.prob: set to 0.5"):  # in the recipe itself: an error
+        recipe.write_text("train:\n  mix:\n    mode: none\n    prob: 0.5\n")
+        load_stage_config(TrainConfig, "train", recipe, TRAIN)

@@ -362,3 +362,20 @@ def test_layout_reads_view_blocks_from_the_attributes():
         schema.Layout.from_attrs({**a, "view_blocks": [2, 2]})
     assert schema.Layout.from_attrs({k: v for k, v in a.items() if k != "view_blocks"}).blocks == (
         schema.ViewBlock(0, 0, 5),)
+
+
+@pytest.mark.slow
+def test_resuming_a_run_on_a_cache_grown_since_is_refused(grown, tmp_path):
+    """Epoch e uses view e mod V: a run begun on V = 2 may not resume on the grown V = 3."""
+    base = copy(grown["base"], tmp_path / "base.zarr")
+    val = make_shards(tmp_path / "val", n=10, per_shard=5, seed=7)
+    args = ["train", "--model", TEACHER, "--train-shards", str(grown["shards"]), "--val-shards", str(val),
+            "--cache", str(base), "--out", str(tmp_path / "run"), "--epochs", "2", "--cooldown-epochs", "0",
+            "--warmup-epochs", "1", "--batch-size", "4", "--input-size", "32", "--workers", "0",
+            "--max-steps", "1", "--quiet"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    cache(grown["shards"], grown["ckpt"], base, "--views", "2", "--add-views", "1")
+    r = CliRunner().invoke(main, [*args, "--resume"])
+    assert r.exit_code == 1
+    assert "began on V = 2 views, the cache now has V = 3" in r.output and "Traceback" not in r.output

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import __version__, replay_check, schema, storage
 from .config import CacheConfig, ViewSpec, to_dict
-from .dist import World, all_gather_objects, barrier, broadcast_object, close_world, init_world
+from .dist import World, all_gather_objects, barrier, broadcast_object, close_world, init_world, on_main
 from .randaugment import OP_NAMES
 from .shards import Manifest, ShardError, decode_image, load_manifest, read_shard, shard_path
 from .teacher import load_teacher
@@ -278,10 +278,9 @@ def _run(cfg: CacheConfig, world: World, progress: bool) -> dict:
     except ValueError as e:
         raise schema.CacheError(str(e)) from None
     attrs["decoders"] = replay_check.decoder_env()
-    error = None
-    if world.is_main:
-        error = _prepare_grow(cfg, attrs) if cfg.add_views else _prepare_store(cfg, attrs, layout)
-    error = broadcast_object(world, error)
+    # rank 0 creates or checks the store; what it raises (a full disk, a refused URL) reaches
+    # every rank, so none waits in a collective for it
+    error = on_main(world, lambda: _prepare_grow(cfg, attrs) if cfg.add_views else _prepare_store(cfg, attrs, layout))
     if error:
         raise schema.CacheError(error)
     group, found = schema.open_cache(cfg.out, mode="r+")

@@ -411,9 +411,13 @@ def load_stage_config(cls: type, section: str, path: str | Path | None, override
     `none_means_unset` is off (the command line passes only what it was given: null is a value).
     """
     data = recipe_section(cls, section, read_yaml(path), path)
-    for key, value in overrides.items():
-        if value is not None or not none_means_unset:
-            _assign(cls, data, key.split("."), value, section)
+    given = {k: v for k, v in overrides.items() if v is not None or not none_means_unset}
+    if given.get("mix.mode") == "none" and isinstance(data.get("mix"), dict):
+        # mixing switched off on the command line: the recipe's other mix keys go with it (only
+        # mix keys given on the command line as well are an error: they would be ignored)
+        data["mix"] = {}
+    for key, value in given.items():
+        _assign(cls, data, key.split("."), value, section)
     cfg = from_dict(cls, data, section)
     cfg.validate()
     return cfg

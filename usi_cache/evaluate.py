@@ -42,7 +42,9 @@ class Evaluator:
                     logits = model(x)
                 top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
                 hit = top == y[:, None]
-                counts[i] += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(y), device=dev)]).double()
+                counts[i, 0] += hit[:, 0].sum()
+                counts[i, 1] += hit.any(1).sum()
+                counts[i, 2] += len(y)  # a Python number: no host-to-device copy
         if self.world.distributed:
             dist.all_reduce(counts)
         for name, m in models.items():

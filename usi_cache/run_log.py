@@ -34,6 +34,7 @@ class RunLog:
         self.out, self.main, self.tensorboard = out, main, tensorboard
         self.path = storage.join(out, "log.jsonl")
         self.pending: list[tuple[int, int, torch.Tensor, float]] = []  # step records, loss on the device
+        self.unwritten = ""  # step records held back on object storage until the epoch record
         self.writer = None
         logger = logging.getLogger(PACKAGE_LOGGER)
         self._saved = (logger.level, logger.propagate)
@@ -51,8 +52,8 @@ class RunLog:
         if resumed_epoch is None:
             storage.write_bytes(self.path, b"")
         elif storage.is_file(self.path):
-            lines = storage.read_bytes(self.path).decode().splitlines()
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["epoch"] <= resumed_epoch]
+            lines = storage.read_bytes(self.path).decode(errors="replace").splitlines()
+            kept = [ln for ln in lines if (r := _record(ln)) is not None and r["epoch"] <= resumed_epoch]
             storage.write_bytes(self.path, "".join(ln + "\n" for ln in kept).encode())
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -73,7 +74,11 @@ class RunLog:
         records = [{"step": s, "epoch": e, "loss": loss, "lr": lr}
                    for (s, e, _, lr), loss in zip(self.pending, losses)]
         self.pending.clear()
-        storage.append_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        if storage.is_url(self.path):  # an append there rewrites the whole object: once per epoch
+            self.unwritten += text
+        else:
+            storage.append_text(self.path, text)
         if self.writer is not None:
             for r in records:
                 self.writer.add_scalar("train/loss", r["loss"], r["step"])
@@ -83,7 +88,8 @@ class RunLog:
         """Append an epoch record (before last.pth is saved: resume trims records past it)."""
         if not self.main:
             return
-        storage.append_text(self.path, json.dumps(record) + "\n")
+        storage.append_text(self.path, self.unwritten + json.dumps(record) + "\n")
+        self.unwritten = ""
         if self.writer is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch":
@@ -98,3 +104,13 @@ class RunLog:
             logger.removeHandler(self.handler)
         logger.setLevel(self._saved[0])
         logger.propagate = self._saved[1]
+
+
+def _record(line: str) -> dict | None:
+    """A log.jsonl line as a record, or None for a blank line or one torn by a kill or a full disk
+    (its epoch is past the checkpoint's anyway: it was being written when the run stopped)."""
+    try:
+        r = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return r if isinstance(r, dict) and isinstance(r.get("epoch"), int) else None

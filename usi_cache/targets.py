@@ -119,9 +119,13 @@ def teacher_distribution(topk_logits: Tensor, classes: Tensor, lse: Tensor | Non
     return P, rest
 
 
-def _lam(lam: Tensor | float, like: Tensor) -> Tensor:
-    """Mixing weight as a (N, 1) tensor of `like`'s dtype/device (from a float or (N,))."""
-    lam = torch.as_tensor(lam, dtype=like.dtype, device=like.device)
+def _lam(lam: Tensor | float, like: Tensor) -> Tensor | float:
+    """Mixing weight that broadcasts over rows: a float stays a float (a tensor made from it
+    on the GPU would be a blocking host-to-device copy every step); (N,) becomes (N, 1) of
+    `like`'s dtype/device."""
+    if not isinstance(lam, Tensor):
+        return float(lam)
+    lam = lam.to(dtype=like.dtype, device=like.device, non_blocking=True)
     return lam.reshape(-1, 1) if lam.ndim else lam
 
 
@@ -137,7 +141,7 @@ def mix_targets(P: Tensor, rest: Tensor, perm: Tensor, lam: Tensor | float) -> t
     The exact alternative is a paired cache (the teacher sees the mixed image).
     """
     lam2 = _lam(lam, P)
-    lam1 = lam2.reshape(-1) if lam2.ndim else lam2
+    lam1 = lam2.reshape(-1) if isinstance(lam2, Tensor) and lam2.ndim else lam2
     return lam2 * P + (1 - lam2) * P[perm], lam1 * rest + (1 - lam1) * rest[perm]
 
 

@@ -73,6 +73,7 @@ def train(cfg: TrainConfig, world: World, runlog: RunLog, *, resume: bool, progr
     train_m, val_m = load_manifests(cfg)
     source = resolve_targets(cfg, world, train_m)
     state = TrainState.create(cfg, len(train_m.classes), world.device, world.rank)
+    state.cache_views = source.layout.views if source.layout is not None else None
     plan = make_plan(cfg, world, train_m, source)
     start_run(state, cfg, world, runlog, resume, plan.steps)
     data_cfg = timm.data.resolve_model_data_config(state.model)

@@ -42,6 +42,7 @@ class TrainState:
     epoch: int = -1  # the last finished epoch
     step: int = 0  # optimizer steps taken over the run
     best: dict = field(default_factory=lambda: {"top1": -1.0})  # top1, top5, epoch, ema
+    cache_views: int | None = None  # V of the cache the run trains on (epoch e uses view e mod V)
 
     @classmethod
     def create(cls, cfg: TrainConfig, num_classes: int, device: torch.device, rank: int) -> TrainState:
@@ -66,7 +67,7 @@ class TrainState:
                 "state_dict_ema": self.ema.module.state_dict() if self.ema is not None else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "epoch": self.epoch, "step": self.step, "best": self.best, "config": to_dict(cfg),
-                "rng": rng, "world": world_size}
+                "rng": rng, "world": world_size, "cache_views": self.cache_views}
 
     def load(self, ckpt: dict, steps_per_epoch: int) -> None:
         """Put back a checkpoint from `load_checkpoint` (timm's keys, or the older model/ema)."""
@@ -76,6 +77,11 @@ class TrainState:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.epoch, self.best = ckpt["epoch"], ckpt["best"]
+        saved_views = ckpt.get("cache_views")
+        if saved_views is not None and self.cache_views is not None and saved_views != self.cache_views:
+            raise TrainError(f"train.cache: the run began on V = {saved_views} views, the cache now has "
+                             f"V = {self.cache_views} (grown with --add-views): which view each epoch uses "
+                             f"would change mid-run; resume on the cache as it was, or start a new --out")
         # older files have no step count: every epoch runs the same number of steps
         self.step = ckpt.get("step", (self.epoch + 1) * steps_per_epoch)
 
