@@ -151,8 +151,8 @@ def resolve_targets(cfg: TrainConfig, world: World, manifest) -> LabelTargets:
         log.warning(f"warning: {why}; training anyway (--allow-replay-mismatch)")
     spec = schema.view_spec(attrs)
     if spec != cfg.view:
-        log.info(f"using the cache's view spec (randaugment {spec.randaugment!r}); the config's view section "
-                 f"is not used")
+        log.info(f"training views: the cache's view spec (randaugment {spec.randaugment!r}); the config's "
+                 f"view section only sets the validation filter ({cfg.view.interpolation})")
     total = cfg.epochs + cfg.cooldown_epochs  # ~ uses of each sample over the run, whatever R
     if layout.views < total:
         rule = (f"epoch e uses view e mod {layout.views}" if cfg.repeated_aug == 1 else
