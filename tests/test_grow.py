@@ -143,6 +143,17 @@ def test_verify_finds_a_damaged_grown_chunk(grown, tmp_path):
     assert r.exit_code == 1 and "checksums" in r.output and "logits" in r.output, r.output
 
 
+@pytest.mark.slow
+def test_verify_finds_a_grown_block_of_the_wrong_shape(grown, tmp_path):
+    import zarr
+    out = copy(grown["out"], tmp_path / "c.zarr")
+    logits = zarr.open_group(str(out), mode="r+")["blocks/1/logits"]  # block 1 holds views 2..4
+    logits.resize((logits.shape[0], 2, logits.shape[2]))
+    r = CliRunner().invoke(main, ["verify", str(out), "--shards", str(grown["shards"])])
+    assert r.exit_code == 1, r.output
+    assert "'logits': view block 2..4 is stored with shape (30, 2, 3), expected (30, 3, 3)" in r.output
+
+
 def _gets(path: Path, read) -> dict[str, int]:
     """Store reads (key -> count) made by read(group) on the cache opened through zarr's LoggingStore."""
     seen: list[str] = []

@@ -369,7 +369,14 @@ class BlockedArray:
     def __init__(self, parts: list[zarr.Array], blocks: tuple[ViewBlock, ...]):
         self.parts, self.blocks = parts, blocks
         first = parts[0]
-        self.shape = (first.shape[0], sum(b.count for b in blocks), *first.shape[2:])
+        # from the parts, so that a block of another shape shows (verify compares with the attributes)
+        self.shape = (first.shape[0], sum(p.shape[1] for p in parts), *first.shape[2:])
+        self.misfit = next((f"view block {b.start}..{b.start + b.count - 1} is stored with shape "
+                            f"{tuple(p.shape)}, expected ({first.shape[0]}, {b.count}, "
+                            f"{', '.join(map(str, first.shape[2:]))})".replace(", )", ")")
+                            for p, b in zip(parts, blocks)
+                            if p.shape[0] != first.shape[0] or p.shape[1] != b.count or p.shape[2:] != first.shape[2:]),
+                           None)
         self.dtype, self.fill_value, self.store = first.dtype, first.fill_value, first.store
 
     def __getitem__(self, index):

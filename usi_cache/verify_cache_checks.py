@@ -72,7 +72,9 @@ def _array_misfits(group, layout: schema.Layout) -> Found:
         want = (layout.slots, *getattr(empty, name).shape[1:])
         arr = schema.array(group, name, layout)  # all view blocks of a grown cache
         have = tuple(arr.shape)
-        if have != want:
+        if getattr(arr, "misfit", None):  # a grown cache: each view block checked on its own
+            found.append((None, f"array {name!r}: {arr.misfit}"))
+        elif have != want:
             found.append((None, f"array {name!r} has shape {have}, the attributes (V = {layout.views}, "
                                 f"k = {layout.topk}, {layout.num_shards} shards of {layout.slots_per_shard}) "
                                 f"say {want}"))
