@@ -13,6 +13,7 @@ every shard has them. Existing chunk files are never written again.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +29,12 @@ from .dist import World, all_gather_objects, barrier, broadcast_object, close_wo
 from .randaugment import OP_NAMES
 from .shards import Manifest, ShardError, decode_image, load_manifest, read_shard, shard_path
 from .teacher import load_teacher
+from .messages import messages
 from .mixing import NO_MIX, PartnerImages, pair_rng, sample_pair
 from .render import Partner, render
 from .views import encode_ops, op_slots, sample_view, view_rng
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -248,7 +252,8 @@ def run_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
     """Stage 1 end to end on this rank; returns the run summary (same on every rank)."""
     world = init_world()
     try:
-        return _run(cfg, world, progress)
+        with messages(world.is_main):
+            return _run(cfg, world, progress)
     finally:
         close_world(world)
 
@@ -300,8 +305,8 @@ def _run(cfg: CacheConfig, world: World, progress: bool) -> dict:
             with storage.errors(cfg.out, "writing the cache's attributes", "every shard is committed: rerun to finish"):
                 found = schema.commit_grow(group)
         elif found.get("growing"):
-            print(f"warning: {cfg.out} has an unfinished grow by {found['growing']} views (not readable yet); "
-                  f"finish it with --views {layout.views} --add-views {found['growing']}")
+            log.warning(f"warning: {cfg.out} has an unfinished grow by {found['growing']} views (not readable yet); "
+                        f"finish it with --views {layout.views} --add-views {found['growing']}")
         summary = _finish(cfg, group, schema.Layout.from_attrs(found), block, manifest, all_times, len(pending),
                           time.perf_counter() - t_start)
         _, attrs = schema.open_cache(cfg.out)
@@ -388,7 +393,7 @@ def _finish(cfg, group, layout, block: schema.ViewBlock, manifest, all_times: li
     if invalid:
         shown = ", ".join(f"{keys[i]} ({manifest.shards[i // layout.slots_per_shard].name})"
                           for i in bad_slots[:5]) + (" ..." if len(invalid) > 5 else "")
-        print(f"warning: {len(invalid)} undecodable sample(s) stored with label -1: {shown}")
+        log.warning(f"warning: {len(invalid)} undecodable sample(s) stored with label -1: {shown}")
     complete = int(schema.completed_shards(group, layout, block).sum())
     usage = schema.disk_usage(cfg.out)
     views_total = manifest.num_samples * layout.views

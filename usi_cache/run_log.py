@@ -1,7 +1,7 @@
 """Stage 2's one output channel, on rank 0: the `usi_cache` logger, log.jsonl and TensorBoard.
 
-* Messages: the package logger `usi_cache` prints INFO and above to stdout on rank 0 for the
-  length of a run; the other ranks are silent.
+* Messages: the package logger `usi_cache` (messages.py) prints INFO and above to stdout on
+  rank 0 for the length of a run; the other ranks are silent.
 * log.jsonl: one JSON record per epoch (no "step" key) and, every `log_every` optimizer steps,
   a step record {"step", "epoch", "loss", "lr"} (rank 0's loss). Readers tell them apart by
   the "step" key. A resume drops every record of an epoch after the checkpoint's.
@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
-import sys
 
 import torch
 
 from . import storage
+from .messages import Messages
 from .train_state import TrainError
-
-PACKAGE_LOGGER = "usi_cache"
 
 
 class RunLog:
@@ -36,14 +33,7 @@ class RunLog:
         self.pending: list[tuple[int, int, torch.Tensor, float]] = []  # step records, loss on the device
         self.unwritten = ""  # step records held back on object storage until the epoch record
         self.writer = None
-        logger = logging.getLogger(PACKAGE_LOGGER)
-        self._saved = (logger.level, logger.propagate)
-        self.handler = logging.StreamHandler(sys.stdout) if main else None
-        if self.handler is not None:
-            self.handler.setFormatter(logging.Formatter("%(message)s"))
-            logger.addHandler(self.handler)
-        logger.setLevel(logging.INFO if main else logging.CRITICAL + 1)
-        logger.propagate = False  # one channel: not also through the root logger's handlers
+        self.messages = Messages(main)
 
     def start(self, resumed_epoch: int | None, resumed_step: int) -> None:
         """A new run's empty log, or a resumed run's log cut back to the checkpoint's epoch."""
@@ -99,11 +89,7 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-        logger = logging.getLogger(PACKAGE_LOGGER)
-        if self.handler is not None:
-            logger.removeHandler(self.handler)
-        logger.setLevel(self._saved[0])
-        logger.propagate = self._saved[1]
+        self.messages.close()
 
 
 def _record(line: str) -> dict | None:
