@@ -162,9 +162,8 @@ class Layout:
         (default this cache's k): the teacher outputs plus the view parameters (and the
         mixing record of a paired cache)."""
         specs = _array_specs(self if topk is None else replace(self, topk=topk))
-        names = PER_VIEW + (MIX_ARRAYS if self.paired else ())
         return sum(np.dtype(specs[n]["dtype"]).itemsize * int(np.prod(specs[n]["chunks"][2:], dtype=np.int64))
-                   for n in names)
+                   for n in self.per_view)
 
 
 @dataclass(frozen=True)
@@ -371,12 +370,10 @@ class BlockedArray:
         first = parts[0]
         # from the parts, so that a block of another shape shows (verify compares with the attributes)
         self.shape = (first.shape[0], sum(p.shape[1] for p in parts), *first.shape[2:])
+        expected = [(first.shape[0], b.count, *first.shape[2:]) for b in blocks]
         self.misfit = next((f"view block {b.start}..{b.start + b.count - 1} is stored with shape "
-                            f"{tuple(p.shape)}, expected ({first.shape[0]}, {b.count}, "
-                            f"{', '.join(map(str, first.shape[2:]))})".replace(", )", ")")
-                            for p, b in zip(parts, blocks)
-                            if p.shape[0] != first.shape[0] or p.shape[1] != b.count or p.shape[2:] != first.shape[2:]),
-                           None)
+                            f"{tuple(p.shape)}, expected {want}"
+                            for p, b, want in zip(parts, blocks, expected) if tuple(p.shape) != want), None)
         self.dtype, self.fill_value, self.store = first.dtype, first.fill_value, first.store
 
     def __getitem__(self, index):

@@ -41,6 +41,11 @@ class LabelTargets:
         self.spec = spec  # the views the student trains on
         self.layout = layout
 
+    @property
+    def views(self) -> int | None:
+        """V of the cache the run trains on (None without a cache): part of the run's shape."""
+        return self.layout.views if self.layout is not None else None
+
     def view_of(self, epoch: int) -> int | None:
         """The cached view every sample of `epoch` uses, when there is one such view."""
         return None

@@ -73,9 +73,8 @@ def train(cfg: TrainConfig, world: World, runlog: RunLog, *, resume: bool, progr
     train_m, val_m = load_manifests(cfg)
     source = resolve_targets(cfg, world, train_m)
     state = TrainState.create(cfg, len(train_m.classes), world.device, world.rank)
-    state.cache_views = source.layout.views if source.layout is not None else None
     plan = make_plan(cfg, world, train_m, source)
-    start_run(state, cfg, world, runlog, resume, plan.steps)
+    start_run(state, cfg, world, runlog, resume, plan.steps, source.views)
     data_cfg = timm.data.resolve_model_data_config(state.model)
     mean = torch.tensor(data_cfg["mean"], device=world.device).view(1, 3, 1, 1)
     std = torch.tensor(data_cfg["std"], device=world.device).view(1, 3, 1, 1)
@@ -110,7 +109,7 @@ def train(cfg: TrainConfig, world: World, runlog: RunLog, *, resume: bool, progr
             "time_s": time.perf_counter() - t0,
         }
         state.epoch = epoch
-        end_epoch(state, cfg, world, runlog, record, val)
+        end_epoch(state, cfg, world, runlog, record, val, source.views)
         summary = {"last": record, "best": state.best}
     return summary
 
@@ -136,11 +135,11 @@ def make_plan(cfg: TrainConfig, world: World, manifest, source: LabelTargets) ->
 
 
 def start_run(state: TrainState, cfg: TrainConfig, world: World, runlog: RunLog, resume: bool,
-              steps: int) -> None:
+              steps: int, cache_views: int | None) -> None:
     """Resume from last.pth when asked and present, else start a fresh run folder."""
     last = storage.join(cfg.out, "last.pth")
     if resume and storage.is_file(last):
-        ckpt = load_checkpoint(last, cfg, world.device, world.size)
+        ckpt = load_checkpoint(last, cfg, world.device, world.size, cache_views)
         state.load(ckpt, steps)
         restore_rng(ckpt, world.rank, world.size, world.device.type == "cuda")
         log.info(f"resuming from {last} at epoch {state.epoch + 1}")
@@ -236,7 +235,8 @@ def train_step(loop: Loop, state: TrainState, x: torch.Tensor, gt: torch.Tensor,
     return loss.detach(), parts
 
 
-def end_epoch(state: TrainState, cfg: TrainConfig, world: World, runlog: RunLog, record: dict, val: dict) -> None:
+def end_epoch(state: TrainState, cfg: TrainConfig, world: World, runlog: RunLog, record: dict, val: dict,
+              cache_views: int | None) -> None:
     """Keep the better of raw and EMA weights as best.pth when they beat the best so far; log the
     epoch, then save last.pth (the log line first: resume trims lines past the checkpoint)."""
     use_ema = "ema" in val and val["ema"]["top1"] > val["raw"]["top1"]
@@ -250,7 +250,7 @@ def end_epoch(state: TrainState, cfg: TrainConfig, world: World, runlog: RunLog,
     runlog.epoch(record, state.step)
     if improved:
         save_atomic(state.best_checkpoint(cfg.model), storage.join(cfg.out, "best.pth"))
-    save_atomic(state.checkpoint(cfg, rng, world.size), storage.join(cfg.out, "last.pth"))
+    save_atomic(state.checkpoint(cfg, rng, world.size, cache_views), storage.join(cfg.out, "last.pth"))
     ema_txt = f", EMA {record['val_top1_ema']:.2f}" if record["val_top1_ema"] is not None else ""
     log.info(f"epoch {state.epoch}: loss {record['train_loss']:.4f}, {record['img_per_s']:.0f} img/s, "
              f"val top-1 {record['val_top1']:.2f}{ema_txt} ({record['val_count']} images), {record['time_s']:.1f} s")

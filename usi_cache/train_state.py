@@ -29,7 +29,8 @@ class TrainError(RuntimeError):
 
 
 # Settings that may change on --resume without changing which samples each rank trains on in an
-# epoch (the order within a rank's batches does change with them), or the numbers computed.
+# epoch: workers and shuffle_buffer change the order within a rank's batches, compile the
+# float rounding; log_every and tensorboard only what is written.
 RESUMABLE_CHANGES = ("workers", "shuffle_buffer", "compile", "log_every", "tensorboard")
 
 
@@ -42,7 +43,6 @@ class TrainState:
     epoch: int = -1  # the last finished epoch
     step: int = 0  # optimizer steps taken over the run
     best: dict = field(default_factory=lambda: {"top1": -1.0})  # top1, top5, epoch, ema
-    cache_views: int | None = None  # V of the cache the run trains on (epoch e uses view e mod V)
 
     @classmethod
     def create(cls, cfg: TrainConfig, num_classes: int, device: torch.device, rank: int) -> TrainState:
@@ -60,14 +60,14 @@ class TrainState:
                                                      warmup_t=cfg.warmup_epochs, warmup_lr_init=cfg.warmup_lr)
         return cls(model, ema, optimizer, scheduler)
 
-    def checkpoint(self, cfg: TrainConfig, rng: list, world_size: int) -> dict:
+    def checkpoint(self, cfg: TrainConfig, rng: list, world_size: int, cache_views: int | None) -> dict:
         """last.pth's content. torch's generators drive dropout/drop-path, one per rank (`rng`);
         every other draw is a pure function of (seed, epoch, step, rank, key)."""
         return {"arch": cfg.model, "state_dict": self.model.state_dict(),
                 "state_dict_ema": self.ema.module.state_dict() if self.ema is not None else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "epoch": self.epoch, "step": self.step, "best": self.best, "config": to_dict(cfg),
-                "rng": rng, "world": world_size, "cache_views": self.cache_views}
+                "rng": rng, "world": world_size, "cache_views": cache_views}
 
     def load(self, ckpt: dict, steps_per_epoch: int) -> None:
         """Put back a checkpoint from `load_checkpoint` (timm's keys, or the older model/ema)."""
@@ -77,11 +77,6 @@ class TrainState:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.epoch, self.best = ckpt["epoch"], ckpt["best"]
-        saved_views = ckpt.get("cache_views")
-        if saved_views is not None and self.cache_views is not None and saved_views != self.cache_views:
-            raise TrainError(f"train.cache: the run began on V = {saved_views} views, the cache now has "
-                             f"V = {self.cache_views} (grown with --add-views): which view each epoch uses "
-                             f"would change mid-run; resume on the cache as it was, or start a new --out")
         # older files have no step count: every epoch runs the same number of steps
         self.step = ckpt.get("step", (self.epoch + 1) * steps_per_epoch)
 
@@ -92,7 +87,7 @@ class TrainState:
         return {"arch": arch, "state_dict": model.state_dict(), **self.best}
 
 
-def load_checkpoint(path: str, cfg: TrainConfig, device, world_size: int) -> dict:
+def load_checkpoint(path: str, cfg: TrainConfig, device, world_size: int, cache_views: int | None) -> dict:
     """last.pth (a path or URL), checked: readable, complete, and made with the same config.
     Older files' keys (model, ema) come back under timm's (state_dict, state_dict_ema)."""
     try:
@@ -122,6 +117,11 @@ def load_checkpoint(path: str, cfg: TrainConfig, device, world_size: int) -> dic
         raise TrainError(f"{path}: made by {saved_world} process(es), this run has {world_size}; the epoch plan "
                          f"(which samples each epoch selects) depends on the world size: resume with "
                          f"{saved_world}, or start a new --out")
+    saved_views = state.get("cache_views")  # epoch e uses view e mod V
+    if saved_views is not None and cache_views is not None and saved_views != cache_views:
+        raise TrainError(f"train.cache: the run began on V = {saved_views} views, the cache now has "
+                         f"V = {cache_views} (grown with --add-views): which view each epoch uses "
+                         f"would change mid-run; resume on the cache as it was, or start a new --out")
     return state
 
 
