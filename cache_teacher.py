@@ -5,7 +5,7 @@
         --teacher-checkpoint PATH --views V --topk K --out CACHE.zarr
     torchrun --nproc_per_node=N cache_teacher.py ...   # ranks take disjoint shards
 """
-from usi_cache.cli import cache_command
+from usi_cache.cli.main import cache_command
 
 if __name__ == "__main__":
     cache_command(prog_name="cache_teacher.py")

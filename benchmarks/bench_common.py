@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from usi_cache.config import CacheConfig, MixConfig, TrainConfig, ViewSpec
-from usi_cache.shards import (FMNIST_CLASSES, FMNIST_DIR, MANIFEST, Sample, samples_from_fashion_mnist,
-                              write_shards)
+from usi_cache.config.stages import CacheConfig, MixConfig, TrainConfig, ViewSpec
+from usi_cache.shards.fashion_mnist import FMNIST_CLASSES, FMNIST_DIR, samples_from_fashion_mnist
+from usi_cache.shards.manifest import MANIFEST
+from usi_cache.shards.tars import Sample, write_shards
 
 RESULTS = Path(os.environ.get("USI_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 DEMO_VIEW = ViewSpec(scale=(0.35, 1.0))  # the demo recipe's view (configs/demo-fmnist.yaml)

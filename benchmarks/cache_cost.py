@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 from bench_common import NOT_RECORDED, cache_config, publish, synthetic_shards, table
-from usi_cache import schema
-from usi_cache.cache import run_cache
+from usi_cache import cache_format as schema
+from usi_cache.stage1.run import run_cache
 
 WORKER_PROBE = r"""
 import json, resource, sys

@@ -69,15 +69,18 @@ import numpy as np
 import torch
 
 from bench_common import publish, table, train_config
-from usi_cache import schema
-from usi_cache.audit import bucket_fidelity
-from usi_cache.shards import decode_image, load_manifest, read_shard
-from usi_cache.teacher import load_teacher
+from usi_cache import cache_format as schema
+from usi_cache.checks.audit import bucket_fidelity
+from usi_cache.shards.images import decode_image
+from usi_cache.shards.manifest import load_manifest
+from usi_cache.shards.tars import read_shard
+from usi_cache.models.teacher import load_teacher
 from usi_cache import demo as demo_mod
-from usi_cache.cache import run_cache
-from usi_cache.config import CacheConfig, MixConfig, TrainConfig, to_dict, upgrade_saved
-from usi_cache.train import run_train
-from usi_cache.views import decode_view, replay_array
+from usi_cache.stage1.run import run_cache
+from usi_cache.config.stages import CacheConfig, MixConfig, TrainConfig
+from usi_cache.config.parser import to_dict, upgrade_saved
+from usi_cache.stage2.loop import run_train
+from usi_cache.views.sampling import decode_view, replay_array
 
 
 def derive(src: Path, dst: Path, *, k: int | None = None, views: int | None = None) -> Path:

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from bench_common import NOT_RECORDED, publish, table
-from usi_cache.epoch_plan import PlanSpec, enumerate_plan, exact_shuffle, worker_pieces
+from usi_cache.stage2.plan import PlanSpec, enumerate_plan, exact_shuffle, worker_pieces
 
 IMAGENET_SHARDS, IMAGENET_SAMPLES = 1282, 1_281_167
 

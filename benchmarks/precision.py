@@ -40,11 +40,14 @@ import timm
 import torch
 
 from bench_common import DEMO_VIEW, NOT_RECORDED, cache_config, fmnist_shards, publish, table
-from usi_cache import schema
-from usi_cache.audit import format_audit, replayed_views
-from usi_cache.cache import run_cache, topk_targets
-from usi_cache.shards import decode_image, load_manifest, read_shard
-from usi_cache.teacher import Teacher
+from usi_cache import cache_format as schema
+from usi_cache.checks.common import format_audit
+from usi_cache.checks.audit import replayed_views
+from usi_cache.stage1.run import run_cache, topk_targets
+from usi_cache.shards.images import decode_image
+from usi_cache.shards.manifest import load_manifest
+from usi_cache.shards.tars import read_shard
+from usi_cache.models.teacher import Teacher
 
 TEACHER = "test_resnet"
 K = 10

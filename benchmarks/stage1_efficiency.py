@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 
 from bench_common import cache_config, publish, synthetic_shards, table
-from usi_cache import schema
-from usi_cache.cache import ViewJob, run_cache, shard_batches
+from usi_cache import cache_format as schema
+from usi_cache.stage1.run import ViewJob, run_cache, shard_batches
 from usi_cache.dist import init_world
-from usi_cache.shards import load_manifest
-from usi_cache.teacher import load_teacher
-from usi_cache.views import op_slots
+from usi_cache.shards.manifest import load_manifest
+from usi_cache.models.teacher import load_teacher
+from usi_cache.views.sampling import op_slots
 
 
 TARGET = 0.9  # stage 1 / bare forward, on a GPU (docs: performance targets)

@@ -41,9 +41,9 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench_common import NOT_RECORDED, cache_config, publish, synthetic_shards, table, train_config
-from usi_cache.cache import run_cache
-from usi_cache.config import to_dict
-from usi_cache.train import run_train
+from usi_cache.stage1.run import run_cache
+from usi_cache.config.parser import to_dict
+from usi_cache.stage2.loop import run_train
 
 ROOT = Path(__file__).resolve().parent.parent
 

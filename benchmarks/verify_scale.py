@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 from bench_common import cache_config, fmnist_shards, publish, table
-from usi_cache import schema
-from usi_cache.cache import run_cache
-from usi_cache.verify import format_report, verify_cache
+from usi_cache import cache_format as schema
+from usi_cache.stage1.run import run_cache
+from usi_cache.checks.verify.report import format_report
+from usi_cache.checks.verify.run import verify_cache
 
 IMAGENET_IMAGES, IMAGENET_VIEWS = 1_281_167, 16
 

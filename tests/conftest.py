@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from usi_cache.shards import Sample, write_shards
+from usi_cache.shards.tars import Sample, write_shards
 
 ROOT = Path(__file__).resolve().parent.parent
 NUM_CLASSES = 5
@@ -75,7 +75,7 @@ def make_train_data(root: Path, *, n: int, per_shard: int, n_val: int, val_per_s
     cache = root / "cache.zarr"
     from click.testing import CliRunner
 
-    from usi_cache.cli import main
+    from usi_cache.cli.main import main
     r = CliRunner().invoke(main, ["cache", *cache_args(train, ckpt, cache), "--views", "3"])
     assert r.exit_code == 0, r.output
     return {"train": train, "val": val, "ckpt": ckpt, "cache": cache, "root": root}

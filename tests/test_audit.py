@@ -8,9 +8,9 @@ import torch
 from click.testing import CliRunner
 
 from conftest import cache_args, save_teacher
-from usi_cache import schema
-from usi_cache.audit import audit_ks, bucket_fidelity
-from usi_cache.cli import main
+from usi_cache import cache_format as schema
+from usi_cache.checks.audit import audit_ks, bucket_fidelity
+from usi_cache.cli.main import main
 
 
 def reference(logits: list[float], k: int) -> tuple[float, float]:

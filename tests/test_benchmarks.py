@@ -64,7 +64,7 @@ def _fake_run(folder, curve):
 @pytest.mark.slow
 def test_curves_command_plots_mean_and_band_from_run_logs(tmp_path):
     from click.testing import CliRunner
-    from usi_cache.cli import main
+    from usi_cache.cli.main import main
     for seed, c in ((42, [10.0, 50.0, 60.0]), (43, [12.0, 52.0, 64.0])):
         _fake_run(tmp_path / f"labels-s{seed}", c)
     _fake_run(tmp_path / "cached-s42", [20.0, 60.0, 70.0])

@@ -13,12 +13,14 @@ import torch
 from click.testing import CliRunner
 
 from conftest import NUM_CLASSES, ROOT, TEACHER, cache_args, make_shards, run_py, save_teacher
-from usi_cache import schema
-from usi_cache.cli import main
-from usi_cache.config import ViewSpec
-from usi_cache.shards import decode_image, load_manifest, read_shard
-from usi_cache.teacher import load_teacher
-from usi_cache.views import decode_view, replay_array, sample_view, view_rng
+from usi_cache import cache_format as schema
+from usi_cache.cli.main import main
+from usi_cache.config.stages import ViewSpec
+from usi_cache.shards.images import decode_image
+from usi_cache.shards.manifest import load_manifest
+from usi_cache.shards.tars import read_shard
+from usi_cache.models.teacher import load_teacher
+from usi_cache.views.sampling import decode_view, replay_array, sample_view, view_rng
 
 
 def make_cache(shards, ckpt, out, *extra):
@@ -212,8 +214,8 @@ def test_json_summary(tmp_path, shards, teacher_ckpt):
 
 
 def test_cache_without_randaugment(tmp_path, shards, teacher_ckpt):
-    from usi_cache.cache import run_cache
-    from usi_cache.config import CacheConfig
+    from usi_cache.stage1.run import run_cache
+    from usi_cache.config.stages import CacheConfig
     cfg = CacheConfig(shards=str(shards), out=str(tmp_path / "c.zarr"), teacher=TEACHER,
                       teacher_checkpoint=str(teacher_ckpt), views=2, topk=3, input_size=32, workers=0,
                       view=ViewSpec(randaugment=""))

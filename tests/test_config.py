@@ -10,12 +10,13 @@ from click.testing import CliRunner
 from conftest import ROOT
 
 import conftest
-from usi_cache.cli import main
-from usi_cache.cli_options import config_options, stage_config
-from usi_cache.config import (CacheConfig, ConfigError, MixConfig, TrainConfig, ViewSpec, load_stage_config,
-                              from_dict, read_yaml, recipe_path, settings, to_dict,
-                              upgrade_saved)
-from usi_cache.mixing import sample_mix
+from usi_cache.cli.main import main
+from usi_cache.cli.options import config_options, stage_config
+from usi_cache.config.stages import CacheConfig, MixConfig, TrainConfig, ViewSpec
+from usi_cache.config.errors import ConfigError
+from usi_cache.config.parser import (load_stage_config, from_dict, read_yaml, recipe_path, settings, to_dict,
+                                     upgrade_saved)
+from usi_cache.views.mixing import sample_mix
 
 
 def write(tmp_path, text):
@@ -128,7 +129,7 @@ def test_mix_mode_none_never_mixes_and_paired_spec_keeps_the_cache_attrs_shape()
         assert sample_mix(rng, 8, 8, **MixConfig().sample_kwargs()).kind == "none"
     kinds = {sample_mix(rng, 8, 8, **MixConfig(mode="batch").sample_kwargs()).kind for _ in range(20)}
     assert kinds == {"mixup", "cutmix"}
-    from usi_cache.cache import _mix_spec
+    from usi_cache.stage1.run import _mix_spec
     # caches store this dict in their attributes (mix_spec): caches made before MixConfig
     # existed hold exactly this shape, so they still resume and verify
     paired = CacheConfig(**BASE, mix=MixConfig(mode="paired"))
@@ -272,7 +273,7 @@ def test_bad_command_lines_are_one_line_errors(args, message):
 
 
 def test_every_option_of_cache_and_train_has_help():
-    from usi_cache.cli import cache_command, train_command
+    from usi_cache.cli.main import cache_command, train_command
     for command in (cache_command, train_command):
         for p in command.params:
             assert isinstance(p, click.Option) and p.help, (command.name, p.name)

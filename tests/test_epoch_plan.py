@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from usi_cache.epoch_plan import (PlanError, PlanSpec, enumerate_plan, exact_shuffle, summarize,
-                                  worker_pieces)
+from usi_cache.stage2.plan import PlanError, PlanSpec, enumerate_plan, exact_shuffle, summarize, worker_pieces
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from epoch_plan import imagenet_counts  # noqa: E402  (the benchmark's shapes, one definition)

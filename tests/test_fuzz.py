@@ -29,10 +29,10 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, event, given, settings
 
 from conftest import TEACHER, make_samples, make_shards, save_teacher
-from usi_cache import schema
-from usi_cache.cli import main
-from usi_cache.config import CacheConfig, TrainConfig, ViewSpec
-from usi_cache.shards import write_shards
+from usi_cache import cache_format as schema
+from usi_cache.cli.main import main
+from usi_cache.config.stages import CacheConfig, TrainConfig, ViewSpec
+from usi_cache.shards.tars import write_shards
 
 AS_ROOT = os.geteuid() == 0
 # USI_FUZZ_EXAMPLES=500 for a longer hunt; --hypothesis-show-statistics lists the errors met.

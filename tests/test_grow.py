@@ -16,8 +16,8 @@ import zarr
 from click.testing import CliRunner
 
 from conftest import ROOT, TEACHER, cache_args, make_shards, run_py, save_teacher
-from usi_cache import schema
-from usi_cache.cli import main
+from usi_cache import cache_format as schema
+from usi_cache.cli.main import main
 
 FP16_REL = 2.0 ** -10  # float16 spacing relative to the value: the rounding of a cached log-probability
 
@@ -199,9 +199,9 @@ def test_stage2_reads_one_inner_chunk_per_array_and_view(grown):
 
 @pytest.mark.slow
 def test_stage2_trains_on_grown_views(grown, tmp_path):
-    from usi_cache.epoch_plan import PlanSpec
-    from usi_cache.shards import load_manifest
-    from usi_cache.train_data import TrainStream, TrainStreamSpec, valid_counts
+    from usi_cache.stage2.plan import PlanSpec
+    from usi_cache.shards.manifest import load_manifest
+    from usi_cache.stage2.data import TrainStream, TrainStreamSpec, valid_counts
     group, attrs = schema.open_cache(grown["out"])
     layout = schema.Layout.from_attrs(attrs)
     m = load_manifest(grown["shards"])

@@ -10,9 +10,10 @@ from click.testing import CliRunner
 from conftest import NUM_CLASSES, cache_args, make_samples
 from test_ingest import error_line, stats
 from test_shards import tar_hashes
-from usi_cache.cli import main
-from usi_cache.ingest import SIDECARS
-from usi_cache.shards import load_manifest, read_shard
+from usi_cache.cli.main import main
+from usi_cache.shards.writer import SIDECARS
+from usi_cache.shards.manifest import load_manifest
+from usi_cache.shards.tars import read_shard
 
 datasets = pytest.importorskip("datasets")
 
@@ -107,7 +108,7 @@ def test_pixel_arrays_are_encoded_as_png_and_classes_come_from_a_file(tmp_path):
     assert tar_hashes(tmp_path / "x") == tar_hashes(tmp_path / "y")
     m = load_manifest(tmp_path / "x")
     assert m.classes == ("a", "b", "c", "d") and m.num_samples == 7
-    from usi_cache.shards import decode_image
+    from usi_cache.shards.images import decode_image
     for s in read_shard(m.path(0)):
         row = int(s.key.split("_")[1])
         assert s.ext == "png" and s.cls == row % 3

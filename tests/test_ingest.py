@@ -16,9 +16,11 @@ from PIL import Image
 
 from conftest import NUM_CLASSES, cache_args, train_args
 from test_shards import make_folder, tar_hashes
-from usi_cache.cli import main
-from usi_cache.ingest import SIDECARS, shards_from_folder
-from usi_cache.shards import ShardError, load_manifest, read_shard
+from usi_cache.cli.main import main
+from usi_cache.shards.writer import SIDECARS
+from usi_cache.shards.folder import shards_from_folder
+from usi_cache.shards.manifest import ShardError, load_manifest
+from usi_cache.shards.tars import read_shard
 
 
 def stats(folder: Path) -> dict:

@@ -13,12 +13,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import ROOT, cache_args, make_shards, save_teacher
-from usi_cache import schema
-from usi_cache.cli import main
-from usi_cache.config import ConfigError
-from usi_cache.inspect_cache import inspect_report
-from usi_cache.inspect_format import format_stats, format_summary
-from usi_cache.view_sample import pick_views, sample_slot_views, valid_positions
+from usi_cache import cache_format as schema
+from usi_cache.cli.main import main
+from usi_cache.config.errors import ConfigError
+from usi_cache.checks.inspect.run import inspect_report
+from usi_cache.checks.inspect.text import format_stats, format_summary
+from usi_cache.checks.common import pick_views, sample_slot_views, valid_positions
 
 V, K = 8, 3  # conftest's cache_args
 

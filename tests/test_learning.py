@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import NUM_CLASSES, TEACHER, make_shards
-from usi_cache.cli import main
+from usi_cache.cli.main import main
 
 CHANCE = 100 / NUM_CLASSES  # top-1 of a guess, in percent
 

@@ -19,8 +19,8 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import TEACHER, make_samples, run_py, save_teacher
-from usi_cache import schema
-from usi_cache.cli import main
+from usi_cache import cache_format as schema
+from usi_cache.cli.main import main
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -246,7 +246,7 @@ def test_unreachable_endpoint_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_any_fsspec_filesystem_works(tmp_path):
     """Not only S3: shards, cache and verify through fsspec's in-memory filesystem."""
-    from usi_cache.shards import write_shards
+    from usi_cache.shards.tars import write_shards
     write_shards(make_samples(20), [f"class{c}" for c in range(5)], "memory://usi/train", per_shard=8,
                  progress=False)
     ckpt = save_teacher(tmp_path / "teacher.pth")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from usi_cache.shards import FMNIST_DIR
+from usi_cache.shards.fashion_mnist import FMNIST_DIR
 
 
 def sh(*cmd, cwd, env=None, timeout=600) -> str:

@@ -9,14 +9,16 @@ import torch
 from click.testing import CliRunner
 
 from conftest import NUM_CLASSES, TEACHER, cache_args, make_shards, save_teacher
-from usi_cache import schema
-from usi_cache.cli import main
-from usi_cache.mixing import CUTMIX, MIXUP, NO_MIX, PairParams, mix_pixels, pair_rng, sample_pair
-from usi_cache.shards import decode_image, load_manifest, read_shard
-from usi_cache.teacher import load_teacher
-from usi_cache.epoch_plan import PlanSpec
-from usi_cache.train_data import TrainStream, TrainStreamSpec, valid_counts
-from usi_cache.views import decode_view, replay_array
+from usi_cache import cache_format as schema
+from usi_cache.cli.main import main
+from usi_cache.views.mixing import CUTMIX, MIXUP, NO_MIX, PairParams, mix_pixels, pair_rng, sample_pair
+from usi_cache.shards.images import decode_image
+from usi_cache.shards.manifest import load_manifest
+from usi_cache.shards.tars import read_shard
+from usi_cache.models.teacher import load_teacher
+from usi_cache.stage2.plan import PlanSpec
+from usi_cache.stage2.data import TrainStream, TrainStreamSpec, valid_counts
+from usi_cache.views.sampling import decode_view, replay_array
 
 
 @pytest.fixture(scope="module")

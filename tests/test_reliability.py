@@ -34,9 +34,9 @@ from conftest import (
 )
 from PIL import Image
 
-from usi_cache import schema
-from usi_cache.cli import main
-from usi_cache.shards import Sample, write_shards
+from usi_cache import cache_format as schema
+from usi_cache.cli.main import main
+from usi_cache.shards.tars import Sample, write_shards
 
 ENV = {"USI_DIST_TIMEOUT": "30"}  # a lost rank fails the survivors' collectives within 30 s
 

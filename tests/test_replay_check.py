@@ -8,9 +8,10 @@ from click.testing import CliRunner
 
 import conftest
 from conftest import cache_args, make_shards, save_teacher
-from usi_cache import replay_check, schema
-from usi_cache.cli import main
-from usi_cache.shards import load_manifest
+from usi_cache.checks import replay as replay_check
+from usi_cache import cache_format as schema
+from usi_cache.cli.main import main
+from usi_cache.shards.manifest import load_manifest
 
 
 @pytest.fixture(scope="module")

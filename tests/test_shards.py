@@ -9,10 +9,11 @@ import webdataset as wds
 from click.testing import CliRunner
 from PIL import Image
 
-from usi_cache.cli import main
-from usi_cache.ingest import shards_from_folder
-from usi_cache.shards import (FMNIST_DIR, ShardError, load_manifest, read_shard,
-                              samples_from_fashion_mnist, write_shards)
+from usi_cache.cli.main import main
+from usi_cache.shards.folder import shards_from_folder
+from usi_cache.shards.fashion_mnist import FMNIST_DIR, samples_from_fashion_mnist
+from usi_cache.shards.manifest import ShardError, load_manifest
+from usi_cache.shards.tars import read_shard, write_shards
 
 needs_fmnist = pytest.mark.skipif(not Path(FMNIST_DIR).is_dir(), reason="dataset-fashion-mnist not installed")
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from usi_cache.targets import (kd_loss, mix_targets, one_hot_mix, soft_cross_entropy,
-                               teacher_distribution, topk_tail_mass, usi_loss)
+from usi_cache.stage2.loss import (kd_loss, mix_targets, one_hot_mix, soft_cross_entropy, teacher_distribution,
+                                   topk_tail_mass, usi_loss)
 
 
 def make_cache(full_logits: torch.Tensor, k: int):
@@ -253,7 +253,7 @@ def test_sharp_teacher_tail_survives_the_cache_storage():
     """Schema 3 stores log-probabilities: with large logits (a sharp teacher) the tail mass read
     back stays within float16 rounding of the exact one, where float16 raw logits (schema 1-2)
     pushed sum p above 1 and the tail was clamped to 0."""
-    from usi_cache.cache import topk_targets
+    from usi_cache.stage1.run import topk_targets
     g = torch.Generator().manual_seed(0)
     C, k = 1000, 10
     logits = torch.randn(2000, C, generator=g) * 2

@@ -7,8 +7,11 @@ import pytest
 import timm
 import torch
 
-from usi_cache.teacher import (Teacher, TeacherError, build_model, load_teacher, read_state_dict,
-                               resolve_model_name, resolve_precision, sha256_file)
+from usi_cache.models.teacher import Teacher, load_teacher
+from usi_cache.models.errors import TeacherError
+from usi_cache.models.build import build_model, resolve_model_name
+from usi_cache.models.checkpoints import read_state_dict, sha256_file
+from usi_cache.models.precision import resolve_precision
 
 SMALL = "test_resnet"  # timm's 0.4 M-parameter test model: builds in ~30 ms
 

@@ -17,12 +17,14 @@ import torch
 from click.testing import CliRunner
 from conftest import NUM_CLASSES, ROOT, TEACHER, make_shards, make_train_data, run_py
 
-from usi_cache import schema
-from usi_cache.cli import main
-from usi_cache.epoch_plan import PlanSpec
-from usi_cache.shards import decode_image, load_manifest, read_shard
-from usi_cache.train_data import TrainStream, TrainStreamSpec, valid_counts
-from usi_cache.views import decode_view, replay_array
+from usi_cache import cache_format as schema
+from usi_cache.cli.main import main
+from usi_cache.stage2.plan import PlanSpec
+from usi_cache.shards.images import decode_image
+from usi_cache.shards.manifest import load_manifest
+from usi_cache.shards.tars import read_shard
+from usi_cache.stage2.data import TrainStream, TrainStreamSpec, valid_counts
+from usi_cache.views.sampling import decode_view, replay_array
 
 # every test here trains or needs the module's cache (about 10 s to build): the slow tier
 pytestmark = pytest.mark.slow

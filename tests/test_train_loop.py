@@ -17,11 +17,15 @@ from conftest import NUM_CLASSES, TEACHER, make_shards
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from usi_cache.config import ConfigError, TrainConfig, ViewSpec, load_stage_config
-from usi_cache.epoch_plan import PlanSpec
-from usi_cache.shards import load_manifest
-from usi_cache.train import TrainError, run_train
-from usi_cache.train_data import TrainStream, TrainStreamSpec, eval_array, valid_counts
+from usi_cache.config.errors import ConfigError
+from usi_cache.config.stages import TrainConfig, ViewSpec
+from usi_cache.config.parser import load_stage_config
+from usi_cache.stage2.plan import PlanSpec
+from usi_cache.shards.manifest import load_manifest
+from usi_cache.stage2.state import TrainError
+from usi_cache.stage2.loop import run_train
+from usi_cache.stage2.data import TrainStream, TrainStreamSpec, valid_counts
+from usi_cache.stage2.eval_data import eval_array
 
 
 # ------------------------------------------------------------------ eval transform = timm's

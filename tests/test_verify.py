@@ -13,9 +13,11 @@ import zarr
 from click.testing import CliRunner
 
 from conftest import cache_args, make_shards, run_py, save_teacher
-from usi_cache import schema, verify_checks
-from usi_cache.cli import main
-from usi_cache.verify import CHECKS, report_dict, verify_cache
+from usi_cache import cache_format as schema
+from usi_cache.checks.verify import shard_checks as verify_checks
+from usi_cache.cli.main import main
+from usi_cache.checks.verify.report import CHECKS, report_dict
+from usi_cache.checks.verify.run import verify_cache
 
 
 @pytest.fixture(scope="module")

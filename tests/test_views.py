@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from usi_cache.config import ViewSpec
-from usi_cache.randaugment import (
-    GEOMETRIC_OPS, OP_IDS, OP_NAMES, RAND_INCREASING_TRANSFORMS, SIGNED_OPS, apply_op, parse_policy,
-)
-from usi_cache.views import (
-    AugOp, ViewParams, decode_view, encode_ops, op_slots, replay_array, replay_view, sample_view, view_rng,
-)
+from usi_cache.config.stages import ViewSpec
+from usi_cache.views.randaugment import (GEOMETRIC_OPS, OP_IDS, OP_NAMES, RAND_INCREASING_TRANSFORMS, SIGNED_OPS,
+                                         apply_op, parse_policy)
+from usi_cache.views.randaugment import AugOp
+from usi_cache.views.sampling import (ViewParams, decode_view, encode_ops, op_slots, replay_array, replay_view,
+                                      sample_view, view_rng)
 
 SPEC = ViewSpec()  # USI defaults: rand-m7-mstd0.5-inc1, bicubic
 

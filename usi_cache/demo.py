@@ -21,8 +21,11 @@ import time
 from pathlib import Path
 
 
-from .config import CacheConfig, ConfigError, TrainConfig, load_stage_config, recipe_path, to_dict
-from .shards import FMNIST_CLASSES, FMNIST_DIR, samples_from_fashion_mnist, write_shards
+from usi_cache.config.stages import CacheConfig, TrainConfig
+from usi_cache.config.errors import ConfigError
+from usi_cache.config.parser import load_stage_config, recipe_path, to_dict
+from usi_cache.shards.fashion_mnist import FMNIST_CLASSES, FMNIST_DIR, samples_from_fashion_mnist
+from usi_cache.shards.tars import write_shards
 
 CONFIG = recipe_path("demo-fmnist.yaml")  # packaged with usi_cache (the repository's configs/)
 SUBSET = 4000  # the students' training images: the first SUBSET of the 60,000
@@ -74,7 +77,7 @@ def _shards(out: Path) -> dict:
 
 
 def _train(cfg: TrainConfig) -> dict:
-    from .train import run_train
+    from usi_cache.stage2.loop import run_train
     s = run_train(cfg, resume=False)
     last = s["last"]
     return {"top1": last["val_top1"], "top1_ema": last["val_top1_ema"], "best_top1": s["best"]["top1"],
@@ -100,7 +103,7 @@ def one_torch_thread() -> None:
 
 
 def run_demo(out: str | Path) -> dict:
-    from .cache import run_cache
+    from usi_cache.stage1.run import run_cache
     out = Path(out)
     t0 = time.perf_counter()
     one_torch_thread()

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import schema
-from .render import render_stored, shard_images, stored_view
+from usi_cache import cache_format as schema
+from usi_cache.views.render import render_stored, shard_images, stored_view
 
 AUDIT_KS = (1, 2, 5, 10, 20, 50, 100)
 BATCH = 64  # views per teacher batch
@@ -68,7 +68,7 @@ def fidelity_table(logits: torch.Tensor, cached_top1: torch.Tensor, layout: sche
 def replayed_views(group, attrs: dict, layout: schema.Layout, manifest, n: int, seed: int):
     """Pixels (N, S, S, 3) uint8 of n seeded (slot, view) pairs replayed from the stored view
     parameters, and their stored top-1 classes (N,). One shard's tar is read at a time."""
-    from .verify import pick_views
+    from usi_cache.checks.common import pick_views
     spec = schema.view_spec(attrs)
     size = int(attrs["teacher"]["input_size"])
     images, top1 = [], []
@@ -103,22 +103,10 @@ def audit_cache(path: str | Path, *, teacher_checkpoint: str | None, n: int, see
                 shards_dir: str | None = None, device: str | None = None) -> dict:
     """`usi audit`: load the cache's teacher (its checkpoint must match the recorded sha256)
     at the recorded precision, audit n views and store the table in the cache."""
-    from .inspect_cache import shards_for
-    from .teacher import load_cache_teacher
+    from usi_cache.checks.common import shards_for
+    from usi_cache.models.teacher import load_cache_teacher
     group, attrs = schema.open_cache(path, mode="r+")
     teacher, mismatch = load_cache_teacher(attrs, teacher_checkpoint, device)
     if mismatch:
         raise schema.CacheError(mismatch)
     return run_audit(group, attrs, shards_for(attrs, shards_dir), teacher, n, seed)
-
-
-def format_audit(a: dict) -> str:
-    """The audit table as text."""
-    lines = [f"fidelity audit: teacher re-run with full logits on {a['views']} replayed views "
-             f"({a.get('precision', '?')}, seed {a.get('seed', '?')}); top-1 agreement with the cache "
-             f"{100 * a['rows'][0]['top1_agreement']:.1f} %",
-             f"  {'k':>4}  {'tail mass':>10}  {'KL(full||k+1)':>13}  {'bytes/view':>10}"]
-    for r in a["rows"]:
-        mark = "  <- this cache" if r["k"] == a["cached_k"] else ""
-        lines.append(f"  {r['k']:>4}  {r['tail_mass']:>10.4g}  {r['kl']:>13.4g}  {r['bytes_per_view']:>10}{mark}")
-    return "\n".join(lines)

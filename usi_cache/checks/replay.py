@@ -14,9 +14,9 @@ import hashlib
 
 import numpy as np
 
-from . import schema
-from .render import render_stored, shard_images, stored_view
-from .shards import Manifest
+from usi_cache import cache_format as schema
+from usi_cache.views.render import render_stored, shard_images, stored_view
+from usi_cache.shards.manifest import Manifest
 
 SAMPLES = 4  # samples of the fingerprint (x up to 2 views each)
 

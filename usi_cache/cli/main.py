@@ -15,8 +15,9 @@ import tarfile
 
 import click
 
-from .cli_options import config_options, stage_config
-from .config import CacheConfig, ConfigError, TrainConfig
+from usi_cache.cli.options import config_options, stage_config
+from usi_cache.config.stages import CacheConfig, TrainConfig
+from usi_cache.config.errors import ConfigError
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """What a user can cause: bad config or input files, a refused checkpoint, the environment.
@@ -26,10 +27,10 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     run code, or is not a checkpoint); TarError a damaged shard read through WebDataset, which
     lets tarfile's own error through. Anything else is a bug and keeps its traceback.
     """
-    from .schema import CacheError
-    from .shards import ShardError
-    from .teacher import TeacherError
-    from .train import TrainError
+    from usi_cache.cache_format.spec import CacheError
+    from usi_cache.shards.manifest import ShardError
+    from usi_cache.models.errors import TeacherError
+    from usi_cache.stage2.state import TrainError
     return (ConfigError, CacheError, ShardError, TeacherError, TrainError, OSError,
             pickle.UnpicklingError, tarfile.TarError)
 
@@ -62,7 +63,7 @@ def _message(e: BaseException) -> str:
 
 def _unpickling_message(text: str) -> str:
     """torch.load(weights_only=True)'s many-line refusal -> the line that says why."""
-    from .teacher import refused_global
+    from usi_cache.models.checkpoints import refused_global
     why = refused_global(text)
     if why:
         return f"checkpoint refused: loading it would run code ({why[:200]})"
@@ -136,7 +137,7 @@ def shards_from_folder(src, out, per_shard, seed, workers, quiet, allow_empty_cl
     Streams: holds paths only, workers build whole tars in parallel. Rerun the same command
     after an interruption: finished shards are kept and skipped.
     """
-    from .ingest import shards_from_folder as ingest
+    from usi_cache.shards.folder import shards_from_folder as ingest
     m, rejected = ingest(src, out, per_shard=per_shard, seed=seed, workers=workers,
                          allow_empty_classes=allow_empty_classes, progress=not quiet)
     _report_ingest(out, m, rejected)
@@ -162,7 +163,7 @@ def shards_from_hf(dataset, out, split, image_column, label_column, classes_file
     name already in the local cache (nothing is downloaded). Needs `pip install 'usi-cache[hf]'`.
     Streams like from-folder: workers read rows by index; rerun the same command to resume.
     """
-    from .hf import shards_from_hf as ingest
+    from usi_cache.shards.hf import shards_from_hf as ingest
     m, rejected = ingest(dataset, out, split=split, image_column=image_column, label_column=label_column,
                          classes_file=classes_file, cache_dir=cache_dir, per_shard=per_shard, seed=seed,
                          workers=workers, progress=not quiet)
@@ -183,7 +184,7 @@ def shards_index(shards_spec, out, classes_file, workers, quiet):
     SHARDS: a folder or URL prefix (its *.tar), a glob ('/data/train-*.tar') or a brace pattern
     ('/data/train-{000000..001281}.tar'). Each sample needs an image entry and an integer cls.
     """
-    from .ingest import index_shards
+    from usi_cache.shards.index import index_shards
     m = index_shards(shards_spec, out=out, classes_file=classes_file, workers=workers, progress=not quiet)
     sizes = sorted({s.count for s in m.shards})
     click.echo(f"{m.root}/dataset.json: {m.num_samples} samples, {len(m.classes)} classes, {len(m.shards)} shards "
@@ -201,8 +202,9 @@ def shards_index(shards_spec, out, classes_file, workers, quiet):
 @one_line_errors
 def shards_fashion_mnist(out, source, per_shard, seed, limit_train, limit_test):
     """Shard Fashion-MNIST into OUT/train and OUT/test (PNG)."""
-    from .storage import join
-    from .shards import FMNIST_CLASSES, FMNIST_DIR, samples_from_fashion_mnist, write_shards
+    from usi_cache.storage import join
+    from usi_cache.shards.fashion_mnist import FMNIST_CLASSES, FMNIST_DIR, samples_from_fashion_mnist
+    from usi_cache.shards.tars import write_shards
     for split, limit in (("train", limit_train), ("test", limit_test)):
         samples = samples_from_fashion_mnist(source or FMNIST_DIR, split, limit)
         m = write_shards(samples, FMNIST_CLASSES, join(out, split), per_shard=per_shard, seed=seed)
@@ -224,7 +226,7 @@ def cache_command(as_json, **options):
     With --add-views N an existing cache grows by views V .. V+N-1 (--views V: its V now); no
     existing file is rewritten, and rerunning the same command resumes a killed grow.
     """
-    from .cache import format_summary, run_cache
+    from usi_cache.stage1.run import format_summary, run_cache
     cfg = stage_config(CacheConfig, "cache", options)
     try:
         summary = run_cache(cfg)
@@ -232,7 +234,8 @@ def cache_command(as_json, **options):
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         # The write that failed names no file; stage 1 writes nothing but the cache.
-        from .schema import CacheError, open_cache
+        from usi_cache.cache_format.spec import CacheError
+        from usi_cache.cache_format.reader import open_cache
         try:
             open_cache(cfg.out)
             hint = "committed shards are kept: free space and run the same command again to resume"
@@ -259,7 +262,7 @@ def train_command(resume, quiet, **options):
     Every key of the recipe's train and view sections has an option; --set KEY=VALUE sets any
     key as well. Precedence: defaults < --config YAML < options.
     """
-    from .train import run_train
+    from usi_cache.stage2.loop import run_train
     cfg = stage_config(TrainConfig, "train", options)
     run_train(cfg, resume=resume, progress=not quiet)
 
@@ -287,8 +290,8 @@ WORKERS_HELP = ("Processes on this machine reading shards in parallel (under tor
 @one_line_errors
 def inspect_command(cache, no_stats, **kwargs):
     """Summarise a cache, its teacher's statistics, or one sample's views (torchrun: rank 0 prints)."""
-    from .dist import close_world, init_world
-    from .inspect_cache import run_inspect, validate_request
+    from usi_cache.dist import close_world, init_world
+    from usi_cache.checks.inspect.run import run_inspect, validate_request
     try:  # options that do not make one report are a usage error (exit status 2)
         validate_request(stats=not no_stats, **{k: kwargs[k] for k in ("key", "slot", "shard_range",
                                                                          "sample_views", "plot")})
@@ -320,8 +323,9 @@ def inspect_command(cache, no_stats, **kwargs):
 def verify_command(cache, shards_dir, as_json, **kwargs):
     """Check a cache against its shards; exit status 0 only when every check holds (torchrun: rank 0
     prints the report and exits with the verdict)."""
-    from .dist import close_world, init_world
-    from .verify import format_report, report_dict, verify_cache
+    from usi_cache.dist import close_world, init_world
+    from usi_cache.checks.verify.report import format_report, report_dict
+    from usi_cache.checks.verify.run import verify_cache
     world = init_world()
     try:
         report = verify_cache(cache, shards_dir, world=world, **kwargs)
@@ -346,7 +350,8 @@ def verify_command(cache, shards_dir, as_json, **kwargs):
 @one_line_errors
 def audit_command(cache, **kwargs):
     """Top-k fidelity of a cache: tail mass, KL and bytes per view for k = 1 ... 100; stored in the cache."""
-    from .audit import audit_cache, format_audit
+    from usi_cache.checks.audit import audit_cache
+    from usi_cache.checks.common import format_audit
     click.echo(format_audit(audit_cache(cache, **kwargs)))
 
 
@@ -362,7 +367,7 @@ def curves_command(groups, out, key, title):
     its runs, band from min to max). GROUP is LABEL=GLOB, GLOB matching run folders, e.g.
     'labels only=runs/fidelity/labels-s*'."""
     import glob
-    from .plots import plot_curves, read_curve
+    from usi_cache.stage2.curves import plot_curves, read_curve
     data = {}
     for g in groups:
         label, sep, pattern = g.rpartition("=")
@@ -385,7 +390,7 @@ def curves_command(groups, out, key, title):
 @one_line_errors
 def demo_command(out):
     """Fashion-MNIST end to end: shards, a teacher cache, its summary."""
-    from .demo import run_demo
+    from usi_cache.demo import run_demo
     run_demo(out)
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import click
 
-from .config import (ConfigError, Setting, load_stage_config, parse_assignment, parse_text, read_yaml,
-                     recipe_section, settings)
+from usi_cache.config.errors import ConfigError
+from usi_cache.config.parser import (Setting, load_stage_config, parse_assignment, parse_text, read_yaml,
+                                     recipe_section, settings)
 
 RECIPE = "usi_cache.recipe"  # ctx.meta key: (path, YAML) of --config, for --help's defaults
 PREFIX = "cfg__"  # parameter names of generated options: cfg__mix__prob for mix.prob

@@ -24,8 +24,10 @@ from typing import Iterator
 
 import numpy as np
 
-from .ingest import Entry, plan_shards, read_class_names, write_planned
-from .shards import IMAGE_EXTS, Manifest, Rejected, Sample, ShardError, check_image, sanitize_key
+from usi_cache.shards.writer import Entry, plan_shards, read_class_names, write_planned
+from usi_cache.shards.images import IMAGE_EXTS, Rejected, check_image
+from usi_cache.shards.manifest import Manifest, ShardError
+from usi_cache.shards.tars import Sample, sanitize_key
 
 IMAGE_COLUMNS = ("image", "img")  # looked for in this order when --image-column is not given
 LABEL_COLUMNS = ("label", "labels", "cls")

@@ -11,33 +11,22 @@ index`); `write_tar` the one tar writer (in-memory sources here, folders in `ing
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import io
-import json
 import os
 import re
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
 from itertools import islice
+from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from . import storage
-
-MANIFEST = "dataset.json"
-MANIFEST_FORMAT = "usi-cache-shards/1"
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-
-
-class ShardError(ValueError):
-    """Bad shard input: an empty source, a missing manifest, a damaged tar."""
+from usi_cache import storage
+from usi_cache.progress import progress_bar
+from usi_cache.shards.images import IMAGE_EXTS
+from usi_cache.shards.manifest import Manifest, ShardError, ShardInfo, output_folder, write_manifest
 
 
 @dataclass(frozen=True)
@@ -46,91 +35,6 @@ class Sample:
     ext: str  # image extension inside the tar, e.g. "png"
     data: bytes  # encoded image bytes, as found in the source
     cls: int  # class index into the manifest's class names
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    name: str  # tar file name relative to the shard folder, or a full path / URL (indexed shards elsewhere)
-    count: int  # samples in this shard
-    sha256: str
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """What `dataset.json` says about a folder of shards."""
-
-    root: str  # the folder (or URL prefix) holding dataset.json
-    classes: tuple[str, ...]
-    per_shard: int  # the largest shard's count (or more); also the cache's slots per shard
-    shards: tuple[ShardInfo, ...]
-    fingerprint: str  # sha256 over classes, per_shard and every shard's name, count and sha256
-
-    @property
-    def num_samples(self) -> int:
-        return sum(s.count for s in self.shards)
-
-    def path(self, index: int) -> str:
-        """Shard `index`'s tar: a local path or a URL (see `shard_path`)."""
-        return shard_path(self.root, self.shards[index].name)
-
-    def check_count(self, index: int, count: int) -> None:
-        """A shard read to its end must hold what dataset.json says (a tar cut between members
-        reads without error)."""
-        expected = self.shards[index].count
-        if count != expected:
-            raise ShardError(f"{self.path(index)}: holds {count} samples, "
-                             f"{storage.join(self.root, MANIFEST)} says {expected}")
-
-    def to_dict(self) -> dict:
-        return {
-            "format": MANIFEST_FORMAT,
-            "classes": list(self.classes),
-            "per_shard": self.per_shard,
-            "num_samples": self.num_samples,
-            "shards": [{"name": s.name, "count": s.count, "sha256": s.sha256} for s in self.shards],
-            "fingerprint": self.fingerprint,
-        }
-
-
-def shard_path(root: str, name: str) -> str:
-    """Where a manifest's shard `name` points: a URL or an absolute path as it is, anything else
-    (`shard-000000.tar`, `sub/x.tar`) relative to the folder or prefix `root` holding dataset.json."""
-    if storage.is_url(name) or os.path.isabs(name):
-        return name
-    return storage.join(root, name)
-
-
-def fingerprint(classes: Iterable[str], per_shard: int, shards: Iterable[ShardInfo]) -> str:
-    payload = json.dumps({"classes": list(classes), "per_shard": per_shard,
-                          "shards": [[s.name, s.count, s.sha256] for s in shards]},
-                         sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def load_manifest(root: str | Path) -> Manifest:
-    """Read and check `ROOT/dataset.json` (ROOT a folder or a URL); every listed shard must exist.
-    Shard names are relative to ROOT, or full paths / URLs (`usi shards index --out`)."""
-    root = str(root).rstrip("/") if storage.is_url(root) else str(root)
-    path = storage.join(root, MANIFEST)
-    if not storage.is_dir(root):
-        raise ShardError(f"{root}: shard folder not found")
-    if not storage.is_file(path):
-        raise ShardError(f"{path}: no dataset manifest (make shards with `usi shards ...`)")
-    try:
-        d = json.loads(storage.read_bytes(path))
-        shards = tuple(ShardInfo(s["name"], int(s["count"]), s["sha256"]) for s in d["shards"])
-        m = Manifest(root, tuple(d["classes"]), int(d["per_shard"]), shards, d["fingerprint"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ShardError(f"{path}: not a valid dataset manifest ({type(e).__name__}: {e})") from None
-    if not m.shards:
-        raise ShardError(f"{path}: lists no shards")
-    present = set(storage.listdir(root))  # one listing, not a request per shard
-    for i, s in enumerate(m.shards):
-        if s.name not in present and ("/" not in s.name or not storage.is_file(m.path(i))):
-            raise ShardError(f"{m.path(i)}: shard listed in {MANIFEST} is missing")
-    if fingerprint(m.classes, m.per_shard, m.shards) != m.fingerprint:
-        raise ShardError(f"{path}: fingerprint does not match its own contents (edited by hand?)")
-    return m
 
 
 class _Hashed:
@@ -200,23 +104,6 @@ def write_tar(path: str, samples: Iterable[Sample]) -> tuple[int, str]:
     return count, digest
 
 
-def write_manifest(out: str, classes: Iterable[str], per_shard: int, infos: Iterable[ShardInfo]) -> Manifest:
-    """Write `OUT/dataset.json` for shards already written; call it last, so that a folder
-    without one is never taken for a complete set of shards."""
-    classes, infos = tuple(classes), tuple(infos)
-    m = Manifest(out, classes, per_shard, infos, fingerprint(classes, per_shard, infos))
-    storage.write_bytes(storage.join(out, MANIFEST), (json.dumps(m.to_dict(), indent=1) + "\n").encode())
-    return m
-
-
-def output_folder(out: str | Path) -> str:
-    """`out` as the manifest's root (a URL without its trailing slash); a local folder is created."""
-    if storage.is_url(out):
-        return str(out).rstrip("/")
-    Path(out).mkdir(parents=True, exist_ok=True)
-    return str(out)
-
-
 def write_shards(samples: Iterable[Sample], classes: Iterable[str], out: str | Path, *,
                  per_shard: int = 1000, seed: int | None = 0, prefix: str = "shard",
                  progress: bool = True) -> Manifest:
@@ -252,91 +139,9 @@ def write_shards(samples: Iterable[Sample], classes: Iterable[str], out: str | P
     return write_manifest(out, classes, per_shard, infos)
 
 
-def progress_bar(enabled: bool, desc: str, unit: str, total: int | None = None, initial: int = 0):
-    """A tqdm bar (rate and ETA), or a silent stand-in with the same update/close."""
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, disable=not enabled,
-                smoothing=0.1)
-
-
 def sanitize_key(text: str) -> str:
     """A WebDataset-safe key: no dots, no path separators."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", text)
-
-
-@dataclass(frozen=True)
-class Rejected:
-    path: str
-    reason: str
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped), as used by (Fashion-)MNIST."""
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
-        raise ShardError(f"{path}: not an IDX uint8 file")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise ShardError(f"{path}: truncated IDX file (expected {dims})")
-    return data.reshape(dims)
-
-
-def samples_from_fashion_mnist(source: str | Path, split: str, limit: int | None = None) -> list[Sample]:
-    """Fashion-MNIST `split` ('train' or 't10k'/'test') as PNG samples (28×28 grayscale)."""
-    source = Path(source)
-    stem = {"train": "train", "test": "t10k", "t10k": "t10k"}[split]
-    files = {}
-    for part in ("images-idx3-ubyte", "labels-idx1-ubyte"):
-        cands = [source / f"{stem}-{part}.gz", source / f"{stem}-{part}"]
-        found = [c for c in cands if c.is_file()]
-        if not found:
-            raise ShardError(f"{cands[0]}: Fashion-MNIST file not found "
-                             f"(apt-get install dataset-fashion-mnist, or pass --source DIR)")
-        files[part] = found[0]
-    images = _read_idx(files["images-idx3-ubyte"])
-    labels = _read_idx(files["labels-idx1-ubyte"])
-    if len(images) != len(labels):
-        raise ShardError(f"{source}: {len(images)} images but {len(labels)} labels in split {split!r}")
-    n = len(images) if limit is None else min(limit, len(images))
-    name = "test" if stem == "t10k" else "train"
-    out = []
-    for i in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(images[i], mode="L").save(buf, format="PNG")
-        out.append(Sample(f"fmnist_{name}_{i:05d}", "png", buf.getvalue(), int(labels[i])))
-    return out
-
-
-_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
-
-
-# Pillow's format names -> the extension a shard stores the bytes under (MPO: a JPEG with extra frames)
-_FORMAT_EXTS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif",
-                "TIFF": "tif", "PPM": "ppm"}
-
-
-def check_image(data: bytes) -> str | None:
-    """Raise ValueError unless `data` decodes as an image (fully: a truncated file is caught);
-    return the extension for its format (`jpg`, `png`, ...; None for one read_shard does not take)."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return _FORMAT_EXTS.get(im.format)
-    except _DECODE_ERRORS as e:
-        raise ValueError(f"unreadable image ({e})") from None
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes to an RGB PIL image (raises ValueError when undecodable)."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
-    except _DECODE_ERRORS as e:
-        raise ValueError(f"undecodable image ({e})") from None
 
 
 # WebDataset's split of a member name (webdataset.tariterators.base_plus_ext): the key is the

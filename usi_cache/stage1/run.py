@@ -23,16 +23,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from . import __version__, replay_check, schema, storage
-from .config import CacheConfig, ViewSpec, to_dict
-from .dist import World, all_gather_objects, barrier, broadcast_object, close_world, init_world, on_main
-from .randaugment import OP_NAMES
-from .shards import Manifest, ShardError, decode_image, load_manifest, read_shard, shard_path
-from .teacher import load_teacher
-from .messages import messages
-from .mixing import NO_MIX, PartnerImages, pair_rng, sample_pair
-from .render import Partner, render
-from .views import encode_ops, op_slots, sample_view, view_rng
+from usi_cache import __version__, cache_format as schema, storage
+from usi_cache.checks import replay as replay_check
+from usi_cache.config.stages import CacheConfig, ViewSpec
+from usi_cache.config.parser import to_dict
+from usi_cache.dist import World, all_gather_objects, barrier, broadcast_object, close_world, init_world, on_main
+from usi_cache.views.randaugment import OP_NAMES
+from usi_cache.shards.manifest import Manifest, ShardError, load_manifest, shard_path
+from usi_cache.shards.images import decode_image
+from usi_cache.shards.tars import read_shard
+from usi_cache.models.teacher import load_teacher
+from usi_cache.messages import messages
+from usi_cache.views.mixing import NO_MIX, PartnerImages, pair_rng, sample_pair
+from usi_cache.views.render import Partner, render
+from usi_cache.views.sampling import encode_ops, op_slots, sample_view, view_rng
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +317,7 @@ def _run(cfg: CacheConfig, world: World, progress: bool) -> dict:
         with storage.errors(cfg.out, "writing the cache's attributes", "every shard is committed: rerun to finish"):
             summary["replay_env"] = replay_check.record(group, attrs, manifest)["env"]
         if cfg.audit:
-            from .audit import run_audit
+            from usi_cache.checks.audit import run_audit
             _, attrs = schema.open_cache(cfg.out)
             summary["audit"] = run_audit(group, attrs, manifest, teacher, cfg.audit, cfg.seed)
     return broadcast_object(world, summary)
@@ -437,6 +441,6 @@ def format_summary(s: dict) -> str:
     width = max(len(r[0]) for r in rows)
     text = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
     if s.get("audit"):
-        from .audit import format_audit
+        from usi_cache.checks.common import format_audit
         text += "\n" + format_audit(s["audit"])
     return text

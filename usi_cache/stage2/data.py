@@ -8,25 +8,25 @@ buffer that emits every sample exactly once. Every rank runs the same number of 
 """
 from __future__ import annotations
 
-import math
 import multiprocessing
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from . import schema
-from .config import ViewSpec
-from .epoch_plan import Piece, PlanSpec, exact_shuffle, stable_seed, view_index, worker_pieces
-from .mixing import PartnerImages
-from .render import render, render_stored, stored_view
-from .shards import Manifest, ShardError, decode_image, read_shard
-from .views import pil_filter, sample_view, view_rng
+from usi_cache import cache_format as schema
+from usi_cache.config.stages import ViewSpec
+from usi_cache.shards.images import decode_image
+from usi_cache.shards.manifest import Manifest, ShardError
+from usi_cache.shards.tars import read_shard
+from usi_cache.stage2.plan import Piece, PlanSpec, exact_shuffle, stable_seed, view_index, worker_pieces
+from usi_cache.views.mixing import PartnerImages
+from usi_cache.views.render import render, render_stored, stored_view
+from usi_cache.views.sampling import sample_view, view_rng
 
-__all__ = ["stable_seed", "valid_counts", "TrainStreamSpec", "TrainStream", "EvalStream", "eval_array"]
+__all__ = ["valid_counts", "TrainStreamSpec", "TrainStream"]
 
 
 def valid_counts(manifest: Manifest, group=None, layout: schema.Layout | None = None) -> tuple[int, ...]:
@@ -156,42 +156,3 @@ class TrainStream(IterableDataset):
             out["t_log_probs"] = torch.from_numpy(b.log_probs[pos].astype(np.float32))
             out["t_classes"] = torch.from_numpy(b.classes[pos].astype(np.int64))
         return out
-
-
-def eval_array(image: Image.Image, size: int, crop_pct: float, interpolation: str) -> np.ndarray:
-    """Validation transform, timm's `create_transform(size, is_training=False, crop_pct=...)` bit for
-    bit: resize the short side to floor(size / crop_pct) (the long side truncated, as torchvision's
-    Resize does), then centre-crop size×size at offsets rounded half to even (CenterCrop)."""
-    scale = math.floor(size / crop_pct)
-    w, h = image.size
-    short, long = min(w, h), max(w, h)
-    nw, nh = (scale, int(scale * long / short)) if w <= h else (int(scale * long / short), scale)
-    if (nw, nh) != (w, h):  # torchvision returns the image untouched at the target size
-        image = image.resize((nw, nh), pil_filter(interpolation))
-    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
-    return np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
-
-
-class EvalStream(IterableDataset):
-    """Every validation image exactly once across ranks and workers (shards are split)."""
-
-    def __init__(self, manifest: Manifest, size: int, crop_pct: float, interpolation: str,
-                 rank: int, world: int):
-        self.m, self.size, self.crop_pct, self.interp = manifest, size, crop_pct, interpolation
-        self.rank, self.world = rank, world
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        shards = list(range(len(self.m.shards)))[self.rank::self.world][worker::workers]
-        for shard in shards:
-            count = 0
-            for sample in read_shard(self.m.path(shard)):
-                count += 1
-                try:
-                    image = decode_image(sample.data)
-                except ValueError:
-                    continue
-                pixels = eval_array(image, self.size, self.crop_pct, self.interp)
-                yield {"image": torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), "label": sample.cls}
-            self.m.check_count(shard, count)

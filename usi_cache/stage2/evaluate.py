@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from .shards import Manifest
-from .train_data import EvalStream
+from usi_cache.shards.manifest import Manifest
+from usi_cache.stage2.eval_data import EvalStream
 
 
 class Evaluator:

@@ -20,19 +20,20 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from . import schema, storage
-from .config import TrainConfig, to_dict
-from .dist import World, barrier, close_world, gather_objects, init_world, on_main
-from .epoch_plan import PlanError, PlanSpec, stable_seed, summarize
-from .evaluate import Evaluator
-from .run_log import RunLog
-from .shards import ShardError, load_manifest
-from .target_sources import LabelTargets, resolve_targets
-from .targets import soft_cross_entropy, usi_loss
-from .train_data import TrainStream, TrainStreamSpec, valid_counts
-from .train_state import TrainError, TrainState, load_checkpoint, restore_rng, rng_state, save_atomic
+from usi_cache import cache_format as schema, storage
+from usi_cache.config.stages import TrainConfig
+from usi_cache.config.parser import to_dict
+from usi_cache.dist import World, barrier, close_world, gather_objects, init_world, on_main
+from usi_cache.stage2.plan import PlanError, PlanSpec, stable_seed, summarize
+from usi_cache.stage2.evaluate import Evaluator
+from usi_cache.stage2.run_log import RunLog
+from usi_cache.shards.manifest import ShardError, load_manifest
+from usi_cache.stage2.targets import LabelTargets, resolve_targets
+from usi_cache.stage2.loss import soft_cross_entropy, usi_loss
+from usi_cache.stage2.data import TrainStream, TrainStreamSpec, valid_counts
+from usi_cache.stage2.state import TrainError, TrainState, load_checkpoint, restore_rng, rng_state, save_atomic
 
-__all__ = ["TrainError", "run_train", "train", "train_epoch", "train_step"]
+__all__ = ["run_train", "train", "train_epoch", "train_step"]
 
 log = logging.getLogger(__name__)
 

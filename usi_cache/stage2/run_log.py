@@ -15,9 +15,9 @@ import json
 
 import torch
 
-from . import storage
-from .messages import Messages
-from .train_state import TrainError
+from usi_cache import storage
+from usi_cache.messages import Messages
+from usi_cache.stage2.state import TrainError
 
 
 class RunLog:

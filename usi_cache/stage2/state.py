@@ -18,10 +18,12 @@ import timm.scheduler
 import timm.utils
 import torch
 
-from . import storage
-from .config import TrainConfig, to_dict, upgrade_saved
-from .epoch_plan import stable_seed
-from .teacher import build_model, refused_global
+from usi_cache import storage
+from usi_cache.config.stages import TrainConfig
+from usi_cache.config.parser import to_dict, upgrade_saved
+from usi_cache.stage2.plan import stable_seed
+from usi_cache.models.build import build_model
+from usi_cache.models.checkpoints import refused_global
 
 
 class TrainError(RuntimeError):

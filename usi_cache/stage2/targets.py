@@ -17,13 +17,14 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from . import replay_check, schema
-from .config import TrainConfig, ViewSpec
-from .dist import World, all_gather_objects
-from .epoch_plan import stable_seed
-from .mixing import apply_mix, sample_mix
-from .targets import mix_targets, one_hot_mix, teacher_distribution
-from .teacher import load_teacher
+from usi_cache.checks import replay as replay_check
+from usi_cache import cache_format as schema
+from usi_cache.config.stages import TrainConfig, ViewSpec
+from usi_cache.dist import World, all_gather_objects
+from usi_cache.stage2.plan import stable_seed
+from usi_cache.views.mixing import apply_mix, sample_mix
+from usi_cache.stage2.loss import mix_targets, one_hot_mix, teacher_distribution
+from usi_cache.models.teacher import load_teacher
 
 log = logging.getLogger(__name__)
 

@@ -74,7 +74,7 @@ class PairParams:
 
 def pair_rng(seed: int, key: str, view: int) -> np.random.Generator:
     """The generator of the pairing of view `view` of `key`: independent of the view's own draws."""
-    from .views import view_rng
+    from usi_cache.views.sampling import view_rng
     return view_rng(seed, key + "\x00pair", view)  # tar keys cannot hold NUL: no collision
 
 
@@ -139,7 +139,7 @@ class PartnerImages:
 
     def get(self, position: int):
         """The RGB PIL image at `position`, or None when it does not decode or is not in the shard."""
-        from .shards import decode_image
+        from usi_cache.shards.images import decode_image
         if not 0 <= position < len(self.encoded):
             return None
         if position in self.decoded:

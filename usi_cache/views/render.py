@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .config import ViewSpec
-from .mixing import NO_MIX, PairParams, PartnerImages, mix_pixels
-from .shards import ShardError, read_shard
-from .views import ViewParams, decode_view, replay_array
+from usi_cache.config.stages import ViewSpec
+from usi_cache.views.mixing import NO_MIX, PairParams, PartnerImages, mix_pixels
+from usi_cache.shards.manifest import ShardError
+from usi_cache.shards.tars import read_shard
+from usi_cache.views.sampling import ViewParams, decode_view, replay_array
 
 
 @dataclass(frozen=True)

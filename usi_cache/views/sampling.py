@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .config import ViewSpec
-from .randaugment import AFFINE_FILTERS, OP_NAMES, AugOp, apply_op, parse_policy, sample_ops
+from usi_cache.config.stages import ViewSpec
+from usi_cache.views.randaugment import AFFINE_FILTERS, OP_NAMES, AugOp, apply_op, parse_policy, sample_ops
 
 __all__ = [
-    "AugOp", "ViewParams", "view_rng", "sample_view", "replay_view", "replay_array", "op_slots",
-    "encode_ops", "decode_view", "pil_filter",
+    "ViewParams", "view_rng", "sample_view", "replay_view", "replay_array", "op_slots", "encode_ops", "decode_view",
+    "pil_filter",
 ]
 
 _FILTERS = {

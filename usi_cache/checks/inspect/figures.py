@@ -1,4 +1,4 @@
-"""PNG figures for `usi inspect --plot` (matplotlib, Agg backend: no display needed).
+"""PNG figures for `usi inspect --plot` (matplotlib on the Agg backend, loaded by `plotting.pyplot`).
 
 Both figures are drawn from the dicts that `inspect_cache` builds, so a figure shows exactly
 the numbers the text and `--json` reports print.
@@ -8,20 +8,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # before pyplot: files only, works on headless machines
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+from usi_cache.plotting import _colors, _save, pyplot
 
 MAX_VIEWS = 16  # views drawn in the one-sample figure (the rest are named in its title)
 BARS = 5  # classes per view in the one-sample bar charts
-
-
-def _colors(n: int):
-    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
-    return [cmap(i % cmap.N) for i in range(n)]
 
 
 def plot_sample(info: dict, image, views: list, path: str | Path, *, title: str = "") -> Path:
@@ -38,6 +30,8 @@ def plot_sample(info: dict, image, views: list, path: str | Path, *, title: str 
     rows = math.ceil(n / pairs)
     height = max(4.5, 2.1 * rows + 1.3)
     thumb = 2.6 if info.get("paired") else 1.0  # paired: own view | partner's view | mixed image
+    from matplotlib.patches import Rectangle
+    plt = pyplot()
     fig = plt.figure(figsize=(4.5 + (5.4 + 1.6 * (thumb - 1)) * pairs, height), dpi=110)
     gs = fig.add_gridspec(rows, 1 + 2 * pairs, width_ratios=[3.2] + [thumb, 2.0] * pairs,
                           left=0.02, right=0.98, top=1 - 1.25 / height, bottom=0.5 / height,
@@ -101,6 +95,7 @@ def plot_stats(stats: dict, summary: dict, path: str | Path) -> Path:
     the top-1 agreement of the worst classes. `stats` from `teacher_stats`, `summary` from
     `summarize`."""
     audit = summary.get("audit")
+    plt = pyplot()
     fig, axes = plt.subplots(2, 3 if audit else 2, figsize=(18 if audit else 12, 8.5), dpi=110)
     edges = np.asarray(stats["histograms"]["edges"])
     width = np.diff(edges)
@@ -186,52 +181,3 @@ def _plot_audit(ax, audit: dict) -> None:
 
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
-
-
-def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
-
-
-def read_curve(run: str | Path, key: str = "val_top1") -> list[float]:
-    """`key` per epoch from a training run's log.jsonl (its epoch records: step records have "step")."""
-    path = Path(run) / "log.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no training log (is {run} a run folder?)")
-    import json
-    records = (json.loads(ln) for ln in path.read_text().splitlines() if ln.strip())
-    return [r[key] for r in records if "step" not in r]
-
-
-def plot_curves(groups: dict[str, list[list[float]]], path: str | Path, *, title: str = "",
-                ylabel: str = "val top-1 (%)") -> Path:
-    """One line per group: the mean over its runs per epoch, with a band from the lowest to the
-    highest run (one run: the line alone); left every epoch, right the second half zoomed in,
-    where the rows separate. groups: label -> one list of values per run (per epoch); runs of
-    different lengths are cut to the shortest."""
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), dpi=110, gridspec_kw={"width_ratios": [1, 1.25]})
-    for (label, runs), color in zip(groups.items(), _colors(len(groups))):
-        n = min(len(r) for r in runs)
-        a = np.array([r[:n] for r in runs], dtype=float)
-        epochs = np.arange(1, n + 1)
-        mean = a.mean(0)
-        for ax, start in ((axes[0], 0), (axes[1], n // 2)):
-            ax.plot(epochs[start:], mean[start:], color=color, marker="o", markersize=3,
-                    label=f"{label}: {mean[-1]:.2f} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
-            if len(runs) > 1:
-                ax.fill_between(epochs[start:], a.min(0)[start:], a.max(0)[start:], color=color, alpha=0.15,
-                                linewidth=0)
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    axes[0].set_title("every epoch", fontsize=9)
-    axes[1].set_title("second half (zoomed); band: lowest to highest run", fontsize=9)
-    axes[1].legend(loc="lower right", fontsize=8, title="mean over runs at the last epoch", title_fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return _save(fig, path)

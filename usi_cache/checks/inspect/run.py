@@ -13,20 +13,23 @@ from pathlib import Path
 
 import numpy as np
 
-from . import replay_check, schema, storage
-from .config import ConfigError
-from .dist import World, init_world
-from .inspect_format import format_report
-from .inspect_stats import bucket_entropy, bucket_probs, teacher_stats
-from .mixing import CUTMIX, MIXUP, NO_MIX
-from .randaugment import GEOMETRIC_OPS
-from .render import render, render_stored, shard_images, stored_view
-from .reports import shards_for
-from .shards import ShardError
-from .views import decode_view
+from usi_cache.checks import replay as replay_check
+from usi_cache import cache_format as schema, storage
+from usi_cache.config.errors import ConfigError
+from usi_cache.dist import World, init_world
+from usi_cache.checks.inspect.text import format_report
+from usi_cache.checks.inspect.stats import bucket_entropy, bucket_probs, teacher_stats
+from usi_cache.views.mixing import CUTMIX, MIXUP, NO_MIX
+from usi_cache.views.randaugment import GEOMETRIC_OPS
+from usi_cache.views.render import render, render_stored, shard_images, stored_view
+from usi_cache.checks.common import shards_for
+from usi_cache.shards.manifest import ShardError
+from usi_cache.views.sampling import decode_view
 
-__all__ = ["summarize", "replay_status", "find_slot", "sample_info", "replay_sample", "validate_request",
-           "inspect_report", "run_inspect", "shards_for", "teacher_stats"]
+__all__ = [
+    "summarize", "replay_status", "find_slot", "sample_info", "replay_sample", "validate_request", "inspect_report",
+    "run_inspect",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,12 +262,12 @@ def inspect_report(path: str | Path, *, key: str | None = None, slot: int | None
 def _plot(report: dict, path, shards_dir, plot: str) -> str:
     """Draw the report's sample (its views replayed) or its statistics to `plot`."""
     if report["sample"] is None:
-        from .plots import plot_stats
+        from usi_cache.checks.inspect.figures import plot_stats
         return str(plot_stats(report["stats"], report["summary"], plot))
     sample = report["sample"]
     if not sample["views"]:
         raise schema.CacheError(f"slot {sample['slot']}: {sample['status']}, nothing to plot")
-    from .plots import plot_sample
+    from usi_cache.checks.inspect.figures import plot_sample
     image, views = replay_sample(path, sample, shards_dir)
     t = report["summary"]["teacher"]
     return str(plot_sample(sample, image, views, plot, title=f"{storage.basename(path)}: teacher {t['name']}, "

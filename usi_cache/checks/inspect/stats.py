@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import schema
-from .dist import World, init_world, map_shards, on_main
-from .reports import PROGRESS_MIN_SHARDS
-from .view_sample import sample_slot_views, valid_positions
+from usi_cache import cache_format as schema
+from usi_cache.dist import World, init_world, map_shards, on_main
+from usi_cache.checks.common import PROGRESS_MIN_SHARDS
+from usi_cache.checks.common import sample_slot_views, valid_positions
 
 TOP5 = 5  # "top-5" agreement; top-min(5, k) when the cache keeps fewer than 5 classes
 WORST = 10  # classes listed as the teacher's worst

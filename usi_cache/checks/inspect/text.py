@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from . import schema
-from .inspect_stats import ENTROPY_NOTE, RELIABILITY_BINS
+from usi_cache import cache_format as schema
+from usi_cache.checks.inspect.stats import ENTROPY_NOTE, RELIABILITY_BINS
 
 
 def _ranges(indices) -> str:
@@ -54,7 +54,7 @@ def format_summary(s: dict) -> str:
     for i in range(0, len(per), 4):
         lines.append(f"{'per array' if i == 0 else '':<{width}}  " + ", ".join(per[i:i + 4]))
     if s.get("audit"):
-        from .audit import format_audit
+        from usi_cache.checks.common import format_audit
         lines.append(format_audit(s["audit"]))
     return "\n".join(lines)
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import replay_check, schema
-from .config import ConfigError
-from .randaugment import OP_NAMES, parse_policy
-from .shards import Manifest, ShardError, ShardInfo, fingerprint, load_manifest
+from usi_cache.checks import replay as replay_check
+from usi_cache import cache_format as schema
+from usi_cache.config.errors import ConfigError
+from usi_cache.views.randaugment import OP_NAMES, parse_policy
+from usi_cache.shards.manifest import Manifest, ShardError, ShardInfo, fingerprint, load_manifest
 
 Found = list[tuple[int | None, str]]
 

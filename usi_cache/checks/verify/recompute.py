@@ -15,10 +15,10 @@ import contextlib
 
 import numpy as np
 
-from . import schema
-from .mixing import PartnerImages
-from .render import render_stored, stored_view
-from .verify_shard import ShardData
+from usi_cache import cache_format as schema
+from usi_cache.views.mixing import PartnerImages
+from usi_cache.views.render import render_stored, stored_view
+from usi_cache.checks.verify.shard_data import ShardData
 
 BATCH = 64  # views per teacher forward pass
 

@@ -40,15 +40,16 @@ import functools
 from dataclasses import replace
 from pathlib import Path
 
-from . import schema, storage, verify_checks
-from .dist import World, init_world, map_shards, on_main
-from .reports import PROGRESS_MIN_SHARDS
-from .verify_cache_checks import check_attributes, check_fingerprint, check_invalid_list, check_replay
-from .verify_report import CHECKS, Problem, VerifyReport, format_report, recompute_counts, report_dict
-from .verify_shard import VerifyContext, load_shard, open_context
-from .view_sample import pick_views
+from usi_cache import cache_format as schema, storage
+from usi_cache.checks.verify import shard_checks as verify_checks
+from usi_cache.dist import World, init_world, map_shards, on_main
+from usi_cache.checks.common import PROGRESS_MIN_SHARDS
+from usi_cache.checks.verify.cache_checks import check_attributes, check_fingerprint, check_invalid_list, check_replay
+from usi_cache.checks.verify.report import CHECKS, VerifyReport, recompute_counts
+from usi_cache.checks.verify.shard_data import VerifyContext, load_shard, open_context
+from usi_cache.checks.common import pick_views
 
-__all__ = ["CHECKS", "Problem", "VerifyReport", "format_report", "report_dict", "verify_cache", "pick_views"]
+__all__ = ["verify_cache"]
 
 
 def verify_cache(path: str | Path, shards_dir: str | Path, *, recompute: int = 0,
@@ -127,7 +128,7 @@ def _prepare_recompute(rep, ctx: VerifyContext, group, n: int, teacher_checkpoin
     """--recompute: the teacher's device and tolerance, and the views to re-run."""
     import torch
 
-    from .teacher import cache_teacher_mismatch
+    from usi_cache.models.teacher import cache_teacher_mismatch
     mismatch = cache_teacher_mismatch(ctx.attrs, teacher_checkpoint)
     if mismatch:
         rep.add("recompute", None, mismatch)
@@ -149,7 +150,7 @@ def _check_one_shard(ctx: VerifyContext, i: int) -> tuple[VerifyReport, set[str]
     if ctx.device is not None:
         part.recompute = recompute_counts()
         if ctx.teacher is None and i in ctx.picks:  # loaded by the processes that re-run views only
-            from .teacher import load_cache_teacher
+            from usi_cache.models.teacher import load_cache_teacher
             ctx.teacher, _ = load_cache_teacher(ctx.attrs, ctx.checkpoint, ctx.device)  # the mismatch is rank 0's
     d = load_shard(ctx, i)
     d.rerun = part.recompute

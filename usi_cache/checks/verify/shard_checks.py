@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from . import schema
-from .shards import decode_image
-from .verify_recompute import check_recompute
-from .verify_shard import ShardData
+from usi_cache import cache_format as schema
+from usi_cache.shards.images import decode_image
+from usi_cache.checks.verify.recompute import check_recompute
+from usi_cache.checks.verify.shard_data import ShardData
 
 
 def _first(mask: np.ndarray, shard_base: int) -> str:

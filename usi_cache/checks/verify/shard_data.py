@@ -14,10 +14,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image
 
-from . import schema
-from .mixing import NO_MIX, pair_rng, sample_pair
-from .shards import Manifest, ShardError, read_shard
-from .views import encode_ops, sample_view, view_rng
+from usi_cache import cache_format as schema
+from usi_cache.views.mixing import NO_MIX, pair_rng, sample_pair
+from usi_cache.shards.manifest import Manifest, ShardError
+from usi_cache.shards.tars import read_shard
+from usi_cache.views.sampling import encode_ops, sample_view, view_rng
 
 
 @dataclass

@@ -1,0 +1,4 @@
+"""Shards: every way a dataset becomes WebDataset tars (folder.py, hf.py, fashion_mnist.py, through
+writer.py and tars.py), indexing tars made elsewhere (index.py), and reading them (tars.py,
+images.py, manifest.py).
+"""
