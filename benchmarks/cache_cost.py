@@ -32,10 +32,10 @@ from usi_cache.stage1.run import run_cache
 
 WORKER_PROBE = r"""
 import json, resource, sys
-from usi_cache import schema
-from usi_cache.shards import load_manifest
-from usi_cache.epoch_plan import PlanSpec
-from usi_cache.train_data import TrainStream, TrainStreamSpec, valid_counts
+from usi_cache import cache_format as schema
+from usi_cache.shards.manifest import load_manifest
+from usi_cache.stage2.plan import PlanSpec
+from usi_cache.stage2.data import TrainStream, TrainStreamSpec, valid_counts
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 group, attrs = schema.open_cache(sys.argv[1])
 layout = schema.Layout.from_attrs(attrs)

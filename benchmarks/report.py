@@ -30,8 +30,9 @@ RESULTS = HERE / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
 SCRIPT = "benchmarks/report.py"
 
-# results name -> script, where the name is not the script's (fidelity.py --name fidelity-topk)
-MODULES = {"fidelity-topk": "fidelity"}
+# results name -> script, where the name is not the script's (fidelity.py --name fidelity-topk; plan_shapes.py
+# writes epoch_plan.json)
+MODULES = {"fidelity-topk": "fidelity", "epoch_plan": "plan_shapes"}
 # reading order of the page; results files not named here follow, by name
 ORDER = ["stage2_overhead", "stage1_efficiency", "cache_cost", "fidelity-topk", "fidelity", "precision",
          "epoch_plan", "ingest_memory", "s3_requests", "verify_scale"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import cache_args, save_teacher
+from helpers import cache_args, save_teacher
 from usi_cache import cache_format as schema
 from usi_cache.checks.audit import audit_ks, bucket_fidelity
 from usi_cache.cli.main import main

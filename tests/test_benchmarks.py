@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 from usi_cache import demo
 
@@ -104,7 +104,7 @@ def test_fidelity_benchmark_refuses_unknown_rows_and_a_missing_demo(tmp_path):
 
 def test_epoch_plan_prints_the_report_of_the_file_it_writes(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench("bench_common"), "RESULTS", tmp_path)
-    ep = bench("epoch_plan")
+    ep = bench("plan_shapes")
     args = ["--shards", "12", "--samples", "1200", "--empty", "1", "--world", "2", "--workers", "2", "--batch", "16",
             "--buffer", "50", "--epochs", "3"]
     ep.main(args)
@@ -115,8 +115,8 @@ def test_epoch_plan_prints_the_report_of_the_file_it_writes(tmp_path, monkeypatc
     assert one["uses"] + one["left_out"] == 1200 and one["left_out"] < 2 * 16 and three["max_uses"] == 3
     assert f"* R = 1: {one['left_out']} samples rest each epoch (one global batch: 32)" in out
     assert "12 shards of uneven size (with no valid sample: 1), 1200 valid samples" in out
-    cmd, note = bench("report").command("epoch_plan", ep, r)  # rebuilt from the recorded args
-    assert cmd == ".venv/bin/python benchmarks/epoch_plan.py " + " ".join(args) and note == ""
+    cmd, note = bench("report").command("plan_shapes", ep, r)  # rebuilt from the recorded args
+    assert cmd == ".venv/bin/python benchmarks/plan_shapes.py " + " ".join(args) and note == ""
 
 
 def test_benchmark_doc_is_what_the_results_files_generate(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import NUM_CLASSES, ROOT, TEACHER, cache_args, make_shards, run_py, save_teacher
+from helpers import NUM_CLASSES, ROOT, TEACHER, cache_args, make_shards, run_py, save_teacher
 from usi_cache import cache_format as schema
 from usi_cache.cli.main import main
 from usi_cache.config.stages import ViewSpec

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import ROOT
+from helpers import ROOT, yaml_config
 
-import conftest
+import helpers
 from usi_cache.cli.main import main
 from usi_cache.cli.options import config_options, stage_config
 from usi_cache.config.stages import CacheConfig, MixConfig, TrainConfig, ViewSpec
@@ -306,9 +306,9 @@ def test_cache_command_refuses_conflicting_teacher_weights(tmp_path):
 @pytest.mark.slow
 def test_resume_from_a_run_saved_before_mixconfig(tmp_path):
     """A checkpoint whose config has the old flat mix keys resumes; a changed mix key is still refused."""
-    data = conftest.make_train_data(tmp_path, n=16, per_shard=8, n_val=8, val_per_shard=8)
+    data = helpers.make_train_data(tmp_path, n=16, per_shard=8, n_val=8, val_per_shard=8)
     run = tmp_path / "run"
-    args = ["train", *conftest.train_args(data, run, "--max-steps", "1", "--mix-prob", "0.5",
+    args = ["train", *helpers.train_args(data, run, "--max-steps", "1", "--mix-prob", "0.5",
                                           batch_size=4, workers=0)]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
@@ -333,3 +333,14 @@ def test_mix_none_on_the_command_line_drops_the_recipes_mix_keys(tmp_path):
     with pytest.raises(ConfigError, match="train.mix.prob: set to 0.5"):  # in the recipe itself: an error
         recipe.write_text("train:\n  mix:\n    mode: none\n    prob: 0.5\n")
         load_stage_config(TrainConfig, "train", recipe, TRAIN)
+
+
+def test_config_fields_from_yaml_are_checked(tmp_path):
+    paths = {"train": tmp_path / "train", "val": tmp_path / "val"}  # not read: only the config is built
+    cfg = yaml_config(paths, tmp_path, log_every=7, tensorboard=True, compile=True)
+    assert (cfg.log_every, cfg.tensorboard, cfg.compile) == (7, True, True)
+    assert TrainConfig().log_every == 50 and not TrainConfig().tensorboard and not TrainConfig().compile
+    with pytest.raises(ConfigError, match="train.log_every: expected >= 0"):
+        yaml_config(paths, tmp_path, log_every=-1)
+    with pytest.raises(ConfigError, match="train.compile: expected true/false"):
+        yaml_config(paths, tmp_path, compile="yes")

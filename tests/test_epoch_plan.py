@@ -9,12 +9,12 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 from usi_cache.stage2.plan import PlanError, PlanSpec, enumerate_plan, exact_shuffle, summarize, worker_pieces
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from epoch_plan import imagenet_counts  # noqa: E402  (the benchmark's shapes, one definition)
+from plan_shapes import imagenet_counts  # noqa: E402  (the benchmark's shapes, one definition)
 
 
 IMAGENET = dict(counts=imagenet_counts(empty=5), seed=42, world=8, workers=8, batch=128)

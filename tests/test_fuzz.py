@@ -28,7 +28,7 @@ import yaml
 from click.testing import CliRunner
 from hypothesis import HealthCheck, event, given, settings
 
-from conftest import TEACHER, make_samples, make_shards, save_teacher
+from helpers import TEACHER, error_line, make_samples, make_shards, save_teacher
 from usi_cache import cache_format as schema
 from usi_cache.cli.main import main
 from usi_cache.config.stages import CacheConfig, TrainConfig, ViewSpec
@@ -87,15 +87,6 @@ def train_base(d, out) -> dict:
 def argv(opts: dict) -> list[str]:
     """`--name=value` (so that a value such as -5 is never read as an option); None = a flag."""
     return [k if v is None else f"{k}={v}" for k, v in opts.items()]
-
-
-def error_line(output: str) -> str:
-    segments = [s for line in output.splitlines() for s in line.split("\r")]  # tqdm uses \r
-    errors = [s[s.index("Error: "):] for s in segments if "Error: " in s]
-    assert len(errors) == 1, output
-    assert output.rstrip().endswith(errors[0]), f"the error is not one line at the end:\n{output}"
-    assert len(errors[0]) > len("Error: ")
-    return errors[0]
 
 
 def complete(cache: Path) -> bool:

@@ -15,7 +15,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from conftest import ROOT, TEACHER, cache_args, make_shards, run_py, save_teacher
+from helpers import ROOT, TEACHER, cache_args, make_shards, run_py, save_teacher
 from usi_cache import cache_format as schema
 from usi_cache.cli.main import main
 

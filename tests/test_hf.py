@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import NUM_CLASSES, cache_args, make_samples
+from helpers import NUM_CLASSES, cache_args, make_samples
 from test_ingest import error_line, stats
 from test_shards import tar_hashes
 from usi_cache.cli.main import main

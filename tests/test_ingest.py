@@ -14,7 +14,7 @@ import zarr
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import NUM_CLASSES, cache_args, train_args
+from helpers import NUM_CLASSES, cache_args, error_line, train_args
 from test_shards import make_folder, tar_hashes
 from usi_cache.cli.main import main
 from usi_cache.shards.writer import SIDECARS
@@ -25,10 +25,6 @@ from usi_cache.shards.tars import read_shard
 
 def stats(folder: Path) -> dict:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.tar"))}
-
-
-def error_line(output: str) -> str:
-    return [ln for ln in output.splitlines() if ln.startswith("Error:")][-1]
 
 
 # ---------------------------------------------------------------- usi shards from-folder
@@ -250,7 +246,7 @@ def test_ingest_memory_benchmark_runs_small(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
     r = subprocess.run([sys.executable, "benchmarks/ingest_memory.py", "--sizes", "30,60", "--classes", "3",
                         "--per-shard", "20", "--workers", "2", "--work", str(tmp_path / "work")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300,

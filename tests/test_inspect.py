@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import ROOT, cache_args, make_shards, save_teacher
+from helpers import ROOT, cache_args, make_shards, save_teacher
 from usi_cache import cache_format as schema
 from usi_cache.cli.main import main
 from usi_cache.config.errors import ConfigError
@@ -20,7 +20,7 @@ from usi_cache.checks.inspect.run import inspect_report
 from usi_cache.checks.inspect.text import format_stats, format_summary
 from usi_cache.checks.common import pick_views, sample_slot_views, valid_positions
 
-V, K = 8, 3  # conftest's cache_args
+V, K = 8, 3  # helpers.cache_args
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +210,7 @@ def test_stats_are_the_same_for_any_worker_count(tiny):
 
 
 def test_sampled_views_are_the_shared_samplers(tiny):
-    """--sample-views counts exactly the (slot, view) pairs of view_sample.pick_views, the sampler
+    """--sample-views counts exactly the (slot, view) pairs of common.pick_views, the sampler
     `usi verify --recompute` and `usi audit` draw from."""
     group, attrs = schema.open_cache(tiny.out)
     layout = schema.Layout.from_attrs(attrs)
@@ -254,8 +254,8 @@ def test_library_raises_project_errors_not_click(tiny):
         inspect_report(tiny.out, stats=False, plot="x.png")
     r = inspect(tiny.out, "--no-stats", "--plot", "x.png", ok=False)
     assert r.exit_code == 2 and "drop --no-stats" in r.output
-    modules = [*(ROOT / "usi_cache").glob("inspect_*.py"), *(ROOT / "usi_cache").glob("verify*.py"),
-               ROOT / "usi_cache" / "view_sample.py", ROOT / "usi_cache" / "reports.py"]
+    modules = [*(ROOT / "usi_cache" / "checks" / "inspect").glob("*.py"),
+               *(ROOT / "usi_cache" / "checks" / "verify").glob("*.py"), ROOT / "usi_cache" / "checks" / "common.py"]
     assert len(modules) >= 10
     for m in modules:
         assert "click" not in m.read_text(), m

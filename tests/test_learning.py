@@ -7,12 +7,12 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from conftest import NUM_CLASSES, TEACHER, make_shards
+from helpers import NUM_CLASSES, TEACHER, make_shards
 from usi_cache.cli.main import main
 
 CHANCE = 100 / NUM_CLASSES  # top-1 of a guess, in percent
 
-# An easy task: the class sets an image's mean colour (conftest.make_samples). No RandAugment
+# An easy task: the class sets an image's mean colour (helpers.make_samples). No RandAugment
 # (its colour ops would hide the class), no mixing, no EMA: a short run that must learn.
 EASY = ["--set", "view.randaugment=", "--set", "view.scale=0.5,1", "--mix", "none", "--ema-decay", "0",
         "--epochs", "6", "--warmup-epochs", "1", "--cooldown-epochs", "0", "--lr", "5e-3",

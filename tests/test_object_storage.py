@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import TEACHER, make_samples, run_py, save_teacher
+from helpers import TEACHER, make_samples, run_py, save_teacher
 from usi_cache import cache_format as schema
 from usi_cache.cli.main import main
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import NUM_CLASSES, TEACHER, cache_args, make_shards, save_teacher
+from helpers import NUM_CLASSES, TEACHER, cache_args, make_shards, save_teacher
 from usi_cache import cache_format as schema
 from usi_cache.cli.main import main
 from usi_cache.views.mixing import CUTMIX, MIXUP, NO_MIX, PairParams, mix_pixels, pair_rng, sample_pair

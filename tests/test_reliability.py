@@ -16,17 +16,18 @@ import tarfile
 import time
 from pathlib import Path
 
-import conftest
+import helpers
 import numpy as np
 import pytest
 import timm
 import torch
 from click.testing import CliRunner
-from conftest import (
+from helpers import (
     NUM_CLASSES,
     ROOT,
     TEACHER,
     cache_args,
+    error_line,
     make_samples,
     make_shards,
     make_train_data,
@@ -50,17 +51,7 @@ def data(tmp_path_factory):
 
 
 def train_args(data, out, *extra) -> list[str]:
-    return conftest.train_args(data, out, *extra, batch_size=4, workers=0)
-
-
-def error_line(output: str) -> str:
-    """The CLI's one `Error: ...` line; it must be the last thing printed, with no traceback."""
-    assert "Traceback" not in output, output
-    segments = [s for line in output.splitlines() for s in line.split("\r")]  # tqdm uses \r
-    errors = [s[s.index("Error: "):] for s in segments if "Error: " in s]
-    assert len(errors) == 1, output
-    assert output.rstrip().endswith(errors[0]), f"the error is not one line at the end:\n{output}"
-    return errors[0]
+    return helpers.train_args(data, out, *extra, batch_size=4, workers=0)
 
 
 def read_log(run: Path) -> list[dict]:

@@ -6,8 +6,8 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-import conftest
-from conftest import cache_args, make_shards, save_teacher
+import helpers
+from helpers import cache_args, make_shards, save_teacher
 from usi_cache.checks import replay as replay_check
 from usi_cache import cache_format as schema
 from usi_cache.cli.main import main
@@ -55,7 +55,7 @@ def test_a_new_cache_records_decoders_and_a_fingerprint_that_reproduces(made):
 @pytest.mark.slow
 def test_training_refuses_mismatched_pixels_unless_allowed(made, tmp_path):
     cache = as_if_made_elsewhere(made, tmp_path)
-    args = conftest.train_args(made, tmp_path / "run", "--cache", str(cache), "--epochs", "1", "--max-steps", "1",
+    args = helpers.train_args(made, tmp_path / "run", "--cache", str(cache), "--epochs", "1", "--max-steps", "1",
                                batch_size=8, workers=0)
     r = CliRunner().invoke(main, ["train", *args])
     line = r.output.strip().splitlines()[-1]
@@ -85,7 +85,7 @@ def test_a_machine_that_cannot_decode_the_fingerprint_views_is_told_so(made, mon
     """A missing codec is the kind of difference the check exists for: one line, no traceback."""
     def refuse(data):
         raise ValueError("undecodable image (no codec)")
-    monkeypatch.setattr("usi_cache.shards.decode_image", refuse)
+    monkeypatch.setattr("usi_cache.shards.images.decode_image", refuse)
     group, attrs = schema.open_cache(made["cache"])
     why = replay_check.mismatch(group, attrs, load_manifest(made["train"]))
     assert why.startswith("this machine cannot rebuild the fingerprint views (the image does not decode)"), why

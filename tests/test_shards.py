@@ -149,7 +149,7 @@ def test_fashion_mnist_missing_source_is_clear(tmp_path):
 
 
 def test_write_shards_streams_in_order_without_a_seed(tmp_path):
-    from conftest import make_samples
+    from helpers import make_samples
     samples = make_samples(7)
     m = write_shards(iter(samples), ["a", "b", "c", "d", "e"], tmp_path / "s", per_shard=3, seed=None,
                      progress=False)

@@ -9,13 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-import conftest
+import helpers
 import numpy as np
 import pytest
 import timm
 import torch
 from click.testing import CliRunner
-from conftest import NUM_CLASSES, ROOT, TEACHER, make_shards, make_train_data, run_py
+from helpers import NUM_CLASSES, ROOT, TEACHER, make_shards, make_train_data, run_py
 
 from usi_cache import cache_format as schema
 from usi_cache.cli.main import main
@@ -40,7 +40,7 @@ def data(tmp_path_factory):
 
 
 def train_args(data, out, *extra):
-    return conftest.train_args(data, out, *extra, batch_size=8, workers=1)
+    return helpers.train_args(data, out, *extra, batch_size=8, workers=1)
 
 
 def read_log(run: Path) -> list[dict]:

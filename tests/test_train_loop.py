@@ -12,14 +12,11 @@ import timm
 import timm.data
 import timm.models
 import torch
-import yaml
-from conftest import NUM_CLASSES, TEACHER, make_shards
+from helpers import NUM_CLASSES, TEACHER, make_shards, yaml_config
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from usi_cache.config.errors import ConfigError
-from usi_cache.config.stages import TrainConfig, ViewSpec
-from usi_cache.config.parser import load_stage_config
+from usi_cache.config.stages import ViewSpec
 from usi_cache.stage2.plan import PlanSpec
 from usi_cache.shards.manifest import load_manifest
 from usi_cache.stage2.state import TrainError
@@ -89,32 +86,10 @@ def data(tmp_path_factory):
             "val": make_shards(root / "val", n=10, per_shard=5, seed=7)}
 
 
-def yaml_config(data, tmp_path: Path, **train) -> TrainConfig:
-    """A 2-epoch label-only run of the tiny test model, written as a recipe YAML and loaded."""
-    recipe = {"train": {"model": TEACHER, "train_shards": str(data["train"]), "val_shards": str(data["val"]),
-                        "out": str(tmp_path / "run"), "epochs": 2, "cooldown_epochs": 0, "warmup_epochs": 1,
-                        "batch_size": 4, "input_size": 32, "workers": 0, "max_steps": 3, **train}}
-    path = tmp_path / "recipe.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(recipe))
-    return load_stage_config(TrainConfig, "train", path, {})
-
-
 def read_records(run: Path) -> tuple[list[dict], list[dict]]:
     """(epoch records, step records) of a run's log.jsonl."""
     records = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()]
     return [r for r in records if "step" not in r], [r for r in records if "step" in r]
-
-
-def test_config_fields_from_yaml_are_checked(tmp_path):
-    paths = {"train": tmp_path / "train", "val": tmp_path / "val"}  # not read: only the config is built
-    cfg = yaml_config(paths, tmp_path, log_every=7, tensorboard=True, compile=True)
-    assert (cfg.log_every, cfg.tensorboard, cfg.compile) == (7, True, True)
-    assert TrainConfig().log_every == 50 and not TrainConfig().tensorboard and not TrainConfig().compile
-    with pytest.raises(ConfigError, match="train.log_every: expected >= 0"):
-        yaml_config(paths, tmp_path, log_every=-1)
-    with pytest.raises(ConfigError, match="train.compile: expected true/false"):
-        yaml_config(paths, tmp_path, compile="yes")
 
 
 @pytest.mark.slow

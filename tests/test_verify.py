@@ -12,7 +12,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from conftest import cache_args, make_shards, run_py, save_teacher
+from helpers import cache_args, make_shards, run_py, save_teacher
 from usi_cache import cache_format as schema
 from usi_cache.checks.verify import shard_checks as verify_checks
 from usi_cache.cli.main import main

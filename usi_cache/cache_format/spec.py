@@ -28,7 +28,7 @@ checksum, so a corrupted chunk fails on read instead of returning garbage.
 
 n is the RandAugment policy's number of ops (at least 1; unused slots hold -1). In a paired
 cache (`mix: paired`, schema version 2) the teacher saw view v of the sample mixed with view v
-of its partner (see mixing.py); its logits are of that mixed image. `labels` is written
+of its partner (see views/mixing.py); its logits are of that mixed image. `labels` is written
 last for each shard: it is the commit marker. Its fill value `NOT_WRITTEN` (-2) marks a shard
 that is incomplete; a complete shard has only labels >= -1.
 
@@ -92,7 +92,7 @@ ARRAYS = PER_VIEW + PER_SLOT  # every cache has these
 # Attribute fields that may legitimately differ between runs writing to the same cache
 # (the checkpoint's path may move; its sha256 is what identifies the teacher).
 VOLATILE_ATTRS = ("created", "tool_version", "invalid", "teacher.checkpoint", "dataset.root", "audit", "replay",
-                  "decoders",  # decoders: compared on their own (cache.py), so older caches still resume
+                  "decoders",  # decoders: compared on their own (stage1/run.py), so older caches still resume
                   "view_blocks", "growing")  # how the views were added, not what they are
 
 
@@ -265,9 +265,9 @@ def make_attrs(*, teacher: dict, num_classes: int, topk: int, views: int, view_s
         "tool_version": tool_version,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "invalid": [],  # keys of undecodable samples, filled in when the run completes
-        # "audit": added by `set_audit` (audit.py): the top-k fidelity table, when one was run
+        # "audit": added by `set_audit` (checks/audit.py): the top-k fidelity table, when one was run
         # "decoders": set by stage 1 when it creates the cache (replay_check.decoder_env)
-        # "replay": added by `set_replay` (replay_check.py): decoder environment + pixel fingerprint
+        # "replay": added by `set_replay` (checks/replay.py): decoder environment + pixel fingerprint
         # "growing": N while a grow by N views runs (`begin_grow`); gone once it is committed
     }
 

@@ -52,14 +52,14 @@ def set_invalid(group: zarr.Group, invalid: list[str]) -> None:
 
 
 def set_replay(group: zarr.Group, replay: dict) -> None:
-    """Record the decoder environment and replay fingerprint (replay_check.py) of a finished cache."""
+    """Record the decoder environment and replay fingerprint (checks/replay.py) of a finished cache."""
     attrs = dict(group.attrs[ATTR])
     attrs["replay"] = replay
     group.attrs[ATTR] = attrs
 
 
 def set_audit(group: zarr.Group, audit: dict) -> None:
-    """Record a fidelity audit (audit.py) in the attributes, replacing an earlier one."""
+    """Record a fidelity audit (checks/audit.py) in the attributes, replacing an earlier one."""
     attrs = dict(group.attrs[ATTR])
     attrs["audit"] = audit
     group.attrs[ATTR] = attrs

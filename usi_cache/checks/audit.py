@@ -7,7 +7,7 @@ k in {1, 2, 5, 10, 20, 50, 100} ∩ [1, C] the audit records
 * mean tail mass r = 1 − Σ_{i≤k} p_(i) (the teacher mass a top-k cache leaves out);
 * mean KL(p ‖ p̂_k), p the full teacher distribution, p̂_k its k+1-bucket reconstruction: the k
   classes exactly, the rest mass r spread evenly over the C − k other classes (the spread of
-  largest entropy; the bucket KD of targets.py never needs the spread, this one makes the lost
+  largest entropy; the bucket KD of stage2/loss.py never needs the spread, this one makes the lost
   information a number). 0 at k = C;
 * top-1 agreement between the re-run teacher and the cache's stored top-1 class (the same for
   every k: it measures the replay, not the truncation);

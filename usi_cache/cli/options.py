@@ -1,9 +1,9 @@
 """Command-line options generated from a stage's config dataclass.
 
 Every key of the config (nested sections such as `view.*` and `mix.*` included) gets an
-option whose help and default come from the field itself (config.setting), plus `--config`
+option whose help and default come from the field itself (config/stages.py's `setting`), plus `--config`
 (a recipe YAML) and `--set KEY=VALUE` for any key. Values are parsed and checked by
-config.py exactly like YAML values. Precedence: dataclass defaults < YAML < options/--set.
+config/parser.py exactly like YAML values. Precedence: dataclass defaults < YAML < options/--set.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Datasets into shards at ImageNet scale: a folder streamed into tars, or existing tars indexed.
+"""`usi shards from-folder`: a folder `SRC/<class>/<file>` streamed into tars at ImageNet scale.
 
 `shards_from_folder` lists `SRC/<class>/<file>` (paths only in memory), sorts the samples by
 key, shuffles them with the seed, and has worker processes each build whole tars from their
@@ -8,10 +8,9 @@ written under a temporary name and renamed; then its result (count, sha256, file
 goes to a small sidecar `OUT/.ingest/<tar>.json`. A rerun after a kill skips every shard whose
 sidecar matches its plan, and `dataset.json` is written last.
 
-`write_planned` is that writer for any source of Entries: a folder (`FolderSource`) or a
-Hugging Face dataset split read by row index (`hf.HFSource`).
-
-`index_shards` writes `dataset.json` for WebDataset tars made elsewhere, without rewriting them.
+The writer is writer.py's `write_planned`, shared with the Hugging Face source (`hf.HFSource`);
+this module is the folder's part: listing it (`list_folder`) and reading it (`FolderSource`).
+Existing tars are indexed by index.py.
 """
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 
 `shards_from_hf` opens one split (a `save_to_disk` folder, parquet files, or a hub name found
 in the local cache; nothing is downloaded), reads its label column only, and plans the shards
-as `ingest.plan_shards` does for files: one Entry `(key, row index, class)` per row, keys
+as `writer.plan_shards` does for files: one Entry `(key, row index, class)` per row, keys
 `<split>_<row:08d>` (unique and stable for a given dataset), sorted, shuffled with the seed.
-`ingest.write_planned` then has worker processes build whole tars: each worker memory-maps
+`writer.write_planned` then has worker processes build whole tars: each worker memory-maps
 the split's Arrow files itself (`HFSource`) and reads its rows one at a time by index, so the
 parent never holds an image and a worker holds one.
 
@@ -212,7 +212,7 @@ def shards_from_hf(spec: str, out: str | Path, *, split: str = "train", image_co
 
 @dataclass(frozen=True)
 class HFSource:
-    """One split's rows by index, for `ingest.write_planned`'s workers."""
+    """One split's rows by index, for `writer.write_planned`'s workers."""
 
     name: str  # DATASET_OR_PATH, to name rows left out
     files: tuple[str, ...]  # the split's Arrow files, in order; memory-mapped by each worker

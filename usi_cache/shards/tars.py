@@ -6,7 +6,7 @@ sorted input, a seeded shuffle across shards, fixed tar headers (mtime 0, uid 0)
 same input gives byte-identical tars and the same fingerprint.
 
 `read_shard` is the one tar reader of the project (stage 1, verify, inspect, `usi shards
-index`); `write_tar` the one tar writer (in-memory sources here, folders in `ingest.py`).
+index`); `write_tar` the one tar writer (in-memory sources here, folders in `folder.py`).
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def write_shards(samples: Iterable[Sample], classes: Iterable[str], out: str | P
 
     With a `seed`, samples are sorted by key, then shuffled with the seed, so that shards mix
     classes and the result depends only on the input; this holds every sample in memory (fine
-    for Fashion-MNIST and test data; folders go through `ingest.shards_from_folder`, which
+    for Fashion-MNIST and test data; folders go through `folder.shards_from_folder`, which
     holds paths only). With `seed=None` the stream is written in its own order, one shard in
     memory at a time.
     """

@@ -7,7 +7,7 @@ views, in tar order. Batch composition therefore depends on the shard alone, whi
 cache bit-identical across world sizes, worker counts and resumes.
 
 With `add_views` N the run grows an existing cache instead: the same checks as a resume, then
-views V .. V+N-1 are written as a new view block (schema.py) by the ranks exactly like the
+views V .. V+N-1 are written as a new view block (cache_format/spec.py) by the ranks exactly like the
 first V, each shard's block committed by its own marker, and the cache shows V+N views once
 every shard has them. Existing chunk files are never written again.
 """

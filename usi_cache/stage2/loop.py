@@ -3,7 +3,7 @@
 `train()` sets a run up once (target source, TrainState, epoch plan, persistent loaders), then per
 epoch: `train_epoch` (a `train_step` per batch, no CPU-GPU sync but every CHECK_EVERY steps),
 raw and EMA weights evaluated in one pass over the validation data, a log.jsonl record, best.pth
-and last.pth. What the targets are is the target source's business (target_sources.py).
+and last.pth. What the targets are is the target source's business (targets.py).
 """
 from __future__ import annotations
 

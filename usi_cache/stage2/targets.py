@@ -4,7 +4,7 @@ Each source turns a loader batch into (student input x in [0, 1], ground truth (
 (P, rest) or None) on the device, with no CPU-GPU sync:
 * LabelTargets      — labels only, batch Mixup/CutMix (the baseline);
 * CacheTargets      — the cached top-k of the replayed view; batch mixing mixes them linearly
-                      (an approximation, named in mixing.py);
+                      (an approximation, named in views/mixing.py);
 * PairedCacheTargets — a paired cache: every image is already the mixed view the teacher saw;
 * OnlineTargets     — the teacher runs on the very (mixed) batch the student sees.
 """

@@ -2,7 +2,7 @@
 
 In batch mode every sample n is mixed with sample N-1-n (the flipped batch) using one lambda
 for the whole batch, as timm's `Mixup(mode='batch')` does. With a cache, the targets are mixed
-linearly too (`targets.mix_targets`): an approximation, since the teacher's output on a mixed
+linearly too (`stage2/loss.py`'s `mix_targets`): an approximation, since the teacher's output on a mixed
 image is not the mix of its outputs.
 """
 from __future__ import annotations

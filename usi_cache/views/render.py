@@ -5,7 +5,7 @@ render the views a cache stores (`stored_view` reads them). All of them call `re
 plain view and a paired (mixed) view are built by the same code everywhere:
 
     crop box -> resize to the stage's input size -> flip -> RandAugment ops as recorded
-    (views.replay_array), then for a paired view the partner's view (same view index) rendered
+    (sampling.replay_array), then for a paired view the partner's view (same view index) rendered
     the same way and mixed in with the stored kind, lambda and box (mixing.mix_pixels).
 """
 from __future__ import annotations

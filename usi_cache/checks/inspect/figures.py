@@ -20,7 +20,7 @@ def plot_sample(info: dict, image, views: list, path: str | Path, *, title: str 
     """One sample: the original image with every view's crop box, each replayed view as a
     thumbnail, and a bar chart of each view's top-5 (top-k when k < 5) probabilities.
 
-    info: `inspect_cache.sample_info`; image: the decoded original (PIL); views: the replayed
+    info: `run.sample_info`; image: the decoded original (PIL); views: the replayed
     views (PIL, teacher input size), in view order.
     """
     shown = info["views"][:MAX_VIEWS]

@@ -1,8 +1,8 @@
 """`usi inspect`: what a cache holds, how good its teacher is, and what one sample's views were.
 
 Everything is computed into plain dicts first: the summary (`summarize`), the teacher
-statistics (`inspect_stats.teacher_stats`) and one sample (`sample_info`), gathered by
-`inspect_report`; the text (`inspect_format`), the `--json` output and the plots (`plots.py`)
+statistics (`stats.teacher_stats`) and one sample (`sample_info`), gathered by
+`inspect_report`; the text (`text.py`), the `--json` output and the plots (`figures.py`)
 are all rendered from that dict, so the three always show the same numbers. Bad requests and
 damaged caches raise the project's errors (ConfigError, CacheError, ShardError); the command
 line turns them into one-line messages.
@@ -77,7 +77,7 @@ def summarize(path: str | Path, shards_dir: str | Path | None = None) -> dict:
                  "cached_views": views,
                  "bytes_per_view": usage["total"] / views if views else None,
                  "bytes_per_view_by_array": {n: usage[n] / views if views else None for n in schema.ARRAYS}},
-        "audit": attrs.get("audit"),  # the top-k fidelity table (audit.py), when one was run
+        "audit": attrs.get("audit"),  # the top-k fidelity table (checks/audit.py), when one was run
         "replay": replay_status(group, attrs, shards_dir),
     }
 

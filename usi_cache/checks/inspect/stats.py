@@ -7,7 +7,7 @@ left out. Probabilities come from the cached top-k log-probabilities (`schema.lo
 also reads the raw logits of schema 1-2 caches): p_i = exp(log p_i), the *tail* (rest) mass is
 r = 1 - sum_i p_i, and the entropy is taken over the k + 1 buckets (the k classes plus the rest
 bucket), which is a lower bound of the teacher's full C-class entropy (equal when k = C).
-Nothing here formats: inspect_format.py and plots.py render the dict `teacher_stats` returns.
+Nothing here formats: text.py and figures.py render the dict `teacher_stats` returns.
 """
 from __future__ import annotations
 
@@ -189,7 +189,7 @@ class StatsAccumulator:
 def teacher_stats(path: str | Path, *, shard_range: str | None = None, sample_views: int | None = None,
                   seed: int = 0, progress: bool = True, workers: int = 1, world: World | None = None) -> dict | None:
     """Teacher statistics over the committed shards in `shard_range` (all views, or a seeded
-    uniform sample of `sample_views` (slot, view) pairs, `view_sample.sample_slot_views`). Reads
+    uniform sample of `sample_views` (slot, view) pairs, `common.sample_slot_views`). Reads
     one shard's block at a time, in `workers` processes on each torchrun rank; returns the
     statistics on rank 0 (None on the others). Each shard is counted into its own accumulator
     and rank 0 adds them up in shard order, so the floating-point sums do not depend on the

@@ -1,5 +1,5 @@
-"""The text of `usi inspect`, rendered from the report dict that inspect_cache.py computes (the
-same dict `--json` prints and plots.py draws), so every output shows the same numbers."""
+"""The text of `usi inspect`, rendered from the report dict that run.py computes (the
+same dict `--json` prints and figures.py draws), so every output shows the same numbers."""
 from __future__ import annotations
 
 import json
@@ -144,7 +144,7 @@ def format_sample(s: dict) -> str:
 
 
 def format_report(report: dict, as_json: bool = False) -> str:
-    """The whole report (`inspect_cache.inspect_report`): JSON, or its parts as text."""
+    """The whole report (`run.inspect_report`): JSON, or its parts as text."""
     if as_json:
         return json.dumps(report, indent=1)
     parts = [format_summary(report["summary"])]

@@ -1,6 +1,6 @@
 """The cache-wide checks of `usi verify`: attributes and dataset before the shards are read,
 the invalid list and the replay fingerprint after. Each returns its problems as
-(shard or None for the whole cache, message) pairs; the driver (verify.py) files them under the
+(shard or None for the whole cache, message) pairs; the driver (run.py) files them under the
 check's name."""
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def check_invalid_list(invalid: set[str], stored_invalid: set[str]) -> Found:
 
 
 def check_replay(group, attrs: dict, manifest: Manifest | None, all_committed: bool) -> tuple[Found, str]:
-    """This machine re-renders the cache's fingerprint views bit for bit (replay_check.py).
+    """This machine re-renders the cache's fingerprint views bit for bit (checks/replay.py).
     Also what was compared, for the report."""
     recorded = attrs.get("replay")
     if not recorded or not recorded.get("sha256"):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Every check by name, in report order: the cache-wide ones (verify_cache_checks.py, called by
-# verify.py) interleave with the per-shard ones (verify_checks.SHARD_CHECKS).
+# Every check by name, in report order: the cache-wide ones (cache_checks.py, called by
+# run.py) interleave with the per-shard ones (shard_checks.SHARD_CHECKS).
 CHECKS = ("attributes", "fingerprint", "complete", "chunk files", "checksums", "keys", "labels", "finite",
           "class range", "sorted", "top-k mass", "boxes", "view params", "replay", "recompute")
 SHOWN = 8  # problems listed per check in the text report; the rest are counted

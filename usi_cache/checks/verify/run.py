@@ -2,8 +2,8 @@
 
 Every check runs on every shard, and every problem is recorded with its shard and check name:
 verification never stops at the first damaged chunk. The checks are small named functions in
-two ordered lists: the cache-wide ones (verify_cache_checks.py) and `SHARD_CHECKS`
-(verify_checks.py), which this driver runs on every shard as `verify_shard.load_shard` read it.
+two ordered lists: the cache-wide ones (cache_checks.py) and `SHARD_CHECKS`
+(shard_checks.py), which this driver runs on every shard as `shard_data.load_shard` read it.
 The shards are checked in parallel (`--workers` processes, torchrun ranks) and rank 0 merges
 their results in shard order, so the report does not depend on the split. The checks, in
 report order:
@@ -32,7 +32,7 @@ report order:
 * replay      — this machine re-renders the cache's fingerprint views bit for bit.
 * recompute   — (`--recompute N`) the teacher re-run (at the cache's recorded precision) on N
                 random replayed views reproduces the cached top-k and log-probabilities
-                (tolerances in verify_recompute.py).
+                (tolerances in recompute.py).
 """
 from __future__ import annotations
 

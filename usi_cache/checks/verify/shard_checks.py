@@ -1,8 +1,8 @@
 """The per-shard checks of `usi verify`, each a small function with one concern.
 
-A check takes the shard as `verify_shard.load_shard` read it and returns its problems as
+A check takes the shard as `shard_data.load_shard` read it and returns its problems as
 messages (an empty list: the check holds). `SHARD_CHECKS` is the ordered list the driver
-(verify.py) runs on every shard; each problem is reported under the check's name, with the
+(run.py) runs on every shard; each problem is reported under the check's name, with the
 shard. Slots are named as cache rows (slot = shard x slots per shard + position).
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 `load_shard` does all the reading (the cache's block, the shard's tar) and derives what several
 checks compare against (which slots hold the tar's sample, the image sizes, the views the seeded
 sampler draws, which arrays' values are lost). It records what it could not read instead of
-raising, so every check still runs on what is there; the checks themselves (verify_checks.py)
+raising, so every check still runs on what is there; the checks themselves (shard_checks.py)
 only judge.
 """
 from __future__ import annotations
