@@ -3,6 +3,7 @@ command-line arguments, running entry points, and reading the CLI's one error li
 Imported as `from helpers import ...` (pytest puts tests/ on the path); fixtures are in conftest.py."""
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import subprocess
@@ -113,3 +114,22 @@ def yaml_config(data, tmp_path: Path, **train) -> TrainConfig:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe))
     return load_stage_config(TrainConfig, "train", path, {})
+
+
+def make_folder(root: Path, per_class: int = 5, classes=("cat", "dog", "eel"), size=(20, 16)) -> Path:
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+            fmt = "JPEG" if i % 2 else "PNG"
+            Image.fromarray(arr).save(root / c / f"img.{i}.{'jpg' if i % 2 else 'png'}", format=fmt)
+    return root
+
+
+def tar_hashes(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.tar"))}
+
+
+def stats(folder: Path) -> dict:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.tar"))}

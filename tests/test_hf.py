@@ -6,14 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import NUM_CLASSES, cache_args, error_line, make_samples, stats, tar_hashes
 
-from helpers import NUM_CLASSES, cache_args, make_samples
-from test_ingest import error_line, stats
-from test_shards import tar_hashes
 from usi_cache.cli.main import main
-from usi_cache.shards.writer import SIDECARS
 from usi_cache.shards.manifest import load_manifest
 from usi_cache.shards.tars import read_shard
+from usi_cache.shards.writer import SIDECARS
 
 datasets = pytest.importorskip("datasets")
 

@@ -12,19 +12,14 @@ import pytest
 import webdataset as wds
 import zarr
 from click.testing import CliRunner
+from helpers import NUM_CLASSES, cache_args, error_line, make_folder, stats, tar_hashes, train_args
 from PIL import Image
 
-from helpers import NUM_CLASSES, cache_args, error_line, train_args
-from test_shards import make_folder, tar_hashes
 from usi_cache.cli.main import main
-from usi_cache.shards.writer import SIDECARS
 from usi_cache.shards.folder import shards_from_folder
 from usi_cache.shards.manifest import ShardError, load_manifest
 from usi_cache.shards.tars import read_shard
-
-
-def stats(folder: Path) -> dict:
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.tar"))}
+from usi_cache.shards.writer import SIDECARS
 
 
 # ---------------------------------------------------------------- usi shards from-folder

@@ -3,34 +3,19 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import webdataset as wds
 from click.testing import CliRunner
+from helpers import make_folder, tar_hashes
 from PIL import Image
 
 from usi_cache.cli.main import main
-from usi_cache.shards.folder import shards_from_folder
 from usi_cache.shards.fashion_mnist import FMNIST_DIR, samples_from_fashion_mnist
+from usi_cache.shards.folder import shards_from_folder
 from usi_cache.shards.manifest import ShardError, load_manifest
 from usi_cache.shards.tars import read_shard, write_shards
 
 needs_fmnist = pytest.mark.skipif(not Path(FMNIST_DIR).is_dir(), reason="dataset-fashion-mnist not installed")
-
-
-def make_folder(root: Path, per_class: int = 5, classes=("cat", "dog", "eel"), size=(20, 16)) -> Path:
-    rng = np.random.default_rng(0)
-    for c in classes:
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-            fmt = "JPEG" if i % 2 else "PNG"
-            Image.fromarray(arr).save(root / c / f"img.{i}.{'jpg' if i % 2 else 'png'}", format=fmt)
-    return root
-
-
-def tar_hashes(folder: Path) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.tar"))}
 
 
 @pytest.mark.slow
