@@ -97,8 +97,8 @@ def report(r: dict) -> str:
         if k_ref == 10 else f"* k = 10 was not measured (target there: ≤ {TARGET_BYTES} bytes per view)"])
 
 
-def main() -> None:
-    a = parser().parse_args()
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
     work = Path(a.work or tempfile.mkdtemp(prefix="usi-bench-"))
     shards = synthetic_shards(work / "shards", a.images, a.classes, 48, per_shard=a.per_shard)
     sizes = {}

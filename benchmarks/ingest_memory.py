@@ -124,8 +124,8 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    a = parser().parse_args()
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
     work = Path(a.work or tempfile.mkdtemp(prefix="usi-ingest-bench-"))
     sizes = [int(s) for s in a.sizes.split(",")]
     runs = []

@@ -168,8 +168,8 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    a = parser().parse_args()
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     results = {"storage": {}, "precision": None, "audit": None}
     for shift in (0.0, 400.0):

@@ -103,13 +103,14 @@ def script_of(path: Path, name: str) -> tuple[str, ModuleType]:
 def command(module: str, mod: ModuleType, result: dict) -> tuple[str, str]:
     """The command that wrote `result`, and a note when its arguments were not recorded."""
     cmd = f".venv/bin/python benchmarks/{module}.py"
-    if not hasattr(mod, "parser"):
+    defaults = vars(mod.parser().parse_args([]))
+    if not defaults:  # a script without options: nothing to rebuild
         return cmd, ""
     args = result.get("args")
     if not isinstance(args, dict):
         return cmd, "(its arguments are not recorded in this results file)"
     opts = []
-    for dest, default in vars(mod.parser().parse_args([])).items():
+    for dest, default in defaults.items():
         value = args.get(dest, default)
         if value is None or str(value) == str(default):
             continue

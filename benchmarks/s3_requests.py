@@ -13,6 +13,7 @@ requests read the cache's `zarr.json` files.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import socket
@@ -70,7 +71,13 @@ def report(r: dict) -> str:
         "cache block"])
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """No options: the sizes are fixed so that the request counts compare across runs."""
+    return argparse.ArgumentParser(description=__doc__.splitlines()[0])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser().parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="usi-s3-"))
     port = _free_port()
     log_path = tmp / "moto.log"

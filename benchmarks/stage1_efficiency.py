@@ -75,8 +75,8 @@ def report(r: dict) -> str:
         f"at this size"])
 
 
-def main() -> None:
-    a = parser().parse_args()
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
     work = Path(a.work or tempfile.mkdtemp(prefix="usi-bench-"))
     shards = synthetic_shards(work / "shards", a.images, a.classes, max(a.size + 8, 40), per_shard=256)
     cfg = cache_config(shards, work / "cache.zarr", a.teacher, views=a.views, topk=min(10, a.classes),

@@ -123,8 +123,8 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    a = parser().parse_args()
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
     work = Path(a.work or tempfile.mkdtemp(prefix="usi-bench-"))
     train = synthetic_shards(work / "train", a.images, a.classes, max(a.size, 40), per_shard=256)
     val = synthetic_shards(work / "val", a.batch, a.classes, max(a.size, 40), per_shard=a.batch, seed=1)

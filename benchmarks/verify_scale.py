@@ -92,8 +92,8 @@ def report(r: dict) -> str:
     ])
 
 
-def main() -> None:
-    a = parser().parse_args()
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
     work = Path(a.work or tempfile.mkdtemp(prefix="usi-bench-"))
     # the cache, and a 2-shard one: the difference of their wall times is the per-view rate without
     # the fixed costs (starting the worker processes, the cache-wide checks)
