@@ -31,8 +31,8 @@ DOC = ROOT / "docs" / "benchmarks.md"
 SCRIPT = "benchmarks/report.py"
 
 # results name -> script, where the name is not the script's (fidelity.py --name fidelity-topk; plan_shapes.py
-# writes epoch_plan.json)
-MODULES = {"fidelity-topk": "fidelity", "epoch_plan": "plan_shapes"}
+# writes epoch_plan.json, teacher_precision.py precision.json: their results names predate the scripts' names)
+MODULES = {"fidelity-topk": "fidelity", "epoch_plan": "plan_shapes", "precision": "teacher_precision"}
 # reading order of the page; results files not named here follow, by name
 ORDER = ["stage2_overhead", "stage1_efficiency", "cache_cost", "fidelity-topk", "fidelity", "precision",
          "epoch_plan", "ingest_memory", "s3_requests", "verify_scale"]

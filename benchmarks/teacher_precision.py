@@ -16,7 +16,7 @@ Measured against float64 references:
    ops do not run are reported as such.
 3. The fidelity audit of that teacher's cache.
 
-    .venv/bin/python benchmarks/precision.py [--work runs/bench-precision]
+    .venv/bin/python benchmarks/teacher_precision.py [--work runs/bench-precision]
 
 Interpretation:
 float16 keeps a few significant digits of any value: a sharp teacher's raw logits are large,

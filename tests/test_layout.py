@@ -143,3 +143,22 @@ def test_click_only_in_cli_and_heavy_optional_imports_only_inside_functions():
                 assert m.startswith("usi_cache.cli."), f"{m}:{node.lineno} imports click outside cli/"
             heavy = [d for d in DEFERRED if src == d or src.startswith(d + ".") or full == d]
             assert not (heavy and top), f"{m}:{node.lineno} imports {heavy[0]} at module level: defer it to the function"
+
+
+BENCHMARKS = ROOT / "benchmarks"
+NOT_BENCHMARKS = {"bench_common.py", "report.py"}  # the scripts' shared helpers, and the doc generator
+
+
+def test_every_benchmark_script_follows_the_pattern_and_names_no_package_module():
+    """A module docstring with its interpretation, `parser()`, `report()` and `main(argv)`."""
+    scripts = sorted(p for p in BENCHMARKS.glob("*.py") if p.name not in NOT_BENCHMARKS)
+    assert len(scripts) >= 9
+    package_names = {p.stem for p in PACKAGE.rglob("*.py")}
+    for p in scripts:
+        tree = ast.parse(p.read_text())
+        doc = ast.get_docstring(tree) or ""
+        assert "\nInterpretation" in doc, f"{p.name}: its docstring says no Interpretation"
+        funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+        assert {"parser", "report", "main"} <= set(funcs), f"{p.name}: has {sorted(funcs)}"
+        assert [a.arg for a in funcs["main"].args.args] == ["argv"], f"{p.name}: main takes argv"
+        assert p.stem not in package_names, f"{p.name} shares its name with a package module"
