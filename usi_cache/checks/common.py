@@ -1,5 +1,14 @@
-"""What the report commands (`usi inspect`, `usi verify`, `usi audit`) share, so that none of
-them imports another: when to show progress, and finding a cache's own shards."""
+"""What the checks (`usi verify`, `usi inspect`, `usi audit`) share, so that none of them
+imports another: when to show progress, finding a cache's own shards, the audit table's text,
+and the one (slot, view) sampler.
+
+The sampler (`pick_views`) is behind `usi verify --recompute N`, `usi inspect --sample-views N`
+and `usi audit --views N`: the population is every view of every valid sample (label >= 0) of
+the committed shards, numbered shard by shard, slot by slot, view by view; N distinct numbers
+are drawn from `numpy.random.default_rng(seed)`, so the picks depend on (seed, N, which shards
+are committed and valid) only, never on the worker count or world size of the check that uses
+them. (Drawing a view's augmentation is `views/sampling.py`'s `sample_view`.)
+"""
 from __future__ import annotations
 
 from collections.abc import Mapping
