@@ -1,7 +1,7 @@
-"""Frozen configs for each stage, loaded from YAML with strict checking.
+"""The stage configs (stages.py) loaded from YAML and the command line with strict checking.
 
 A YAML recipe has one section per concern (`view`, `cache`, `train`); each maps onto one
-frozen dataclass below. Every field carries its help text in its metadata (`setting`): the
+frozen dataclass of stages.py. Every field carries its help text in its metadata (`setting`): the
 command line's options and their `--help` are generated from it (cli/options.py), so a key,
 its help and its default live in one place. Unknown keys and wrong types are errors that name
 the key; values from the command line go through the same checks as YAML values.

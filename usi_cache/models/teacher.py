@@ -1,6 +1,7 @@
-"""Teacher loading (timm model + checkpoint), input normalisation and batched inference.
+"""The teacher: a timm model with its checkpoint (built by build.py, read by checkpoints.py),
+input normalisation and batched inference at its precision (precision.py).
 
-`build_model` makes any timm model and loads a checkpoint into it *strictly*, after the
+`build_model` (build.py) makes any timm model and loads a checkpoint into it *strictly*, after the
 model's own timm `checkpoint_filter_fn` (found through the module that defines the model's
 class). That filter is what converts foreign key layouts: the official USI teacher
 `tresnet_l_v2_83_9.pth` is stored in the original TResNet / InplaceABN layout
@@ -8,7 +9,7 @@ class). That filter is what converts foreign key layouts: the official USI teach
 `tresnet_v2_l` only through `timm.models.tresnet.checkpoint_filter_fn`, which
 `timm.create_model(checkpoint_path=...)` does not apply.
 
-Checkpoint files are read with `torch.load(weights_only=True)`: a pickle that needs arbitrary
+Checkpoint files are read (checkpoints.py) with `torch.load(weights_only=True)`: a pickle that needs arbitrary
 code is refused. Accepted containers, first match wins:
 
     bare state_dict | {'state_dict': sd} | {'model': sd} | {'state_dict_ema': sd} | {'model_ema': sd}

@@ -1,4 +1,4 @@
-"""Writing and reading WebDataset shards, and the dataset manifest (`dataset.json`).
+"""Writing and reading WebDataset shards (their manifest `dataset.json` is manifest.py).
 
 Shards are plain tar files in the WebDataset layout: each sample is `KEY.<ext>` (the original
 encoded image bytes) plus `KEY.cls` (the class index as ASCII). Writing is deterministic —

@@ -1,6 +1,6 @@
 """Stage 2 data path: stream WebDataset shards, join each sample to its cache row, replay the view.
 
-What each rank and DataLoader worker reads is `epoch_plan`'s pure function of (seed, epoch,
+What each rank and DataLoader worker reads is `plan.py`'s pure function of (seed, epoch,
 world, workers, valid samples per shard): a worker reads its shard pieces in order, joins every
 tar sample to its cache row by position (one read per array per shard piece and view), checks
 the key, replays the stored view at the student's input size and shuffles through a bounded
