@@ -1,5 +1,6 @@
-"""The one progress bar of the package (tqdm: rate and ETA), used by shard writing, ingest and the
-stages.
+"""The progress bar of long shard jobs (tqdm: rate and ETA, or a silent stand-in): writing tars,
+the parallel writer and indexing. A module of its own at the top so that any folder can show one
+without importing shards/.
 """
 from __future__ import annotations
 
