@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,9 @@ def test_wheel_ships_the_recipes_that_usi_demo_and_train_use(tmp_path):
     sh(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist",
        src, cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("usi_cache-*.whl"))
+    with zipfile.ZipFile(wheel) as z:  # every module of every subpackage (found, not listed)
+        shipped = {n for n in z.namelist() if n.endswith(".py")}
+    assert shipped == {str(m.relative_to(ROOT)) for m in (ROOT / "usi_cache").rglob("*.py")}
 
     venv = tmp_path / "venv"
     sh(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv, cwd=tmp_path)
