@@ -142,7 +142,7 @@ def test_click_only_in_cli_and_heavy_optional_imports_only_inside_functions():
             if src.split(".")[0] == "click":
                 assert m.startswith("usi_cache.cli."), f"{m}:{node.lineno} imports click outside cli/"
             heavy = [d for d in DEFERRED if src == d or src.startswith(d + ".") or full == d]
-            assert not (heavy and top), f"{m}:{node.lineno} imports {heavy[0]} at module level: defer it to the function"
+            assert not (heavy and top), f"{m}:{node.lineno} imports {heavy[0]} at module level: defer it"
 
 
 BENCHMARKS = ROOT / "benchmarks"
