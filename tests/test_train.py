@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -270,6 +271,20 @@ def test_ranks_of_a_copy_group_train_one_sample_in_the_same_step(data):
         views = {s["key"]: s["view"] for s in a}
         assert all(views[s["key"]] != s["view"] for s in b)
     assert len({s["key"] for s in per_rank[0]}) == 24
+
+
+def test_a_grow_between_ranks_reads_cannot_split_the_ranks(data, tmp_path):
+    """Rank 1 reads the cache only after a real `--add-views 1` grow has committed (V 3 -> 4) while
+    rank 0 read it before: both ranks still train with rank 0's V = 3."""
+    cache = tmp_path / "cache.zarr"
+    shutil.copytree(data["cache"], cache)
+    grow = conftest.cache_args(data["train"], data["ckpt"], cache, "--views", "3", "--add-views", "1")
+    run = tmp_path / "run"
+    r = run_py(["tests/grow_between_reads.py", json.dumps(grow), "--",
+                *train_args(data, run, "--cache", str(cache), "--epochs", "1")], torchrun=2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert schema.Layout.from_attrs(schema.open_cache(cache)[1]).views == 4  # the grow did commit
+    assert [(run / f"views.rank{i}").read_text() for i in (0, 1)] == ["3", "3"]
 
 
 def test_repeated_aug_larger_than_views_is_refused(data, tmp_path):

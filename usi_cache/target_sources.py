@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from . import replay_check, schema
 from .config import TrainConfig, ViewSpec
-from .dist import World, all_gather_objects
+from .dist import World, all_gather_objects, on_main
 from .epoch_plan import stable_seed
 from .mixing import apply_mix, sample_mix
 from .targets import mix_targets, one_hot_mix, teacher_distribution
@@ -131,7 +131,10 @@ def resolve_targets(cfg: TrainConfig, world: World, manifest) -> LabelTargets:
         return OnlineTargets(cfg, C, world, cfg.view, teacher)
     if not cfg.cache:
         return LabelTargets(cfg, C, world, cfg.view)
-    group, attrs = schema.open_cache(cfg.cache)
+    # rank 0 reads the attributes and every rank takes its copy, as the plan is: a grow
+    # (--add-views) that commits between two ranks' reads cannot give the ranks different V
+    attrs = on_main(world, lambda: schema.open_cache(cfg.cache)[1])
+    group = schema.open_cache(cfg.cache)[0]
     found = attrs["dataset"]["fingerprint"]
     if found != manifest.fingerprint:
         raise schema.CacheError(f"{cfg.cache}: dataset.fingerprint {found[:12]} does not match the train "
