@@ -182,12 +182,14 @@ def test_cache_from_other_shards_is_refused(data, tmp_path):
     assert r.exit_code == 1 and "dataset.fingerprint" in r.output and "other shards" in r.output, r.output
 
 
-def test_resume_after_kill_mid_epoch_is_bit_identical(data, tmp_path):
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_resume_after_kill_mid_epoch_is_bit_identical(data, tmp_path, repeats):
     """Kill in epoch 1, resume: the final weights equal an uninterrupted run's bit for bit, with
-    drop-path on (each rank's generator is saved in last.pth and put back)."""
+    drop-path on (each rank's generator is saved in last.pth and put back), with and without
+    repeated augmentation."""
     run = tmp_path / "run"
     extra = ("--cache", str(data["cache"]), "--epochs", "3", "--batch-size", "4",
-             "--model-kwargs", '{"drop_path_rate": 0.2}')
+             "--model-kwargs", '{"drop_path_rate": 0.2}', "--repeated-aug", str(repeats))
     args = [sys.executable, "train_student.py", *train_args(data, run, *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as run_py: the thread count changes CPU summation order
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
