@@ -1,19 +1,28 @@
 """Epoch plan: stage-2 epoch accounting at ImageNet shapes, by enumeration (no image is read).
 
 ImageNet-1k's samples in its number of shards of uneven size, a few of them holding no valid
-sample (every image undecodable), ranks × data workers, a per-rank batch and a shuffle buffer
-as in the USI recipe; without and with repeated augmentation R. Counted: steps per rank, uses,
-distinct samples, what is left out, copies of a sample sharing a local batch (every worker of
-one rank through the real shuffle buffer), decodes and tar reads, and how often each sample is
-selected over several epochs. `--shards`, `--samples`, `--world`, … enumerate other shapes.
+sample (every image undecodable), data workers per rank, a per-rank batch and a shuffle buffer as
+in the USI recipe; for each world size (8, 16 and 2 ranks by default) without and with repeated
+augmentation R. Every unit of one epoch goes through the data path's own `assemble` and shuffle
+(`usi_cache.stage2.plan.enumerate_plan`). Counted: steps per rank, uses, distinct samples, what is
+left out, samples with fewer than R copies, copies sharing one global step and on distinct ranks,
+copies sharing a local batch, distinct classes per local batch (classes drawn at random per
+sample, as in shards made by `usi shards`) beside timm's `RepeatAugSampler` over a random
+permutation, tar bytes each rank reads (in samples read through) against R = 1, and how often
+each sample is selected over several epochs. `--shards`, `--samples`, `--worlds`, … enumerate
+other shapes.
 
 Interpretation:
-Without repeated augmentation only a remainder smaller than one global batch rests each epoch,
-a different one each time; with R each epoch trains on 1/R of the samples, R copies each (each
-decoded by the worker that reads it), and no copy shares a local batch with its own copy.
-Workers read a few more tars than there are shards: a shard cut between two workers is read by
-both, each up to its cut. `tests/test_epoch_plan.py` asserts these counts, and a torchrun test
-checks them on real keys.
+Without repeated augmentation only a remainder smaller than one global batch rests each epoch, a
+different one each time. With R each epoch trains on ≈ 1/R of the samples, R copies each with R
+distinct views, all R in the same global step: on R different ranks where world ≥ R, in one local
+batch where world < R forces it (world 2, R = 3). timm's sampler, for comparison, splits the copies
+of a sample over two steps whenever its group straddles a step boundary. A local batch holds as
+many classes as under timm's sampler. The R ranks that share a copy group read the same shard
+pieces, so a rank reads about what it reads with R = 1; the few percent more come from more
+stream boundaries (a shard cut between two streams is read from its start by both).
+`tests/test_epoch_plan.py` asserts these on a smaller enumerated shape, and torchrun tests
+check them on real keys in log.jsonl.
 """
 from __future__ import annotations
 
@@ -23,7 +32,7 @@ import time
 import numpy as np
 
 from bench_common import NOT_RECORDED, publish, table
-from usi_cache.stage2.plan import PlanSpec, enumerate_plan, exact_shuffle, worker_pieces
+from usi_cache.stage2.plan import PlanSpec, copy_stats, enumerate_plan, rank_reads, selected_pieces
 
 IMAGENET_SHARDS, IMAGENET_SAMPLES = 1282, 1_281_167
 
@@ -48,31 +57,49 @@ def imagenet_counts(seed: int = 0, empty: int = 0) -> tuple[int, ...]:
     return uneven_counts(IMAGENET_SHARDS, IMAGENET_SAMPLES, seed, empty)
 
 
-def measure(spec: PlanSpec, epochs: int, buffer: int) -> dict:
+def classes_per_batch(classes: np.ndarray, rank: np.ndarray, step: np.ndarray, steps: int) -> float:
+    """Mean distinct classes in a local batch, from one row per unit."""
+    batch_id = rank.astype(np.int64) * steps + step
+    pairs = np.unique(batch_id * (int(classes.max()) + 1) + classes)
+    return float(len(pairs) / len(np.unique(batch_id)))
+
+
+def repeat_aug_sampler(spec: PlanSpec, seed: int) -> dict[str, np.ndarray]:
+    """timm's RepeatAugSampler over a random permutation: indices repeat-interleaved R times and
+    dealt round-robin to the ranks, each rank's first steps × batch taken in order."""
+    perm = np.random.default_rng(seed).permutation(spec.num_samples)
+    dealt = np.repeat(perm, spec.repeats)
+    take = spec.steps * spec.batch
+    per_rank = [dealt[r::spec.world][:take] for r in range(spec.world)]
+    return {"position": np.concatenate(per_rank), "rank": np.repeat(np.arange(spec.world), take),
+            "step": np.tile(np.arange(take) // spec.batch, spec.world)}
+
+
+def measure(spec: PlanSpec, epochs: int, buffer: int, classes: int) -> dict:
     N = spec.num_samples
+    u = enumerate_plan(spec, 0, buffer)
+    uses = np.bincount(u["position"], minlength=N)
+    label = np.random.default_rng(0).integers(0, classes, N)  # shuffled shards: classes at random
+    stats = copy_stats(u["position"], u["step"], u["rank"], spec.repeats, spec.world)
+    timm = repeat_aug_sampler(spec, spec.seed)
+    timm_stats = copy_stats(timm["position"], timm["step"], timm["rank"], spec.repeats, spec.world)
+    reads = [rank_reads(spec, 0, r) for r in range(spec.world)]
     selected = np.zeros(N, np.int64)
-    out = {}
-    for epoch in range(epochs):
-        u = enumerate_plan(spec, epoch)
-        uses = np.bincount(u["position"], minlength=N)
-        selected += uses > 0
-        if epoch == 0:
-            dup = 0
-            for w in range(max(spec.workers, 1)):  # one rank's workers through the shuffle buffer
-                mine = u["position"][(u["rank"] == 0) & (u["worker"] == w)]
-                order = np.fromiter(exact_shuffle(iter(mine.tolist()), buffer, np.random.default_rng(w),
-                                                  spec.batch, key=lambda p: p), np.int64)
-                dup += sum(len(b) - len(np.unique(b)) for b in order.reshape(-1, spec.batch))
-            reads = sum(len(worker_pieces(spec, epoch, r, w)) for r in range(spec.world)
-                        for w in range(max(spec.workers, 1)))
-            out = {"steps": spec.steps, "uses": int(uses.sum()), "distinct": int((uses > 0).sum()),
-                   "max_uses": int(uses.max()), "left_out": int((uses == 0).sum()),
-                   "in_batch_duplicates_rank0": int(dup),
-                   # each unit is decoded by the worker that reads it (copies on other ranks)
-                   "decodes_per_selected_sample": float(uses.sum() / (uses > 0).sum()),
-                   "tar_reads": reads, "shards": len(spec.counts)}
-    out[f"selected_over_{epochs}_epochs"] = [int(selected.min()), int(selected.max())]
-    return out
+    for epoch in range(epochs):  # selections over several epochs, from the plan's windows
+        for p in selected_pieces(spec, epoch):
+            selected[p.position + p.lo:p.position + p.hi] += 1
+    return {"steps": spec.steps, "uses": int(uses.sum()), "distinct": int((uses > 0).sum()),
+            "max_uses": int(uses.max()), "left_out": int((uses == 0).sum()), "trimmed": spec.trimmed,
+            "same_step": stats.get("repeat_same_step"), "distinct_ranks": stats.get("repeat_distinct_ranks"),
+            "timm_same_step": timm_stats.get("repeat_same_step"),
+            "timm_distinct_ranks": timm_stats.get("repeat_distinct_ranks"),
+            "in_batch_duplicates": stats["in_batch_duplicates"],
+            "classes_per_batch": classes_per_batch(label[u["position"]], u["rank"], u["step"], spec.steps),
+            "timm_classes_per_batch": classes_per_batch(label[timm["position"]], timm["rank"], timm["step"],
+                                                        spec.steps),
+            "tar_opens_per_rank": float(np.mean([o for o, _ in reads])),
+            "read_per_rank": float(np.mean([t for _, t in reads])), "read_per_rank_max": int(max(t for _, t in reads)),
+            f"selected_over_{epochs}_epochs": [int(selected.min()), int(selected.max())]}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -80,43 +107,54 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=IMAGENET_SHARDS)
     p.add_argument("--samples", type=int, default=IMAGENET_SAMPLES, help="valid samples in all")
     p.add_argument("--empty", type=int, default=5, help="shards with no valid sample")
-    p.add_argument("--world", type=int, default=8, help="ranks")
+    p.add_argument("--worlds", default="8,16,2", help="world sizes (ranks), comma-separated")
     p.add_argument("--workers", type=int, default=8, help="data workers per rank")
     p.add_argument("--batch", type=int, default=128, help="per rank")
     p.add_argument("--buffer", type=int, default=1000, help="shuffle buffer")
+    p.add_argument("--classes", type=int, default=1000, help="classes, drawn at random per sample")
     p.add_argument("--epochs", type=int, default=6, help="epochs over which selections are counted")
     p.add_argument("--repeats", default="1,3", help="values of R (repeated augmentation), comma-separated")
     p.add_argument("--seed", type=int, default=42)
     return p
 
 
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f} %"
+
+
 def report(r: dict) -> str:
     """The table and findings of an epoch_plan results file."""
     shape = r["shape"]
-    plans = {int(k[2:]): v for k, v in r.items() if k.startswith("R=")}
-    epochs = next(int(k.split("_")[2]) for k in plans[min(plans)] if k.startswith("selected_over_"))
-    rows = [[R, v["steps"], v["uses"], v["distinct"], v["max_uses"], v["left_out"],
-             f"{v['decodes_per_selected_sample']:.2f}", v["in_batch_duplicates_rank0"],
-             f"{v['tar_reads']} / {v['shards']}", "{}..{}".format(*v[f"selected_over_{epochs}_epochs"])]
-            for R, v in sorted(plans.items())]
-    global_batch = shape["world"] * shape["batch"]
+    plans = {tuple(int(x) for x in k[2:].split(",R=")): v for k, v in r.items() if k.startswith("W=")}
+    epochs = next(int(k.split("_")[2]) for k in next(iter(plans.values())) if k.startswith("selected_over_"))
+    rows = []
+    for (W, R), v in sorted(plans.items()):
+        base = plans.get((W, 1))
+        ratio = f"{v['read_per_rank'] / base['read_per_rank']:.3f}" if base else "—"
+        rows.append([W, R, v["steps"], v["uses"], v["distinct"], v["max_uses"], v["left_out"], v["trimmed"],
+                     _pct(v["same_step"]), _pct(v["timm_same_step"]), _pct(v["distinct_ranks"]),
+                     v["in_batch_duplicates"], f"{v['classes_per_batch']:.1f}", f"{v['timm_classes_per_batch']:.1f}",
+                     f"{v['read_per_rank']:,.0f}", ratio, f"{v['tar_opens_per_rank']:.0f}",
+                     "{}..{}".format(*v[f"selected_over_{epochs}_epochs"])])
     empty = shape.get("empty_shards", NOT_RECORDED)
     lines = [f"{shape['shards']} shards of uneven size (with no valid sample: {empty}), {shape['samples']} valid "
-             f"samples, {shape['world']} ranks × {shape['workers']} workers, batch {shape['batch']} per rank, shuffle "
-             f"buffer {shape['shuffle_buffer']}, seed {shape['seed']}", "",
-             table(["R", "steps/rank", "uses", "distinct samples", "max uses", "not used", "decodes/selected sample",
-                    "copies sharing a batch (rank 0)", "tar reads / shards", f"times selected in {epochs} epochs"],
-                   rows), ""]
-    for R, v in sorted(plans.items()):
+             f"samples, {shape['workers']} workers per rank, batch {shape['batch']} per rank, shuffle buffer "
+             f"{shape['shuffle_buffer']}, {shape['classes']} classes, seed {shape['seed']}", "",
+             table(["ranks", "R", "steps/rank", "uses", "distinct samples", "max uses", "not used", "fewer than R copies",
+                    "copies in one step", "(timm sampler)", "copies on distinct ranks", "copies sharing a local batch",
+                    "classes / local batch", "(timm sampler)", "samples read / rank", "read vs R = 1",
+                    "tar opens / rank", f"times selected in {epochs} epochs"], rows), ""]
+    for (W, R), v in sorted(plans.items()):
         if R == 1:
-            lines.append(f"* R = 1: {v['left_out']} samples rest each epoch (one global batch: {global_batch})")
+            lines.append(f"* {W} ranks, R = 1: {v['left_out']} samples rest each epoch (one global batch: "
+                         f"{W * shape['batch']})")
         else:
-            lines.append(f"* R = {R}: each epoch trains on {v['distinct'] / shape['samples']:.3f} of the samples, "
-                         f"{v['max_uses']} copies each; copies sharing a batch on rank 0: "
-                         f"{v['in_batch_duplicates_rank0']}")
-        lines.append(f"  workers read {100 * (v['tar_reads'] / v['shards'] - 1):.1f} % more tars than there are "
-                     f"shards; each sample is selected {v[f'selected_over_{epochs}_epochs'][0]} to "
-                     f"{v[f'selected_over_{epochs}_epochs'][1]} times in {epochs} epochs")
+            base = plans.get((W, 1))
+            lines.append(f"* {W} ranks, R = {R}: {v['distinct']} distinct samples ({v['distinct'] / shape['samples']:.3f}"
+                         f" of them), copies in one step {_pct(v['same_step'])} (timm's sampler "
+                         f"{_pct(v['timm_same_step'])}), on distinct ranks {_pct(v['distinct_ranks'])}"
+                         + (f"; each rank reads {v['read_per_rank'] / base['read_per_rank']:.3f}× what it reads "
+                            f"with R = 1" if base else ""))
     lines.append(f"* enumerated in {r['wall_s']:.1f} s" if "wall_s" in r else f"* enumeration time: {NOT_RECORDED}")
     return "\n".join(lines)
 
@@ -124,13 +162,15 @@ def report(r: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     a = parser().parse_args(argv)
     t0 = time.perf_counter()
-    base = dict(counts=uneven_counts(a.shards, a.samples, empty=a.empty), seed=a.seed, world=a.world,
-                workers=a.workers, batch=a.batch)
-    payload = {"args": vars(a), "shape": {k: v for k, v in base.items() if k != "counts"} | {
-        "shards": a.shards, "samples": a.samples, "empty_shards": a.empty, "shuffle_buffer": a.buffer}}
-    for R in (int(x) for x in a.repeats.split(",")):
-        payload[f"R={R}"] = measure(PlanSpec(**base, repeats=R), epochs=a.epochs, buffer=a.buffer)
-        print(f"R = {R}: enumerated", flush=True)
+    counts = uneven_counts(a.shards, a.samples, empty=a.empty)
+    payload = {"args": vars(a), "shape": {"seed": a.seed, "workers": a.workers, "batch": a.batch,
+                                          "shards": a.shards, "samples": a.samples, "empty_shards": a.empty,
+                                          "shuffle_buffer": a.buffer, "classes": a.classes}}
+    for W in (int(x) for x in a.worlds.split(",")):
+        for R in (int(x) for x in a.repeats.split(",")):
+            spec = PlanSpec(counts=counts, seed=a.seed, world=W, workers=a.workers, batch=a.batch, repeats=R)
+            payload[f"W={W},R={R}"] = measure(spec, epochs=a.epochs, buffer=a.buffer, classes=a.classes)
+            print(f"{W} ranks, R = {R}: enumerated", flush=True)
     payload["wall_s"] = time.perf_counter() - t0
     publish("epoch_plan", payload, report)
 

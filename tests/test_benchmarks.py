@@ -105,15 +105,16 @@ def test_fidelity_benchmark_refuses_unknown_rows_and_a_missing_demo(tmp_path):
 def test_epoch_plan_prints_the_report_of_the_file_it_writes(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench("bench_common"), "RESULTS", tmp_path)
     ep = bench("plan_shapes")
-    args = ["--shards", "12", "--samples", "1200", "--empty", "1", "--world", "2", "--workers", "2", "--batch", "16",
-            "--buffer", "50", "--epochs", "3"]
+    args = ["--shards", "12", "--samples", "1200", "--empty", "1", "--worlds", "2,4", "--workers", "2", "--batch", "16",
+            "--buffer", "50", "--classes", "10", "--epochs", "3"]
     ep.main(args)
     r = json.loads((tmp_path / "epoch_plan.json").read_text())
     out = capsys.readouterr().out
     assert ep.report(r) in out
-    one, three = r["R=1"], r["R=3"]
+    one, three = r["W=2,R=1"], r["W=4,R=3"]
     assert one["uses"] + one["left_out"] == 1200 and one["left_out"] < 2 * 16 and three["max_uses"] == 3
-    assert f"* R = 1: {one['left_out']} samples rest each epoch (one global batch: 32)" in out
+    assert three["same_step"] == 1.0 and three["distinct_ranks"] == 1.0
+    assert f"* 2 ranks, R = 1: {one['left_out']} samples rest each epoch (one global batch: 32)" in out
     assert "12 shards of uneven size (with no valid sample: 1), 1200 valid samples" in out
     cmd, note = bench("report").command("plan_shapes", ep, r)  # rebuilt from the recorded args
     assert cmd == ".venv/bin/python benchmarks/plan_shapes.py " + " ".join(args) and note == ""

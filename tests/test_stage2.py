@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,6 +81,20 @@ def test_two_rank_repeated_augmentation_counts_real_keys(data, tmp_path):
     (e,) = read_log(run)
     assert (e["samples_used"], e["sample_uses"], e["max_uses_per_sample"]) == (24, 48, 2)
     assert e["in_batch_duplicates"] == 0
+    assert e["repeat_same_step"] == 1.0 and e["repeat_distinct_ranks"] == 1.0  # both copies in one step, 2 ranks
+
+
+def test_three_rank_repeated_augmentation_trains_copies_in_one_step(data, tmp_path):
+    """3 ranks x 8, R = 2: 2 steps of 24 units = 12 copy groups each; 2 does not divide 3, so a
+    group's copies land on ranks (0, 1), (2, 0) or (1, 2), always in the same step."""
+    run = tmp_path / "run"
+    r = run_py(["train_student.py", *train_args(data, run, "--cache", str(data["cache"]), "--epochs", "1",
+                                                "--repeated-aug", "2")], torchrun=3)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "24 distinct samples x 2 views = 48 uses per epoch" in r.stdout, r.stdout
+    (e,) = read_log(run)
+    assert (e["samples_used"], e["sample_uses"], e["max_uses_per_sample"]) == (24, 48, 2)
+    assert e["repeat_same_step"] == 1.0 and e["repeat_distinct_ranks"] == 1.0 and e["in_batch_duplicates"] == 0
 
 
 def test_views_repeat_is_logged(data, tmp_path):
@@ -129,14 +144,15 @@ def test_online_teacher_sees_the_student_pixels(data, tmp_path):
         torch.testing.assert_close(t_in * std + mean, s_in * std + mean, rtol=0, atol=1e-6)
 
 
-def cache_stream(data, *, shuffle_buffer: int, repeats: int = 1):
-    """The train stream of the module's cache (32 px, 7 steps of 8), its manifest, group and spec."""
+def cache_stream(data, *, shuffle_buffer: int, repeats: int = 1, world: int = 1, rank: int = 0):
+    """The train stream of the module's cache (32 px, 7 steps of 8 in one process), its manifest,
+    group and spec."""
     m = load_manifest(data["train"])
     group, attrs = schema.open_cache(data["cache"])
     spec, layout = schema.view_spec(attrs), schema.Layout.from_attrs(attrs)
-    plan = PlanSpec(counts=valid_counts(m, group, layout), seed=42, world=1, workers=0, batch=8, repeats=repeats)
+    plan = PlanSpec(counts=valid_counts(m, group, layout), seed=42, world=world, workers=0, batch=8, repeats=repeats)
     stream = TrainStream(TrainStreamSpec(manifest=m, cache=str(data["cache"]), layout=layout, spec=spec, size=32,
-                                         plan=plan, rank=0, shuffle_buffer=shuffle_buffer))
+                                         plan=plan, rank=rank, shuffle_buffer=shuffle_buffer))
     return stream, m, group, spec
 
 
@@ -168,12 +184,14 @@ def test_cache_from_other_shards_is_refused(data, tmp_path):
     assert r.exit_code == 1 and "dataset.fingerprint" in r.output and "other shards" in r.output, r.output
 
 
-def test_resume_after_kill_mid_epoch_is_bit_identical(data, tmp_path):
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_resume_after_kill_mid_epoch_is_bit_identical(data, tmp_path, repeats):
     """Kill in epoch 1, resume: the final weights equal an uninterrupted run's bit for bit, with
-    drop-path on (each rank's generator is saved in last.pth and put back)."""
+    drop-path on (each rank's generator is saved in last.pth and put back), with and without
+    repeated augmentation."""
     run = tmp_path / "run"
     extra = ("--cache", str(data["cache"]), "--epochs", "3", "--batch-size", "4",
-             "--model-kwargs", '{"drop_path_rate": 0.2}')
+             "--model-kwargs", '{"drop_path_rate": 0.2}', "--repeated-aug", str(repeats))
     args = [sys.executable, "train_student.py", *train_args(data, run, *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as run_py: the thread count changes CPU summation order
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
@@ -227,8 +245,9 @@ def test_repeated_augmentation_uses_distinct_cached_views(data):
         batches = [list(range(i, i + 8)) for i in range(0, 56, 8)]
         samples = list(stream)
         assert len(samples) == 56
-        for b in batches:  # the two copies of a sample never share a batch of this worker
-            assert len({samples[i]["key"] for i in b}) == 8
+        for b in batches:  # one process, 2 copies: both copies of a sample in the same batch
+            keys = [samples[i]["key"] for i in b]
+            assert len(set(keys)) == 4 and all(keys.count(k) == 2 for k in keys)
         for s in samples:
             seen.setdefault(s["key"], []).append((s["view"], s["t_log_probs"].numpy()))
         assert len(seen) == 28 and all(len(v) == 2 for v in seen.values())
@@ -239,6 +258,37 @@ def test_repeated_augmentation_uses_distinct_cached_views(data):
         chosen.append(seen)
     assert set(chosen[0]).isdisjoint(chosen[1])  # 28 + 28 of the 58: no sample twice before all once
     assert all(sorted(v for v, _ in uses) == [0, 1] for uses in chosen[1].values())
+
+
+def test_ranks_of_a_copy_group_train_one_sample_in_the_same_step(data):
+    """The data path itself, not only the plan: with 2 ranks and R = 2, each step's batches on rank 0
+    and rank 1 hold the same samples, each with another cached view on the other rank."""
+    per_rank = []
+    for rank in (0, 1):
+        stream, *_ = cache_stream(data, shuffle_buffer=5, repeats=2, world=2, rank=rank)
+        stream.set_epoch(1)
+        per_rank.append(list(stream))
+    assert len(per_rank[0]) == len(per_rank[1]) == 3 * 8  # 58 // 16 = 3 steps
+    for step in range(3):
+        a, b = (per_rank[r][step * 8:(step + 1) * 8] for r in (0, 1))
+        assert sorted(s["key"] for s in a) == sorted(s["key"] for s in b)
+        views = {s["key"]: s["view"] for s in a}
+        assert all(views[s["key"]] != s["view"] for s in b)
+    assert len({s["key"] for s in per_rank[0]}) == 24
+
+
+def test_a_grow_between_ranks_reads_cannot_split_the_ranks(data, tmp_path):
+    """Rank 1 reads the cache only after a real `--add-views 1` grow has committed (V 3 -> 4) while
+    rank 0 read it before: both ranks still train with rank 0's V = 3."""
+    cache = tmp_path / "cache.zarr"
+    shutil.copytree(data["cache"], cache)
+    grow = conftest.cache_args(data["train"], data["ckpt"], cache, "--views", "3", "--add-views", "1")
+    run = tmp_path / "run"
+    r = run_py(["tests/grow_between_reads.py", json.dumps(grow), "--",
+                *train_args(data, run, "--cache", str(cache), "--epochs", "1")], torchrun=2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert schema.Layout.from_attrs(schema.open_cache(cache)[1]).views == 4  # the grow did commit
+    assert [(run / f"views.rank{i}").read_text() for i in (0, 1)] == ["3", "3"]
 
 
 def test_repeated_aug_larger_than_views_is_refused(data, tmp_path):

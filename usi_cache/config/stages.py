@@ -194,8 +194,8 @@ class TrainConfig:
     seed: int = setting(42, "Seed of the epoch plan, mixing and the student's init.")
     workers: int = setting(2, "Data-loading processes per rank.")
     shuffle_buffer: int = setting(1000, "Samples held for shuffling, per worker.")
-    repeated_aug: int = setting(1, "Each sample is seen with this many distinct views per epoch "
-                                   "(same steps; USI: 3 when distributed).")
+    repeated_aug: int = setting(1, "R: each epoch trains ~N/R samples, each with R distinct views in the "
+                                   "same step on R ranks (same steps; USI: 3 when distributed).")
     max_steps: int | None = setting(None, "Cap on steps per epoch (smoke tests, benchmarks); null = none.")
     allow_replay_mismatch: bool = setting(False, "Train although this machine's decoders re-render the "
                                                  "cache's views differently.")

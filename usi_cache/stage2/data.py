@@ -1,10 +1,12 @@
 """Stage 2 data path: stream WebDataset shards, join each sample to its cache row, replay the view.
 
 What each rank and DataLoader worker reads is `plan.py`'s pure function of (seed, epoch,
-world, workers, valid samples per shard): a worker reads its shard pieces in order, joins every
-tar sample to its cache row by position (one read per array per shard piece and view), checks
-the key, replays the stored view at the student's input size and shuffles through a bounded
-buffer that emits every sample exactly once. Every rank runs the same number of batches.
+world, workers, valid samples per shard): a worker reads the shard pieces of each of its lane
+streams in order, joins every tar sample to its cache row by position (one read per array per
+shard piece and view), checks the key, replays the stored views of the copies this rank trains
+at the student's input size, shuffles each stream through a bounded buffer seeded alike on every
+rank of the lane, and `plan.assemble` deals the copies into batches (the R copies of a sample
+in one global step). Every rank runs the same number of batches.
 """
 from __future__ import annotations
 
@@ -18,12 +20,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from usi_cache import cache_format as schema
 from usi_cache.config.stages import ViewSpec
-from usi_cache.shards.images import decode_image
-from usi_cache.shards.manifest import Manifest, ShardError
-from usi_cache.shards.tars import read_shard
-from usi_cache.stage2.plan import Piece, PlanSpec, exact_shuffle, stable_seed, view_index, worker_pieces
+from usi_cache.stage2.plan import (Piece, PlanSpec, assemble, exact_shuffle, stable_seed, stream_rng, view_index,
+                                   worker_streams)
 from usi_cache.views.mixing import PartnerImages
 from usi_cache.views.render import render, render_stored, stored_view
+from usi_cache.shards.manifest import Manifest, ShardError
+from usi_cache.shards.images import decode_image
+from usi_cache.shards.tars import read_shard
 from usi_cache.views.sampling import sample_view, view_rng
 
 __all__ = ["valid_counts", "TrainStreamSpec", "TrainStream"]
@@ -75,24 +78,34 @@ class TrainStream(IterableDataset):
         if workers != max(s.plan.workers, 1):
             raise RuntimeError(f"the plan has {s.plan.workers} workers per rank, the DataLoader {workers}")
         epoch = self.epoch  # read once: the whole iteration is this epoch's
-        pieces = worker_pieces(s.plan, epoch, s.rank, worker)
-        if not pieces:
+        if s.plan.worker_batches(worker) == 0:
             return
         group = schema.open_arrays(schema.open_cache(s.cache)[0], s.layout) if s.cache else None
-        rng = np.random.default_rng(stable_seed("shuffle", s.plan.seed, epoch, s.rank, worker))
-        samples = (x for p in pieces for x in self.piece_samples(p, group, epoch))
-        yield from exact_shuffle(samples, s.shuffle_buffer, rng, s.plan.batch, key=lambda x: x["sid"])
+        buffer = s.plan.lane_buffer(s.shuffle_buffer)
+        streams = {}
+        for lane, pieces in worker_streams(s.plan, epoch, s.rank, worker).items():
+            samples = self.stream_samples(pieces, group, epoch, s.plan.lane_copies(lane, s.rank))
+            streams[lane] = exact_shuffle(samples, buffer, stream_rng(s.plan, epoch, lane, worker))
+        for copies, copy in assemble(s.plan, s.rank, worker, streams):
+            yield copies[copy]
 
-    def piece_samples(self, piece: Piece, group, epoch: int) -> Iterator[dict]:
-        """The replayed samples of one shard piece (valid samples lo..hi−1, one copy)."""
+    def stream_samples(self, pieces: list[Piece], group, epoch: int, copies: tuple[int, ...]) -> Iterator[dict]:
+        for piece in pieces:
+            yield from self.piece_samples(piece, group, epoch, copies)
+
+    def piece_samples(self, piece: Piece, group, epoch: int, copies: tuple[int, ...]) -> Iterator[dict]:
+        """The samples of one shard piece (valid samples lo..hi−1), each as {copy r: the replayed
+        view of copy r} for the copies this rank trains."""
         s, m = self.s, self.s.manifest
         path = m.path(piece.shard)
         V = s.layout.views if s.cache else None
         slots = s.layout.slots_per_shard if s.cache else m.per_shard
-        views = view_index(piece.position + np.arange(piece.lo, piece.hi), piece.copy, epoch, s.plan, V)
+        positions = piece.position + np.arange(piece.lo, piece.hi)
+        views = {r: view_index(positions, r, epoch, s.plan, V) for r in copies}
         blocks = {}
-        if group is not None:  # one read per array per view this piece uses (one, or two at a boundary)
-            blocks = {int(v): schema.read_block(group, s.layout, piece.shard, int(v)) for v in np.unique(views)}
+        if group is not None:  # one read per array per view this piece uses (one, or two at a boundary, per copy)
+            needed = np.unique(np.concatenate(list(views.values())))
+            blocks = {int(v): schema.read_block(group, s.layout, piece.shard, int(v)) for v in needed}
         samples = read_shard(path)
         partners = None
         if blocks and s.layout.paired:  # partners may come later in the tar: hold its encoded bytes
@@ -119,22 +132,26 @@ class TrainStream(IterableDataset):
                 if piece.hi < total:
                     return  # the rest of the shard belongs to other pieces
                 continue
-            yield self.replay(sample, pos, int(views[j - 1 - piece.lo]), piece.shard, slots, blocks, partners)
+            image = self.decode(sample, piece.shard, blocks)  # once, whatever the copies
+            yield {r: self.replay(sample, image, pos, int(v[j - 1 - piece.lo]), piece.shard, slots, blocks, partners)
+                   for r, v in views.items()}
         if j != total:
             raise ShardError(f"{path}: {j} valid samples, the epoch plan expected {total}")
         m.check_count(piece.shard, count)
 
-    def replay(self, sample, pos: int, view: int, shard: int, slots: int, blocks: dict,
-               partners: PartnerImages | None) -> dict:
-        """One training sample: the stored (or, without a cache, freshly drawn) view replayed."""
-        s = self.s
+    def decode(self, sample, shard: int, blocks: dict) -> Image.Image:
         try:
-            image = decode_image(sample.data)
+            return decode_image(sample.data)
         except ValueError as e:
             why = ("the cache holds a target for it" if blocks else
                    "training without a cache needs every sample to decode (shards made by `usi shards` "
                    "leave such files out; a cache marks them)")
-            raise ShardError(f"{s.manifest.path(shard)}: sample {sample.key!r} does not decode ({e}); {why}") from None
+            raise ShardError(f"{self.s.manifest.path(shard)}: sample {sample.key!r} does not decode ({e}); {why}") from None
+
+    def replay(self, sample, image: Image.Image, pos: int, view: int, shard: int, slots: int, blocks: dict,
+               partners: PartnerImages | None) -> dict:
+        """One training sample: the stored (or, without a cache, freshly drawn) view replayed."""
+        s = self.s
         out = {"label": sample.cls, "key": sample.key, "sid": shard * slots + pos, "view": view}
         if not blocks:  # label-only / online: a fresh view
             params = sample_view(view_rng(s.plan.seed, sample.key, view), image.height, image.width, s.spec)

@@ -24,7 +24,7 @@ from usi_cache import cache_format as schema, storage
 from usi_cache.config.stages import TrainConfig
 from usi_cache.config.parser import to_dict
 from usi_cache.dist import World, barrier, close_world, gather_objects, init_world, on_main
-from usi_cache.stage2.plan import PlanError, PlanSpec, stable_seed, summarize
+from usi_cache.stage2.plan import PlanError, PlanSpec, copy_stats, stable_seed, summarize
 from usi_cache.stage2.evaluate import Evaluator
 from usi_cache.stage2.run_log import RunLog
 from usi_cache.shards.manifest import ShardError, load_manifest
@@ -95,7 +95,7 @@ def train(cfg: TrainConfig, world: World, runlog: RunLog, *, resume: bool, progr
         state.scheduler.step(epoch)
         loop.loader.dataset.set_epoch(epoch)  # reaches persistent workers: shared memory
         stats = train_epoch(loop, state, epoch)
-        usage = gather_usage(stats.pop("sids"), stats.pop("duplicates"), world)
+        usage = gather_usage(stats.pop("sids"), world, cfg.repeated_aug)
         train_s = time.perf_counter() - t0
         val = evaluate({"raw": state.model} | ({"ema": state.ema.module} if state.ema is not None else {}))
         raw, ema = val["raw"], val.get("ema")
@@ -177,12 +177,11 @@ def train_epoch(loop: Loop, state: TrainState, epoch: int) -> dict:
     loss_sum, parts_sum = torch.zeros((), device=world.device), {}
     first_bad = torch.full((), -1, dtype=torch.int64, device=world.device)
     recent_keys: dict[int, list[str]] = {}  # batch keys since the last check, for the error message
-    sids, duplicates = [], 0  # which samples this rank trained on (CPU tensors from the loader)
+    sids = []  # which samples this rank trained on, step by step (CPU tensors from the loader)
     lr = state.optimizer.param_groups[0]["lr"]  # the scheduler steps per epoch
     n_steps, t_first = 0, None
     for step, batch in enumerate(loop.loader):
         sids.append(batch["sid"])
-        duplicates += len(batch["sid"]) - len(torch.unique(batch["sid"]))
         recent_keys[step] = batch["key"][:4]
         x, gt, teacher = loop.source(batch, epoch, step)
         loss, parts = train_step(loop, state, x, gt, teacher)
@@ -210,7 +209,7 @@ def train_epoch(loop: Loop, state: TrainState, epoch: int) -> dict:
     elapsed = time.perf_counter() - t_first if n_steps > 1 else 0.0
     return {"loss": float(loss_sum) / n_steps, "parts": {k: float(v) / n_steps for k, v in parts_sum.items()},
             "img_per_s": (n_steps - 1) * cfg.batch_size * world.size / elapsed if elapsed > 0 else 0.0,
-            "sids": torch.cat(sids).numpy() if sids else np.zeros(0, np.int64), "duplicates": duplicates}
+            "sids": torch.stack(sids).numpy() if sids else np.zeros((0, cfg.batch_size), np.int64)}
 
 
 def train_step(loop: Loop, state: TrainState, x: torch.Tensor, gt: torch.Tensor, teacher) -> tuple[torch.Tensor, dict]:
@@ -273,17 +272,16 @@ def check_finite(first_bad: torch.Tensor, recent_keys: dict[int, list[str]], epo
                          + (f" (batch keys {', '.join(keys)}, ...)" if keys else ""))
 
 
-def gather_usage(sids: np.ndarray, duplicates: int, world: World) -> dict:
-    """The epoch's sample accounting over all ranks, on rank 0 ({} elsewhere): distinct samples,
-    total uses, the most uses of one sample, and copies of a sample that shared a local batch."""
-    gathered = gather_objects(world, (sids, duplicates))
+def gather_usage(sids: np.ndarray, world: World, repeats: int) -> dict:
+    """The epoch's sample accounting over all ranks (`plan.copy_stats`), on rank 0 ({}
+    elsewhere), from the slot ids each rank trained on, (steps, batch). Gathered to rank 0 only."""
+    gathered = gather_objects(world, sids)
     if gathered is None:
         return {}
-    every = np.concatenate([g[0] for g in gathered])
-    _, uses = np.unique(every, return_counts=True)
-    return {"samples_used": int(len(uses)), "sample_uses": int(len(every)),
-            "max_uses_per_sample": int(uses.max()) if len(uses) else 0,
-            "in_batch_duplicates": int(sum(g[1] for g in gathered))}
+    steps, batch = gathered[0].shape
+    return copy_stats(np.concatenate([g.ravel() for g in gathered]),
+                      np.tile(np.repeat(np.arange(steps), batch), len(gathered)),
+                      np.repeat(np.arange(len(gathered)), steps * batch), repeats, len(gathered))
 
 
 @torch.no_grad()

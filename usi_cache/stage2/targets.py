@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from usi_cache.checks import replay as replay_check
 from usi_cache import cache_format as schema
 from usi_cache.config.stages import TrainConfig, ViewSpec
-from usi_cache.dist import World, all_gather_objects
+from usi_cache.dist import World, all_gather_objects, on_main
 from usi_cache.stage2.plan import stable_seed
 from usi_cache.views.mixing import apply_mix, sample_mix
 from usi_cache.stage2.loss import mix_targets, one_hot_mix, teacher_distribution
@@ -132,7 +132,10 @@ def resolve_targets(cfg: TrainConfig, world: World, manifest) -> LabelTargets:
         return OnlineTargets(cfg, C, world, cfg.view, teacher)
     if not cfg.cache:
         return LabelTargets(cfg, C, world, cfg.view)
-    group, attrs = schema.open_cache(cfg.cache)
+    # rank 0 reads the attributes and every rank takes its copy, as the plan is: a grow
+    # (--add-views) that commits between two ranks' reads cannot give the ranks different V
+    attrs = on_main(world, lambda: schema.open_cache(cfg.cache)[1])
+    group = schema.open_cache(cfg.cache)[0]
     found = attrs["dataset"]["fingerprint"]
     if found != manifest.fingerprint:
         raise schema.CacheError(f"{cfg.cache}: dataset.fingerprint {found[:12]} does not match the train "
