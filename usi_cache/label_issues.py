@@ -17,6 +17,10 @@ WebDataset shard's block at a time:
   several such classes the one with the largest row_j (cleanlab's rule). C[given, j] counts
   these; a sample whose confident class is not its given label is a **label issue** (the
   off-diagonal of the confident joint: cleanlab's ``filter_by="confident_learning"``).
+  A sample that no class claims (every row_j < t_j) is left out of the joint by cleanlab,
+  which misses flipped labels whose true class has a high threshold (an easy class at 0.85
+  when its mean is 0.9); here such a sample is an issue too when its top class is not its
+  label (`unclaimed=True`, the default; `unclaimed=False` is cleanlab's rule exactly).
 * **Score.** Issues are ranked by the self-confidence row_given, lowest first (cleanlab's
   default ``rank_by="self_confidence"``), ties by slot. The normalised margin
   row_given - max_{j != given} row_j is reported beside it.
@@ -47,10 +51,10 @@ from .view_sample import valid_positions
 
 TOP = 100  # label issues kept (lowest self-confidence first)
 LEAST_CONFIDENT = 24  # least confident samples kept for the report's gallery
-SCORE = ("self_confidence", "the mean probability the teacher gives the sample's label over its views "
-                            "(lower = more likely mislabelled)")
+SCORE = ("self_confidence", "the mean probability the teacher gives the sample's label over its views, "
+                            "lowest first")
 CSV_FIELDS = ("rank", "slot", "key", "shard", "position", "given", "given_name", "teacher", "teacher_name",
-              "p_given", "p_teacher", "margin", "views_agreeing_teacher", "views_agreeing_given")
+              "p_given", "p_teacher", "margin", "views_agreeing_teacher", "views_agreeing_given", "claimed")
 
 
 @dataclass
@@ -174,24 +178,27 @@ def confident_classes(rows: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return out
 
 
-def _issues(state: tuple, shard: int) -> tuple[Counter, int, list]:
-    """Shard's off-diagonal confident joint, its count of confidently counted samples, and its
-    `top` issues with the lowest scores."""
-    arrays, layout, names, thresholds, top = state
+def _issues(state: tuple, shard: int) -> tuple[Counter, int, int, list]:
+    """Shard's off-diagonal confident joint, its count of confidently counted samples, its
+    count of unclaimed issues, and its `top` issues with the lowest scores."""
+    arrays, layout, names, thresholds, top, unclaimed = state
     positions = valid_positions(arrays, layout, shard)
     if positions is None or not len(positions):
-        return Counter(), 0, []
+        return Counter(), 0, 0, []
     s = shard_rows(arrays, layout, shard, positions)
     conf = confident_classes(s.rows, thresholds)
     counted = conf >= 0
-    issue = counted & (conf != s.labels)
+    joint_issue = counted & (conf != s.labels)
     C = layout.num_classes
-    joint = Counter((s.labels[issue] * C + conf[issue]).tolist())
-    idx = np.flatnonzero(issue)
+    joint = Counter((s.labels[joint_issue] * C + conf[joint_issue]).tolist())
+    teacher = np.where(counted, conf, s.rows.argmax(1))  # unclaimed: the top class
+    loose = ~counted & (teacher != s.labels) if unclaimed else np.zeros_like(counted)
+    idx = np.flatnonzero(joint_issue | loose)
     score = s.rows[idx, s.labels[idx]]
     order = idx[np.lexsort((s.slots[idx], score))][:top]
-    found = [(float(s.rows[i, s.labels[i]]), int(s.slots[i]), _record(s, i, int(conf[i]), names)) for i in order]
-    return joint, int(counted.sum()), found
+    found = [(float(s.rows[i, s.labels[i]]), int(s.slots[i]),
+              {**_record(s, i, int(teacher[i]), names), "claimed": bool(counted[i])}) for i in order]
+    return joint, int(counted.sum()), int(loose.sum()), found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,8 +206,8 @@ def _issues(state: tuple, shard: int) -> tuple[Counter, int, list]:
 
 
 def find_label_issues(path: str | Path, *, top: int = TOP, least_confident: int = LEAST_CONFIDENT,
-                      shard_range: str | None = None, progress: bool = True, workers: int = 1,
-                      world: World | None = None) -> dict | None:
+                      shard_range: str | None = None, unclaimed: bool = True, progress: bool = True,
+                      workers: int = 1, world: World | None = None) -> dict | None:
     """Confident learning over the committed shards in `shard_range` (two streamed passes).
     Returns on rank 0 (None on the others): {"method", "score", "samples", "issues_found",
     "issues" (the `top` lowest scores, ranked), "noise_pairs" (off-diagonal confident joint,
@@ -225,26 +232,29 @@ def find_label_issues(path: str | Path, *, top: int = TOP, least_confident: int 
         with np.errstate(invalid="ignore", divide="ignore"):
             thresholds = np.where(totals.samples > 0, totals.self_conf / np.maximum(totals.samples, 1), np.inf)
     thresholds = broadcast_object(world, thresholds)
-    found = map_shards(_issues, shards, functools.partial(_open, path, names, thresholds, top), world=world,
+    found = map_shards(_issues, shards, functools.partial(_open, path, names, thresholds, top, unclaimed), world=world,
                        workers=workers, progress=show, desc="label issues: confident joint")
     if not world.is_main:
         return None
-    joint, counted, ranked = Counter(), 0, []
-    for j, n, f in found:
+    joint, counted, loose, ranked = Counter(), 0, 0, []
+    for j, n, u, f in found:
         joint.update(j)
         counted += n
+        loose += u
         ranked = heapq.nsmallest(top, ranked + f, key=lambda x: x[:2])
     issues = [{"rank": r, **rec} for r, (_, _, rec) in enumerate(ranked, 1)]
     pairs = sorted(joint.items(), key=lambda kv: (-kv[1], kv[0]))
     return {
         "method": "confident learning (per-class thresholds = mean self-confidence; issues = off-diagonal of "
-                  "the confident joint)",
+                  "the confident joint" + (", and unclaimed samples whose top class is not their label)"
+                                           if unclaimed else ")"),
         "score": {"name": SCORE[0], "meaning": SCORE[1]},
         "row": "class probabilities averaged over the V views; outside a view's top-k, the uniform share of its "
                "tail mass",
         "samples": int(totals.samples.sum()),
         "confidently_counted": counted,
-        "issues_found": int(sum(joint.values())),
+        "issues_found": int(sum(joint.values())) + loose,
+        "issues_unclaimed": loose,
         "issues": issues,
         "noise_pairs": [{"given": p // C, "given_name": names[p // C], "teacher": p % C,
                          "teacher_name": names[p % C], "samples": n} for p, n in pairs[:20]],
@@ -305,7 +315,7 @@ def format_issues(r: dict, shown: int = 20) -> str:
     if sc["incomplete_skipped"]:
         lines.append(f"  incomplete shards skipped: {len(sc['incomplete_skipped'])}")
     if r["noise_pairs"]:
-        lines.append("  given label -> teacher's class (samples): " + ", ".join(
+        lines.append("  confident joint, given label -> teacher's class (samples): " + ", ".join(
             f"{p['given_name']} -> {p['teacher_name']} ({p['samples']})" for p in r["noise_pairs"][:5]))
     if r["issues"]:
         lines.append("  rank  key                       slot  given -> teacher (mean p given / teacher, views agreeing "
