@@ -10,10 +10,11 @@ streaming `label_issues.find_label_issues`) then ranks the issues, and:
 
 * precision and recall at N = the number of flips (the N lowest-ranked issues against the
   flipped set; with at least N issues found the two are equal), and of the whole issue set;
+* the same for the confident joint alone (`unclaimed=False`, cleanlab's own rule);
 * cleanlab (`cleanlab.filter.find_label_issues` on the densified rows, `dense_probs`: the same
   view-averaged probabilities, N x C in memory) as the reference: the overlap of its top N with
   ours for its default filter (`prune_by_noise_rate`, ranked by self-confidence), and the
-  agreement of the whole issue set with its `confident_learning` filter, the rule we stream.
+  agreement (Jaccard) of its `confident_learning` filter with our confident joint alone.
 
     .venv/bin/python benchmarks/label_issues.py [--work runs/bench-label-issues]
 
@@ -22,12 +23,14 @@ A flipped label is one the teacher rejects on every view, with a self-confidence
 clean sample the teacher gets wrong is usually one of the confusable pairs (shirt, T-shirt,
 pullover, coat), where the given class keeps some probability. The lowest self-confidences are
 therefore mostly the flips, and precision at N is high although the teacher's own error rate
-is of the order of the flip rate. The whole issue set (every off-diagonal sample of the
-confident joint) is larger than N: it holds the teacher's confident mistakes too, so its
-recall is higher and its precision lower than at N. The streamed ranking is confident learning
-itself, so cleanlab's `confident_learning` filter finds the same set on the same rows; its
-default filter prunes by the estimated noise rate of each class pair, which keeps fewer, and
-its top N overlaps ours almost entirely.
+on these views is several times the flip rate. The whole issue set is larger than N: it holds
+the teacher's mistakes too, so its recall is higher and its precision lower than at N. The
+confident joint alone (cleanlab's `confident_learning` rule, which our streamed passes
+reproduce on the same rows) misses the flips that no class claims: their true class is an easy
+one whose threshold (its mean self-confidence) is higher than the teacher's probability on
+them. Counting an unclaimed sample whose top class is not its label as an issue (the default)
+recovers them, and brings the top N closer to cleanlab's default filter, which prunes by the
+estimated noise rate of each class pair over all samples.
 """
 from __future__ import annotations
 

@@ -324,6 +324,7 @@ def test_label_issue_quality_on_flipped_fashion_mnist(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import label_issues as bench
     m = bench.run(tmp_path, **QUALITY)
+    print({k: v for k, v in m.items() if isinstance(v, float)})  # shown with pytest -s
     assert m["flips"] == 100 and m["samples"] == QUALITY["students"]
     assert m["precision_at_n"] >= 0.8 and m["recall_at_n"] >= 0.8, m
     assert m["overlap_top_n_with_cleanlab"] >= 0.8, m

@@ -38,13 +38,14 @@ header{background:#1d2433;color:#fff;padding:18px 32px}
 header h1{margin:0 0 4px;font-size:22px}header p{margin:0;color:#c4cad6;font-size:14px}
 nav{padding:8px 32px;background:#e8ebf0;font-size:14px}nav a{margin-right:18px;color:#2454a6}
 section{background:#fff;margin:18px 32px;padding:14px 22px;border-radius:8px;box-shadow:0 1px 3px #0002}
-h2{font-size:18px;margin:4px 0 10px}
+h2{font-size:18px;margin:4px 0 10px}.lead{font-size:14px}caption{text-align:left;padding:2px 0}
 pre{background:#f5f6f8;padding:10px;white-space:pre-wrap;font-size:12px;line-height:1.35}
 table{border-collapse:collapse;font-size:13px}th,td{padding:3px 9px;text-align:right;border-bottom:1px solid #e3e6eb}
 th{background:#f0f2f5}td.l,th.l{text-align:left}
 .note{color:#5b6475;font-size:13px}.kpi{display:inline-block;margin:0 26px 8px 0}
 .kpi b{display:block;font-size:20px}.kpi span{font-size:12px;color:#5b6475}
-.card{border:1px solid #e3e6eb;border-radius:6px;padding:8px 10px;margin:10px 0}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(540px,1fr));gap:10px}
+.card{border:1px solid #e3e6eb;border-radius:6px;padding:8px 10px}
 .card h3{font-size:14px;margin:0 0 6px}.card h3 small{font-weight:normal;color:#5b6475}
 .views{display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start}
 .view{width:%(t)dpx;font-size:9.5px}.view img,.orig img{width:%(t)dpx;height:%(t)dpx;image-rendering:pixelated;
@@ -236,12 +237,14 @@ def _issues(li: dict, shown: list[dict], cards: dict) -> str:
                     f"<td>{e(p['samples'])}</td></tr>" for p in li["noise_pairs"][:10])
     views = len(cards[shown[0]["slot"]]["views"]) if shown else 0
     gallery = "".join(_card(r, cards, names, f"rank {e(r['rank'])}: " + _headline(r)) for r in shown)
-    return (f"<section id=\"label-issues\"><h2>Label issues</h2><p>{e(li['issues_found'])} of {e(li['samples'])} "
+    return (f"<section id=\"label-issues\"><h2>Label issues</h2><p class=\"lead\">{e(li['issues_found'])} of {e(li['samples'])} "
             f"samples have a given label the teacher rejects ({e(li['method'])}). Ranked by "
             f"{e(li['score']['name'])}: {e(li['score']['meaning'])}. The ranked list (the first "
             f"{e(li['scope']['top'])}) is in <a href=\"{CSV_NAME}\">{CSV_NAME}</a>.</p>"
-            f"<table><tr><th class=\"l\">given label</th><th class=\"l\">teacher's class</th><th>samples</th></tr>"
-            f"{pairs}</table>{_legend(len(shown), li['issues_found'], 'label issues', views)}{gallery}</section>")
+            f"<table><caption class=\"note\">the confident joint's largest cells</caption><tr><th class=\"l\">given "
+            f"label</th><th class=\"l\">teacher's class</th><th>samples</th></tr>{pairs}</table>"
+            f"{_legend(len(shown), li['issues_found'], 'label issues', views)}<div class=\"gallery\">{gallery}</div>"
+            "</section>")
 
 
 def _least(li: dict, shown: list[dict], cards: dict) -> str:
@@ -250,5 +253,6 @@ def _least(li: dict, shown: list[dict], cards: dict) -> str:
     gallery = "".join(_card(r, cards, names, f"confidence {r['p_teacher']:.3f}: " + _headline(r)) for r in shown)
     return (f"<section id=\"least-confident\"><h2>Least confident samples</h2><p class=\"note\">Confidence: the "
             f"largest view-averaged class probability.</p>"
-            f"{_legend(len(shown), li['samples'], 'least confident samples', views)}{gallery}</section>")
+            f"{_legend(len(shown), li['samples'], 'least confident samples', views)}<div class=\"gallery\">{gallery}"
+            "</div></section>")
 
