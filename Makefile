@@ -18,11 +18,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# Fashion-MNIST comes from Debian's package (the demo's data, and some tests').
+# Fashion-MNIST comes from Debian's package (the demo's data, and some tests'); so does the
+# headless browser that opens `usi inspect --html`'s page in the slow tier (Debian's chromium).
 data:
 	@test -d $(FMNIST) || { echo "installing Debian's dataset-fashion-mnist"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
+	@command -v chromium >/dev/null || { echo "installing Debian's chromium"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 demo: $(STAMP) data
 	$(BIN)/usi demo

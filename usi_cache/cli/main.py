@@ -285,16 +285,23 @@ WORKERS_HELP = ("Processes on this machine reading shards in parallel (under tor
 @click.option("--seed", default=0, show_default=True, help="Seed of --sample-views.")
 @click.option("--no-stats", is_flag=True, help="Summary only: skip the teacher statistics.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG figure (one sample, or the statistics).")
+@click.option("--label-issues", is_flag=True, help="Rank the samples whose label the teacher rejects "
+              "(confident learning over all views).")
+@click.option("--top", default=100, show_default=True, type=click.IntRange(min=1), help="Label issues listed.")
+@click.option("--issues-csv", type=click.Path(dir_okay=False), help="Write the ranked label issues as CSV.")
+@click.option("--html", type=click.Path(file_okay=False),
+              help="Write a self-contained report (index.html + images) to this folder; needs the shards.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help=WORKERS_HELP)
 @one_line_errors
 def inspect_command(cache, no_stats, **kwargs):
-    """Summarise a cache, its teacher's statistics, or one sample's views (torchrun: rank 0 prints)."""
+    """Summarise a cache, its teacher's statistics, label issues, or one sample's views; --html
+    writes it all as a page (torchrun: rank 0 prints)."""
     from usi_cache.dist import close_world, init_world
     from usi_cache.checks.inspect.run import run_inspect, validate_request
     try:  # options that do not make one report are a usage error (exit status 2)
-        validate_request(stats=not no_stats, **{k: kwargs[k] for k in ("key", "slot", "shard_range",
-                                                                         "sample_views", "plot")})
+        validate_request(stats=not no_stats, **{k: kwargs[k] for k in ("key", "slot", "shard_range", "sample_views",
+                                                                         "plot", "label_issues", "html", "issues_csv")})
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     world = init_world()

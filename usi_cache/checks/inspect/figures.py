@@ -1,6 +1,6 @@
 """PNG figures for `usi inspect --plot` (matplotlib on the Agg backend, loaded by `plotting.pyplot`).
 
-Both figures are drawn from the dicts that `inspect_cache` builds, so a figure shows exactly
+Both figures are drawn from the dicts that `checks/inspect/run.py` builds, so a figure shows exactly
 the numbers the text and `--json` reports print.
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ import numpy as np
 from usi_cache.checks import replay as replay_check
 from usi_cache import cache_format as schema, storage
 from usi_cache.config.errors import ConfigError
-from usi_cache.dist import World, init_world
+from usi_cache.dist import World, init_world, on_main
 from usi_cache.checks.inspect.text import format_report
 from usi_cache.checks.inspect.stats import bucket_entropy, bucket_probs, teacher_stats
 from usi_cache.views.mixing import CUTMIX, MIXUP, NO_MIX
@@ -222,9 +222,16 @@ def replay_sample(path: str | Path, info: dict, shards_dir: str | Path | None):
 
 
 def validate_request(*, key: str | None = None, slot: int | None = None, shard_range: str | None = None,
-                     sample_views: int | None = None, stats: bool = True, plot: str | None = None) -> None:
+                     sample_views: int | None = None, stats: bool = True, plot: str | None = None,
+                     label_issues: bool = False, html: str | None = None, issues_csv: str | None = None) -> None:
     """Refuse (ConfigError) a combination of options that does not make one report."""
     one = key is not None or slot is not None
+    if one and (label_issues or html):
+        raise ConfigError("--label-issues and --html report on the whole cache, not one sample (--key/--slot)")
+    if html and not stats:
+        raise ConfigError("--html shows the statistics: drop --no-stats")
+    if issues_csv and not label_issues:
+        raise ConfigError("--issues-csv writes the label issues: add --label-issues")
     if key is not None and slot is not None:
         raise ConfigError("give --key or --slot, not both")
     if one and (shard_range is not None or sample_views is not None):
@@ -237,21 +244,38 @@ def validate_request(*, key: str | None = None, slot: int | None = None, shard_r
 def inspect_report(path: str | Path, *, key: str | None = None, slot: int | None = None,
                    shards_dir: str | None = None, shard_range: str | None = None,
                    sample_views: int | None = None, seed: int = 0, stats: bool = True, plot: str | None = None,
-                   progress: bool = True, workers: int = 1, world: World | None = None) -> dict | None:
+                   label_issues: bool = False, top: int = 100, issues_csv: str | None = None,
+                   html: str | None = None, progress: bool = True, workers: int = 1,
+                   world: World | None = None) -> dict | None:
     """The report as data: {"summary", "stats" (None with stats=False or one sample), "sample"
-    (one sample, by key or slot), "plot" (the figure written, when `plot` is given)}. Under
-    torchrun the ranks share the statistics' shards; rank 0 returns the report, the others None."""
+    (one sample, by key or slot), "plot" (the figure written, when `plot` is given),
+    "label_issues" (label_issues.find_label_issues, with `label_issues` or `html`), "html" (the
+    page written to the folder `html`)}. Under torchrun the ranks share the shards; rank 0
+    returns the report, the others None."""
     validate_request(key=key, slot=slot, shard_range=shard_range, sample_views=sample_views, stats=stats,
-                     plot=plot)
+                     plot=plot, label_issues=label_issues, html=html, issues_csv=issues_csv)
     one = key is not None or slot is not None
     world = world or init_world()
-    st = None
+    if html:  # the galleries need the shards: refuse before the long passes
+        on_main(world, lambda: shards_for(schema.open_cache(path)[1], shards_dir) and None)
+    st = issues = None
     if stats and not one:  # every rank takes part
         st = teacher_stats(path, shard_range=shard_range, sample_views=sample_views, seed=seed,
                            progress=progress, workers=workers, world=world)
+    if label_issues or html:
+        from usi_cache.checks.inspect.label_issues import find_label_issues
+        issues = find_label_issues(path, top=top, shard_range=shard_range, progress=progress, workers=workers,
+                                   world=world)
     if not world.is_main:
         return None
-    report = {"summary": summarize(path, shards_dir), "stats": st, "sample": None, "plot": None}
+    report = {"summary": summarize(path, shards_dir), "stats": st, "sample": None, "plot": None,
+              "label_issues": issues, "html": None}
+    if issues_csv:
+        from usi_cache.checks.inspect.label_issues import write_csv
+        issues["csv"] = write_csv(issues["issues"], issues_csv)
+    if html:
+        from usi_cache.checks.inspect.html import write_html
+        report["html"] = write_html(report, path, html, shards_dir)
     if one:
         report["sample"] = sample_info(path, find_slot(path, key=key, slot=slot))
     if plot:

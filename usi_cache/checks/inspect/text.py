@@ -152,6 +152,11 @@ def format_report(report: dict, as_json: bool = False) -> str:
         parts.append(format_stats(report["stats"], report["summary"]["topk"]))
     if report["sample"] is not None:
         parts.append(format_sample(report["sample"]))
+    if report.get("label_issues") is not None:
+        from usi_cache.checks.inspect.label_issues import format_issues
+        parts.append(format_issues(report["label_issues"]))
+    if report.get("html"):
+        parts.append(f"report written to {report['html']}")
     if report["plot"]:
         parts.append(f"plot written to {report['plot']}")
     return "\n\n".join(parts)
