@@ -20,6 +20,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Iterator
@@ -27,6 +28,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from . import storage
+from .class_spread import check_spread
 from .shards import (IMAGE_EXTS, Manifest, Rejected, Sample, ShardError, ShardInfo, progress_bar,
                      check_image, output_folder, sanitize_key, scan_shard, write_manifest, write_tar)
 
@@ -135,8 +137,11 @@ def _build_shard(task: tuple) -> dict:
     """
     source, out, name, shard = task
     rejected: list = []
-    count, digest = write_tar(storage.join(out, name), source.samples(shard, rejected))
-    result = {"name": name, "plan": _plan_id(shard), "count": count, "sha256": digest, "rejected": rejected}
+    classes = Counter()
+    samples = (classes.update((s.cls,)) or s for s in source.samples(shard, rejected))
+    count, digest = write_tar(storage.join(out, name), samples)
+    result = {"name": name, "plan": _plan_id(shard), "count": count, "sha256": digest, "rejected": rejected,
+              "class_counts": sorted(classes.items())}
     storage.write_bytes(_sidecar(out, name), json.dumps(result).encode())
     return result
 
@@ -221,7 +226,10 @@ def write_planned(source, plan: list[list[Entry]], classes: Iterable[str], out: 
     infos = [ShardInfo(r["name"], r["count"], r["sha256"]) for r in results if r["count"]]
     if not infos:
         raise ShardError(f"{what}: no readable images found ({len(rejected)} left out)")
-    return write_manifest(out, classes, per_shard, infos), rejected
+    # class counts for the class-order check (a sidecar written before they were kept has none)
+    counts = [dict(r["class_counts"]) for r in results if r["count"]] \
+        if all("class_counts" in r for r in results) else None
+    return write_manifest(out, classes, per_shard, infos, counts), rejected
 
 
 # ---------------------------------------------------------------- bring your own shards
@@ -293,11 +301,14 @@ def read_class_names(path: str) -> list[str]:
 
 
 def index_shards(spec: str, *, out: str | None = None, classes_file: str | None = None,
-                 workers: int | None = None, progress: bool = True) -> Manifest:
+                 workers: int | None = None, progress: bool = True, allow_ordered: bool = False,
+                 batch: int = 128, buffer: int = 1000) -> Manifest:
     """Write `dataset.json` for existing WebDataset tars (see `find_shards`), read once each.
 
     Shards may differ in size: `per_shard` (the cache's slots per shard) is the largest count.
-    Classes come from `classes_file` or are named 0..max(cls).
+    Classes come from `classes_file` or are named 0..max(cls). Class-ordered shards (a stage-2
+    batch of `batch` through a shuffle buffer of `buffer` would hold few classes) are refused
+    with class_spread.ClassOrderError, writing nothing, unless `allow_ordered`.
     """
     root, paths = find_shards(spec)
     root = output_folder(out) if out else root
@@ -309,11 +320,11 @@ def index_shards(spec: str, *, out: str | None = None, classes_file: str | None 
         counts[path] = (count, digest, top)
         bar.update(1)
     bar.close()
-    top = max(c[2] for c in counts.values())
+    top = max(max(c[2]) for c in counts.values())
     if classes_file:
         classes = read_class_names(classes_file)
         if top >= len(classes):
-            path = next(p for p in paths if counts[p][2] == top)
+            path = next(p for p in paths if max(counts[p][2]) == top)
             raise ShardError(f"{path}: holds cls {top}, but {classes_file} names {len(classes)} classes")
     else:
         classes = [str(c) for c in range(top + 1)]
@@ -321,4 +332,6 @@ def index_shards(spec: str, *, out: str | None = None, classes_file: str | None 
     names = [i.name for i in infos]
     if len(set(names)) != len(names):
         raise ShardError(f"{spec}: a shard is listed twice")
-    return write_manifest(root, classes, max(i.count for i in infos), infos)
+    class_counts = [counts[p][2] for p in paths]
+    check_spread(spec, class_counts, len(classes), batch, buffer, allow_ordered=allow_ordered)
+    return write_manifest(root, classes, max(i.count for i in infos), infos, class_counts)

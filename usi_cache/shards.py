@@ -18,6 +18,7 @@ import json
 import os
 import re
 import tarfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from itertools import islice
@@ -200,12 +201,21 @@ def write_tar(path: str, samples: Iterable[Sample]) -> tuple[int, str]:
     return count, digest
 
 
-def write_manifest(out: str, classes: Iterable[str], per_shard: int, infos: Iterable[ShardInfo]) -> Manifest:
+def write_manifest(out: str, classes: Iterable[str], per_shard: int, infos: Iterable[ShardInfo],
+                   class_counts: Iterable[dict[int, int]] | None = None) -> Manifest:
     """Write `OUT/dataset.json` for shards already written; call it last, so that a folder
-    without one is never taken for a complete set of shards."""
+    without one is never taken for a complete set of shards. `class_counts` (per shard, {class:
+    samples}) are stored for the class-order check (class_spread.py), one line per shard; they are
+    not part of the fingerprint (they follow from the shards' bytes) nor of `Manifest`."""
     classes, infos = tuple(classes), tuple(infos)
     m = Manifest(out, classes, per_shard, infos, fingerprint(classes, per_shard, infos))
-    storage.write_bytes(storage.join(out, MANIFEST), (json.dumps(m.to_dict(), indent=1) + "\n").encode())
+    d = m.to_dict()
+    if class_counts is not None:  # [class, count, class, count, ...], classes ascending
+        for s, c in zip(d["shards"], class_counts, strict=True):
+            s["class_counts"] = [int(x) for k in sorted(c) for x in (k, c[k])]
+    shards = ",\n".join("  " + json.dumps(s, separators=(",", ":")) for s in d.pop("shards"))
+    text = json.dumps(d, indent=1)[:-2] + f',\n "shards": [\n{shards}\n ]\n}}\n'
+    storage.write_bytes(storage.join(out, MANIFEST), text.encode())
     return m
 
 
@@ -239,17 +249,18 @@ def write_shards(samples: Iterable[Sample], classes: Iterable[str], out: str | P
         order = np.random.default_rng(seed).permutation(len(samples))
         samples = [samples[j] for j in order]
     out = output_folder(out)
-    stream, infos = iter(samples), []
+    stream, infos, counts = iter(samples), [], []
     bar = progress_bar(progress, f"writing shards to {out}", "shard")
     while chunk := list(islice(stream, per_shard)):
         name = f"{prefix}-{len(infos):06d}.tar"
         count, digest = write_tar(storage.join(out, name), chunk)
         infos.append(ShardInfo(name, count, digest))
+        counts.append(dict(Counter(s.cls for s in chunk)))
         bar.update(1)
     bar.close()
     if not infos:
         raise ShardError(f"{out}: no samples to write")
-    return write_manifest(out, classes, per_shard, infos)
+    return write_manifest(out, classes, per_shard, infos, counts)
 
 
 def progress_bar(enabled: bool, desc: str, unit: str, total: int | None = None, initial: int = 0):
@@ -364,17 +375,18 @@ def read_shard(path: str | Path) -> Iterator[Sample]:
         yield from _tar_samples(f, path)
 
 
-def scan_shard(path: str) -> tuple[int, str, int]:
-    """(samples, sha256 of the file, largest cls) of one shard, read once front to back."""
+def scan_shard(path: str) -> tuple[int, str, dict[int, int]]:
+    """(samples, sha256 of the file, samples per cls) of one shard, read once front to back."""
     path = str(path)
-    count, top = 0, -1
+    count, classes = 0, Counter()
     with _open_shard(path) as f:
         hashed = _Hashed(f)
         for s in _tar_samples(hashed, path):
-            count, top = count + 1, max(top, s.cls)
+            count += 1
+            classes[s.cls] += 1
         while hashed.read(1 << 20):  # the end-of-archive padding counts in the sha256 too
             pass
-    return count, hashed.sha256.hexdigest(), top
+    return count, hashed.sha256.hexdigest(), dict(classes)
 
 
 @contextlib.contextmanager

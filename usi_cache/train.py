@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from . import schema, storage
+from .class_spread import check_training_shards
 from .config import TrainConfig, to_dict
 from .dist import World, barrier, close_world, gather_objects, init_world, on_main
 from .epoch_plan import PlanError, PlanSpec, stable_seed, summarize
@@ -71,6 +72,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) 
 
 def train(cfg: TrainConfig, world: World, runlog: RunLog, *, resume: bool, progress: bool) -> dict:
     train_m, val_m = load_manifests(cfg)
+    on_main(world, lambda: check_training_shards(train_m.root, len(train_m.classes), cfg.batch_size,
+                                                 cfg.shuffle_buffer, allow_ordered=cfg.allow_ordered))
     source = resolve_targets(cfg, world, train_m)
     state = TrainState.create(cfg, len(train_m.classes), world.device, world.rank)
     plan = make_plan(cfg, world, train_m, source)
