@@ -34,7 +34,7 @@ SCRIPT = "benchmarks/report.py"
 MODULES = {"fidelity-topk": "fidelity"}
 # reading order of the page; results files not named here follow, by name
 ORDER = ["stage2_overhead", "stage1_efficiency", "cache_cost", "fidelity-topk", "fidelity", "precision",
-         "epoch_plan", "ingest_memory", "s3_requests", "verify_scale"]
+         "epoch_plan", "ingest_memory", "reshard_memory", "s3_requests", "verify_scale"]
 PART = re.compile(r"^(Title|Description|Interpretation)(?: \(([\w.-]+)\))?:(.*)$")
 
 INTRO = """\

@@ -233,3 +233,17 @@ def test_stage2_trains_class_ordered_shards_with_allow_ordered(tmp_path):
     assert "class-ordered shards kept (allow_ordered)" in r.output
     assert (run / "last.pth").exists()
     assert json.loads((run / "config.json").read_text())["allow_ordered"] is True
+
+
+@pytest.mark.slow
+def test_reshard_memory_benchmark_runs_small(tmp_path):
+    r = subprocess.run([sys.executable, "benchmarks/reshard_memory.py", "--sizes", "60,120", "--classes", "3",
+                        "--per-shard", "20", "--workers", "2", "--work", str(tmp_path / "work")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "USI_BENCH_RESULTS": str(tmp_path / "results")})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    result = json.loads((tmp_path / "results/reshard_memory.json").read_text())
+    assert [run["images"] for run in result["runs"]] == [60, 120] and result["peak_ratio"] > 0
+    assert all(run["processes"] >= 3 and run["peak_mib"] > 10 for run in result["runs"])  # workers counted
+    assert all(run["after"] == pytest.approx(run["random"], rel=0.05) for run in result["runs"])
+    assert "peak RSS ratio 120 / 60 images" in (tmp_path / "results/reshard_memory.txt").read_text()

@@ -18,8 +18,7 @@ probability B / b, so
     distinct(t) = sum_c 1 − prod_s (1 − B·w_s / n_s)^(n_sc)
 
 which is sum_c 1 − (1 − p_c)^B with p the buffer's class mix, to first order in B / b, without
-that formula's downward bias on noisy per-shard counts (117.6 instead of 120.2 for shuffled
-ImageNet-shaped shards). The prediction is the mean over `windows` seeded read positions, each
+that formula's bias low on noisy per-shard counts (it treats a batch as drawn with replacement). The prediction is the mean over `windows` seeded read positions, each
 after its own seeded shard order. Random sampling: sum_c 1 − (1 − g_c)^B, g the global class mix.
 """
 from __future__ import annotations

@@ -284,7 +284,7 @@ def _raise_open_files() -> None:
 @dataclass(frozen=True)
 class Resharded:
     manifest: Manifest
-    before: Spread  # the source's class spread (batch 128, buffer 1000 unless asked otherwise)
+    before: Spread | None  # the source's class spread, from pass 1 (None when a rerun found it all done)
     after: Spread
 
 
