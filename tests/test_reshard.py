@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import ROOT, make_samples, make_shards, train_args
+from conftest import ROOT, make_samples, make_shards, run_py, train_args
 from test_class_spread import class_ordered_tars
 from usi_cache import storage
 from usi_cache.class_spread import check_training_shards, read_class_counts
@@ -138,6 +138,18 @@ def test_source_with_a_manifest_uses_its_counts_and_class_names(tmp_path):
     assert error_line(r.output).startswith(f"Error: {src / 'shard-000001.tar'}: holds 3 samples, expected 8")
 
 
+def test_a_manifest_folder_is_the_dataset_it_lists(tmp_path):
+    """`index --out DIR` lists tars that lie elsewhere: `reshard DIR` reshards those tars."""
+    src = class_ordered_tars(tmp_path / "tars")
+    listing = tmp_path / "listing"
+    r = CliRunner().invoke(main, ["shards", "index", str(src), "--out", str(listing), "--allow-ordered",
+                                  "--workers", "1", "--quiet"])
+    assert r.exit_code == 0, r.output
+    r = reshard(str(listing), str(tmp_path / "out"), per_shard=40, workers=1, progress=False)
+    assert [s.count for s in r.manifest.shards] == [40] * 3 + [30]
+    assert every_sample(r.manifest.path(i) for i in range(4)) == every_sample(sorted(src.glob("*.tar")))
+
+
 def test_reshard_from_an_fsspec_url(source, tmp_path):
     """Source tars behind a URL (fsspec's memory:// filesystem: one process, hence one worker)."""
     for p in sorted(source.glob("*.tar"))[:8]:
@@ -208,6 +220,18 @@ def test_stage2_refuses_class_ordered_train_shards_before_training(tmp_path):
     assert "of 5 classes where random sampling gives ~" in line
     assert line.endswith("or pass --allow-ordered (train.allow_ordered) to keep them")
     assert not (run / "config.json").exists() and time.perf_counter() - t0 < 30
+
+
+@pytest.mark.slow
+def test_stage2_refusal_reaches_every_rank_under_torchrun(tmp_path):
+    """Two torchrun ranks: rank 0 checks, both stop with the line (no rank waits for the other)."""
+    data = ordered_train_data(tmp_path)
+    r = run_py(["train_student.py", *train_args(data, tmp_path / "run", "--shuffle-buffer", "4", batch_size=8,
+                                                workers=0)], torchrun=2, timeout=120)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 2 and all("class-ordered shards: a batch of 8 would hold ~" in ln for ln in lines), \
+        r.stderr[-3000:]
 
 
 def test_stage2_skips_the_check_for_a_manifest_without_class_counts(tmp_path, caplog):

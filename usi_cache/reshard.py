@@ -221,16 +221,17 @@ def _finished(plan: Plan, out: str) -> dict[int, dict]:
 
 
 # ---------------------------------------------------------------- the command
-def _count_sources(root: str, paths: list[str], classes_file: str | None, workers: int,
-                   progress: bool) -> tuple[list[int], tuple[str, ...]]:
-    """Samples per source tar and the class names: from SRC's dataset.json when it lists exactly
-    these tars, else by reading each once (in parallel), as `usi shards index` does."""
-    if storage.is_file(storage.join(root, MANIFEST)):
-        m = load_manifest(root)
-        listed = {m.path(i): s.count for i, s in enumerate(m.shards)}
-        if set(listed) == set(paths):
-            names = read_class_names(classes_file) if classes_file else m.classes
-            return [listed[p] for p in paths], tuple(names)
+def _sources(src: str, classes_file: str | None, workers: int, progress: bool
+             ) -> tuple[str, list[str], list[int], tuple[str, ...]]:
+    """(the sources' folder, source tars, samples of each, class names). A folder or prefix with
+    a dataset.json is the dataset it lists (wherever its tars are; their counts are then checked
+    as they are read); anything else is what `find_shards` finds, each tar read once (in
+    parallel) to count its samples, as `usi shards index` does."""
+    if not any(c in str(src) for c in "*?[{") and storage.is_file(storage.join(src, MANIFEST)):
+        m = load_manifest(src)
+        names = read_class_names(classes_file) if classes_file else m.classes
+        return m.root, [m.path(i) for i in range(len(m.shards))], [s.count for s in m.shards], tuple(names)
+    root, paths = find_shards(src)
     bar = progress_bar(progress, f"counting the samples of {len(paths)} shards", "shard", total=len(paths))
     found = {}
     for path, (count, _, classes) in _run_parallel(_count, paths, min(workers, len(paths))):
@@ -247,7 +248,7 @@ def _count_sources(root: str, paths: list[str], classes_file: str | None, worker
             raise ShardError(f"{path}: holds cls {top}, but {classes_file} names {len(names)} classes")
     else:
         names = [str(c) for c in range(top + 1)]
-    return [found[p][0] for p in paths], tuple(names)
+    return root, paths, [found[p][0] for p in paths], tuple(names)
 
 
 def _count(path: str):
@@ -300,10 +301,9 @@ def reshard(src: str, out: str, *, per_shard: int = 1000, seed: int = 0, workers
     if per_shard < 1:
         raise ShardError(f"per_shard: expected a positive integer, got {per_shard}")
     workers = workers or default_workers()
-    root, paths = find_shards(src)
     out = str(out).rstrip("/") if storage.is_url(out) else str(out)
-    _check_out(out, root, None)
-    counts, classes = _count_sources(root, paths, classes_file, workers, progress)
+    _check_out(out, str(src), None)  # before any reading
+    root, paths, counts, classes = _sources(src, classes_file, workers, progress)
     plan = Plan(tuple(paths), tuple(counts), seed, per_shard, tuple(classes))
     recorded = _check_out(out, root, plan.ident())
     out = output_folder(out)
