@@ -228,7 +228,7 @@ def _sources(src: str, classes_file: str | None, workers: int, progress: bool
     as they are read); anything else is what `find_shards` finds, each tar read once (in
     parallel) to count its samples, as `usi shards index` does."""
     if not any(c in str(src) for c in "*?[{") and storage.is_file(storage.join(src, MANIFEST)):
-        m = load_manifest(src)
+        m = load_manifest(storage.resolve(src))  # absolute: the plan must not depend on the cwd
         names = read_class_names(classes_file) if classes_file else m.classes
         return m.root, [m.path(i) for i in range(len(m.shards))], [s.count for s in m.shards], tuple(names)
     root, paths = find_shards(src)

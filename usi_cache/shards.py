@@ -424,7 +424,8 @@ def _tar_samples(f: IO[bytes], path: str) -> Iterator[Sample]:
             k, ext = m.group(1), m.group(2).lower()
             if k != key:
                 if key is not None:
-                    yield sample()
+                    done, entries = sample(), {}  # a suspended reader holds no yielded sample's bytes
+                    yield done
                 key, entries = k, {}
             if ext in entries:
                 raise ShardError(f"{path}: sample {key!r} has two {ext!r} entries")
