@@ -217,7 +217,12 @@ def shards_index(shards_spec, out, classes_file, workers, quiet, batch_size, shu
 @shards.command("reshard")
 @click.argument("src", metavar="SRC")
 @click.argument("out", metavar="OUT")
-@_shard_options
+@click.option("--per-shard", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Samples per output shard (the last may be short).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed of the global permutation of the samples.")
+@_workers_option
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--classes", "classes_file", default=None, type=click.Path(dir_okay=False),
               help="Class names, one per line, in cls order [default: SRC's dataset.json, else 0..max(cls)].")
 @click.option("--spill-dir", default=None, type=click.Path(file_okay=False),

@@ -300,6 +300,8 @@ def reshard(src: str, out: str, *, per_shard: int = 1000, seed: int = 0, workers
     """
     if per_shard < 1:
         raise ShardError(f"per_shard: expected a positive integer, got {per_shard}")
+    if seed < 0:
+        raise ShardError(f"seed: expected a non-negative integer, got {seed}")
     workers = workers or default_workers()
     out = str(out).rstrip("/") if storage.is_url(out) else str(out)
     _check_out(out, str(src), None)  # before any reading
