@@ -6,6 +6,7 @@ import io
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,7 @@ from usi_cache.shards.fashion_mnist import FMNIST_CLASSES, FMNIST_DIR, samples_f
 from usi_cache.shards.manifest import MANIFEST
 from usi_cache.shards.tars import Sample, write_shards
 
+ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(os.environ.get("USI_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 DEMO_VIEW = ViewSpec(scale=(0.35, 1.0))  # the demo recipe's view (configs/demo-fmnist.yaml)
 
@@ -95,3 +97,45 @@ def table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------- memory of a command's process tree
+def _children(pid: int) -> list[int]:
+    kids = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return kids
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")), 0)
+    except OSError:
+        return 0
+
+
+def run_measured(cmd: list[str]) -> dict:
+    """Run `cmd`; peak summed RSS of its process tree (sampled) and its wall time."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    peak_tree, peak_procs = 0, 0
+    while proc.poll() is None:
+        tree, todo = [], [proc.pid]
+        while todo:
+            p = todo.pop()
+            tree.append(p)
+            todo += _children(p)
+        rss = sum(_rss_kib(p) for p in tree)
+        peak_tree, peak_procs = max(peak_tree, rss), max(peak_procs, len(tree))
+        time.sleep(0.01)
+    wall = time.perf_counter() - t0
+    out, err = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{err}")
+    return {"wall_s": wall, "peak_tree_kib": peak_tree, "processes": peak_procs, "stdout": out.strip()}

@@ -20,19 +20,15 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from bench_common import publish, table
+from bench_common import publish, run_measured, table
 
-ROOT = Path(__file__).resolve().parent.parent
 GOAL = 1.10  # peak RSS at the largest size / at the smallest, at most
 IMAGENET_IMAGES = 1_281_167
 
@@ -51,47 +47,6 @@ def make_folder(root: Path, n: int, classes: int, size: int, seed: int = 0) -> i
         (root / f"class{i % classes:03d}" / f"img{i:07d}.JPEG").write_bytes(buf.getvalue())
         total += len(buf.getvalue())
     return total
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                kids += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
-    return kids
-
-
-def _rss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next((int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")), 0)
-    except OSError:
-        return 0
-
-
-def run_measured(cmd: list[str]) -> dict:
-    """Run `cmd`; peak summed RSS of its process tree (sampled) and its wall time."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    peak_tree, peak_procs = 0, 0
-    while proc.poll() is None:
-        tree, todo = [], [proc.pid]
-        while todo:
-            p = todo.pop()
-            tree.append(p)
-            todo += _children(p)
-        rss = sum(_rss_kib(p) for p in tree)
-        peak_tree, peak_procs = max(peak_tree, rss), max(peak_procs, len(tree))
-        time.sleep(0.01)
-    wall = time.perf_counter() - t0
-    out, err = proc.communicate()
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{err}")
-    return {"wall_s": wall, "peak_tree_kib": peak_tree, "processes": peak_procs, "stdout": out.strip()}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -35,7 +35,7 @@ SCRIPT = "benchmarks/report.py"
 MODULES = {"fidelity-topk": "fidelity", "epoch_plan": "plan_shapes", "precision": "teacher_precision"}
 # reading order of the page; results files not named here follow, by name
 ORDER = ["stage2_overhead", "stage1_efficiency", "cache_cost", "fidelity-topk", "fidelity", "precision",
-         "label_quality", "epoch_plan", "ingest_memory", "s3_requests", "verify_scale"]
+         "label_quality", "epoch_plan", "ingest_memory", "reshard_memory", "s3_requests", "verify_scale"]
 PART = re.compile(r"^(Title|Description|Interpretation)(?: \(([\w.-]+)\))?:(.*)$")
 
 INTRO = """\

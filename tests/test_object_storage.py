@@ -254,3 +254,27 @@ def test_any_fsspec_filesystem_works(tmp_path):
            "--views", "2", "--topk", "3", "--input-size", "32", "--workers", "0", "--out", "memory://usi/c.zarr")
     out = invoke("verify", "memory://usi/c.zarr", "--shards", "memory://usi/train")
     assert "verdict: OK: the cache matches its shards (3 shards, 20 samples, 40 views" in out, out
+
+
+@pytest.mark.slow
+def test_reshard_from_s3_to_a_folder(s3, tmp_path):
+    """`usi shards reshard s3://.../*.tar DIR`: class-ordered tars on S3 into local shuffled shards,
+    with two worker processes each reading S3; the same bytes as from the same tars on disk."""
+    from test_class_spread import class_ordered_tars
+    src = class_ordered_tars(tmp_path / "src")
+    for p in sorted(src.glob("*.tar")):
+        s3.put(str(p), f"{BUCKET}/ordered/{p.name}")
+    invoke("shards", "reshard", f"s3://{BUCKET}/ordered/part-*.tar", str(tmp_path / "remote"), "--per-shard", "16",
+           "--workers", "2", "--quiet")
+    invoke("shards", "reshard", str(src), str(tmp_path / "local"), "--per-shard", "16", "--workers", "1", "--quiet")
+    for name in sorted(p.name for p in (tmp_path / "local").glob("*.tar")):
+        assert (tmp_path / "remote" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    assert json.loads((tmp_path / "remote" / "dataset.json").read_text())["fingerprint"] == \
+        json.loads((tmp_path / "local" / "dataset.json").read_text())["fingerprint"]
+    # and the reverse: a local source into shards on S3 (spills in a local temporary folder)
+    invoke("shards", "reshard", str(src), f"s3://{BUCKET}/resharded", "--per-shard", "16", "--workers", "2",
+           "--quiet")
+    for name in sorted(p.name for p in (tmp_path / "local").glob("*.tar")):
+        assert s3.cat(f"{BUCKET}/resharded/{name}") == (tmp_path / "local" / name).read_bytes()
+    assert json.loads(s3.cat(f"{BUCKET}/resharded/dataset.json"))["fingerprint"] == \
+        json.loads((tmp_path / "local" / "dataset.json").read_text())["fingerprint"]

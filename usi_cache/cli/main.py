@@ -112,6 +112,20 @@ def _shard_options(fn):
     return fn
 
 
+_TRAIN_DEFAULTS = TrainConfig.__dataclass_fields__
+
+
+def _spread_options(fn):
+    """The stage-2 settings the class-order check assumes (train.batch_size, train.shuffle_buffer)."""
+    for option in reversed((
+            click.option("--batch-size", default=_TRAIN_DEFAULTS["batch_size"].default, show_default=True, type=click.IntRange(min=1),
+                         help="Class-order check: stage 2's batch per process."),
+            click.option("--shuffle-buffer", default=_TRAIN_DEFAULTS["shuffle_buffer"].default, show_default=True, type=click.IntRange(min=1),
+                         help="Class-order check: stage 2's shuffle buffer per worker."))):
+        fn = option(fn)
+    return fn
+
+
 def _report_ingest(out, m, rejected, what: str = "file(s)") -> None:
     """What a streaming ingest made, and what it left out (the first 20, then a count)."""
     if rejected:
@@ -177,18 +191,61 @@ def shards_from_hf(dataset, out, split, image_column, label_column, classes_file
               help="Class names, one per line, in cls order [default: 0..max(cls)].")
 @_workers_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_spread_options
+@click.option("--allow-ordered", is_flag=True,
+              help="Index class-ordered shards anyway (default: refused, see `usi shards reshard`).")
 @one_line_errors
-def shards_index(shards_spec, out, classes_file, workers, quiet):
+def shards_index(shards_spec, out, classes_file, workers, quiet, batch_size, shuffle_buffer, allow_ordered):
     """Write dataset.json for existing WebDataset tars, without rewriting them.
 
     SHARDS: a folder or URL prefix (its *.tar), a glob ('/data/train-*.tar') or a brace pattern
     ('/data/train-{000000..001281}.tar'). Each sample needs an image entry and an integer cls.
+    Class-ordered tars (a stage-2 batch would hold under half the classes random sampling gives)
+    are refused, writing nothing, unless --allow-ordered.
     """
+    from usi_cache.shards.class_spread import measure, read_class_counts
     from usi_cache.shards.index import index_shards
-    m = index_shards(shards_spec, out=out, classes_file=classes_file, workers=workers, progress=not quiet)
+    m = index_shards(shards_spec, out=out, classes_file=classes_file, workers=workers, progress=not quiet,
+                     allow_ordered=allow_ordered, batch=batch_size, buffer=shuffle_buffer)
     sizes = sorted({s.count for s in m.shards})
     click.echo(f"{m.root}/dataset.json: {m.num_samples} samples, {len(m.classes)} classes, {len(m.shards)} shards "
                f"of {sizes[0]}..{sizes[-1]} samples (per_shard {m.per_shard}), fingerprint {m.fingerprint[:12]}")
+    spread = measure(read_class_counts(m.root), len(m.classes), batch_size, shuffle_buffer)
+    if not spread.ok:
+        click.echo(f"warning: {m.root}: class-ordered shards kept (--allow-ordered): {spread.describe()}", err=True)
+
+
+@shards.command("reshard")
+@click.argument("src", metavar="SRC")
+@click.argument("out", metavar="OUT")
+@click.option("--per-shard", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Samples per output shard (the last may be short).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed of the global permutation of the samples.")
+@_workers_option
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--classes", "classes_file", default=None, type=click.Path(dir_okay=False),
+              help="Class names, one per line, in cls order [default: SRC's dataset.json, else 0..max(cls)].")
+@click.option("--spill-dir", default=None, type=click.Path(file_okay=False),
+              help="Local folder for the temporary spill tars [default: OUT/.reshard/spill; for a URL OUT, "
+                   "a folder in the temporary directory].")
+@_spread_options
+@one_line_errors
+def shards_reshard(src, out, per_shard, seed, workers, quiet, classes_file, spill_dir, batch_size, shuffle_buffer):
+    """Rewrite existing tars SRC into shuffled shards in OUT, keeping every key and its bytes.
+
+    SRC: anything `usi shards index` takes. Streams in two parallel passes with bounded memory
+    (one source shard per worker); rerun the same command after an interruption to resume.
+    The output depends on SRC, --seed and --per-shard only.
+    """
+    from usi_cache.shards.reshard import reshard
+    r = reshard(src, out, per_shard=per_shard, seed=seed, workers=workers, classes_file=classes_file,
+                spill_dir=spill_dir, batch=batch_size, buffer=shuffle_buffer, progress=not quiet)
+    m = r.manifest
+    click.echo(f"{m.root}: {m.num_samples} samples, {len(m.classes)} classes, {len(m.shards)} shards, "
+               f"fingerprint {m.fingerprint[:12]}")
+    before = f" (before: ~{r.before.predicted:.1f})" if r.before is not None else ""
+    click.echo(f"class spread: {r.after.describe()}{before}")
 
 
 @shards.command("fashion-mnist")

@@ -197,6 +197,8 @@ class TrainConfig:
     repeated_aug: int = setting(1, "R: each epoch trains ~N/R samples, each with R distinct views in the "
                                    "same step on R ranks (same steps; USI: 3 when distributed).")
     max_steps: int | None = setting(None, "Cap on steps per epoch (smoke tests, benchmarks); null = none.")
+    allow_ordered: bool = setting(False, "Train on class-ordered shards (a batch would hold under half the "
+                                         "classes random sampling gives; see `usi shards reshard`).")
     allow_replay_mismatch: bool = setting(False, "Train although this machine's decoders re-render the "
                                                  "cache's views differently.")
     compile: bool = setting(False, "torch.compile the student's training forward (evaluation runs eager); "

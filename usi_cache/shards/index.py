@@ -9,6 +9,7 @@ import os
 
 from usi_cache import storage
 from usi_cache.progress import progress_bar
+from usi_cache.shards.class_spread import check_spread
 from usi_cache.shards.manifest import Manifest, ShardError, ShardInfo, output_folder, write_manifest
 from usi_cache.shards.tars import scan_shard
 from usi_cache.shards.writer import _run_parallel, default_workers, read_class_names
@@ -64,32 +65,35 @@ def _relative_name(root: str, path: str) -> str:
     return full[len(prefix):].replace(os.sep, "/") if full.startswith(prefix) else full
 
 
-def _scan(path: str) -> tuple[str, int, str, int]:
+def _scan(path: str) -> tuple[str, int, str, dict[int, int]]:
     return (path, *scan_shard(path))
 
 
 def index_shards(spec: str, *, out: str | None = None, classes_file: str | None = None,
-                 workers: int | None = None, progress: bool = True) -> Manifest:
+                 workers: int | None = None, progress: bool = True, allow_ordered: bool = False,
+                 batch: int = 128, buffer: int = 1000) -> Manifest:
     """Write `dataset.json` for existing WebDataset tars (see `find_shards`), read once each.
 
     Shards may differ in size: `per_shard` (the cache's slots per shard) is the largest count.
-    Classes come from `classes_file` or are named 0..max(cls).
+    Classes come from `classes_file` or are named 0..max(cls). Class-ordered shards (a stage-2
+    batch of `batch` through a shuffle buffer of `buffer` would hold few classes) are refused
+    with class_spread.ClassOrderError, writing nothing, unless `allow_ordered`.
     """
     root, paths = find_shards(spec)
     root = output_folder(out) if out else root
     counts = {}
     bar = progress_bar(progress, f"indexing {len(paths)} shards", "shard", total=len(paths))
-    for path, count, digest, top in _run_parallel(_scan, paths, min(workers or default_workers(), len(paths))):
+    for path, count, digest, classes in _run_parallel(_scan, paths, min(workers or default_workers(), len(paths))):
         if count == 0:
             raise ShardError(f"{path}: holds no samples")
-        counts[path] = (count, digest, top)
+        counts[path] = (count, digest, classes)
         bar.update(1)
     bar.close()
-    top = max(c[2] for c in counts.values())
+    top = max(max(c[2]) for c in counts.values())
     if classes_file:
         classes = read_class_names(classes_file)
         if top >= len(classes):
-            path = next(p for p in paths if counts[p][2] == top)
+            path = next(p for p in paths if max(counts[p][2]) == top)
             raise ShardError(f"{path}: holds cls {top}, but {classes_file} names {len(classes)} classes")
     else:
         classes = [str(c) for c in range(top + 1)]
@@ -97,4 +101,6 @@ def index_shards(spec: str, *, out: str | None = None, classes_file: str | None 
     names = [i.name for i in infos]
     if len(set(names)) != len(names):
         raise ShardError(f"{spec}: a shard is listed twice")
-    return write_manifest(root, classes, max(i.count for i in infos), infos)
+    class_counts = [counts[p][2] for p in paths]
+    check_spread(spec, class_counts, len(classes), batch, buffer, allow_ordered=allow_ordered)
+    return write_manifest(root, classes, max(i.count for i in infos), infos, class_counts)

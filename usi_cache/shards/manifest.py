@@ -109,12 +109,21 @@ def load_manifest(root: str | Path) -> Manifest:
     return m
 
 
-def write_manifest(out: str, classes: Iterable[str], per_shard: int, infos: Iterable[ShardInfo]) -> Manifest:
+def write_manifest(out: str, classes: Iterable[str], per_shard: int, infos: Iterable[ShardInfo],
+                   class_counts: Iterable[dict[int, int]] | None = None) -> Manifest:
     """Write `OUT/dataset.json` for shards already written; call it last, so that a folder
-    without one is never taken for a complete set of shards."""
+    without one is never taken for a complete set of shards. `class_counts` (per shard, {class:
+    samples}) are stored for the class-order check (class_spread.py), one line per shard; they are
+    not part of the fingerprint (they follow from the shards' bytes) nor of `Manifest`."""
     classes, infos = tuple(classes), tuple(infos)
     m = Manifest(out, classes, per_shard, infos, fingerprint(classes, per_shard, infos))
-    storage.write_bytes(storage.join(out, MANIFEST), (json.dumps(m.to_dict(), indent=1) + "\n").encode())
+    d = m.to_dict()
+    if class_counts is not None:  # [class, count, class, count, ...], classes ascending
+        for s, c in zip(d["shards"], class_counts, strict=True):
+            s["class_counts"] = [int(x) for k in sorted(c) for x in (k, c[k])]
+    shards = ",\n".join("  " + json.dumps(s, separators=(",", ":")) for s in d.pop("shards"))
+    text = json.dumps(d, indent=1)[:-2] + f',\n "shards": [\n{shards}\n ]\n}}\n'
+    storage.write_bytes(storage.join(out, MANIFEST), text.encode())
     return m
 
 

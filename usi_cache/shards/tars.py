@@ -16,6 +16,7 @@ import io
 import os
 import re
 import tarfile
+from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -126,17 +127,18 @@ def write_shards(samples: Iterable[Sample], classes: Iterable[str], out: str | P
         order = np.random.default_rng(seed).permutation(len(samples))
         samples = [samples[j] for j in order]
     out = output_folder(out)
-    stream, infos = iter(samples), []
+    stream, infos, counts = iter(samples), [], []
     bar = progress_bar(progress, f"writing shards to {out}", "shard")
     while chunk := list(islice(stream, per_shard)):
         name = f"{prefix}-{len(infos):06d}.tar"
         count, digest = write_tar(storage.join(out, name), chunk)
         infos.append(ShardInfo(name, count, digest))
+        counts.append(dict(Counter(s.cls for s in chunk)))
         bar.update(1)
     bar.close()
     if not infos:
         raise ShardError(f"{out}: no samples to write")
-    return write_manifest(out, classes, per_shard, infos)
+    return write_manifest(out, classes, per_shard, infos, counts)
 
 
 def sanitize_key(text: str) -> str:
@@ -169,17 +171,18 @@ def read_shard(path: str | Path) -> Iterator[Sample]:
         yield from _tar_samples(f, path)
 
 
-def scan_shard(path: str) -> tuple[int, str, int]:
-    """(samples, sha256 of the file, largest cls) of one shard, read once front to back."""
+def scan_shard(path: str) -> tuple[int, str, dict[int, int]]:
+    """(samples, sha256 of the file, samples per cls) of one shard, read once front to back."""
     path = str(path)
-    count, top = 0, -1
+    count, classes = 0, Counter()
     with _open_shard(path) as f:
         hashed = _Hashed(f)
         for s in _tar_samples(hashed, path):
-            count, top = count + 1, max(top, s.cls)
+            count += 1
+            classes[s.cls] += 1
         while hashed.read(1 << 20):  # the end-of-archive padding counts in the sha256 too
             pass
-    return count, hashed.sha256.hexdigest(), top
+    return count, hashed.sha256.hexdigest(), dict(classes)
 
 
 @contextlib.contextmanager
@@ -217,7 +220,8 @@ def _tar_samples(f: IO[bytes], path: str) -> Iterator[Sample]:
             k, ext = m.group(1), m.group(2).lower()
             if k != key:
                 if key is not None:
-                    yield sample()
+                    done, entries = sample(), {}  # a suspended reader holds no yielded sample's bytes
+                    yield done
                 key, entries = k, {}
             if ext in entries:
                 raise ShardError(f"{path}: sample {key!r} has two {ext!r} entries")

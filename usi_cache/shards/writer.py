@@ -10,6 +10,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -58,8 +59,11 @@ def _build_shard(task: tuple) -> dict:
     """
     source, out, name, shard = task
     rejected: list = []
-    count, digest = write_tar(storage.join(out, name), source.samples(shard, rejected))
-    result = {"name": name, "plan": _plan_id(shard), "count": count, "sha256": digest, "rejected": rejected}
+    classes = Counter()
+    samples = (classes.update((s.cls,)) or s for s in source.samples(shard, rejected))
+    count, digest = write_tar(storage.join(out, name), samples)
+    result = {"name": name, "plan": _plan_id(shard), "count": count, "sha256": digest, "rejected": rejected,
+              "class_counts": sorted(classes.items())}
     storage.write_bytes(_sidecar(out, name), json.dumps(result).encode())
     return result
 
@@ -126,7 +130,10 @@ def write_planned(source, plan: list[list[Entry]], classes: Iterable[str], out: 
     infos = [ShardInfo(r["name"], r["count"], r["sha256"]) for r in results if r["count"]]
     if not infos:
         raise ShardError(f"{what}: no readable images found ({len(rejected)} left out)")
-    return write_manifest(out, classes, per_shard, infos), rejected
+    # class counts for the class-order check (a sidecar written before they were kept has none)
+    counts = [dict(r["class_counts"]) for r in results if r["count"]] \
+        if all("class_counts" in r for r in results) else None
+    return write_manifest(out, classes, per_shard, infos, counts), rejected
 
 
 def read_class_names(path: str) -> list[str]:

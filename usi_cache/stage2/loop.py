@@ -27,6 +27,7 @@ from usi_cache.dist import World, barrier, close_world, gather_objects, init_wor
 from usi_cache.stage2.plan import PlanError, PlanSpec, copy_stats, stable_seed, summarize
 from usi_cache.stage2.evaluate import Evaluator
 from usi_cache.stage2.run_log import RunLog
+from usi_cache.shards.class_spread import check_training_shards
 from usi_cache.shards.manifest import ShardError, load_manifest
 from usi_cache.stage2.targets import LabelTargets, resolve_targets
 from usi_cache.stage2.loss import soft_cross_entropy, usi_loss
@@ -72,6 +73,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) 
 
 def train(cfg: TrainConfig, world: World, runlog: RunLog, *, resume: bool, progress: bool) -> dict:
     train_m, val_m = load_manifests(cfg)
+    on_main(world, lambda: check_training_shards(train_m.root, len(train_m.classes), cfg.batch_size,
+                                                 cfg.shuffle_buffer, allow_ordered=cfg.allow_ordered))
     source = resolve_targets(cfg, world, train_m)
     state = TrainState.create(cfg, len(train_m.classes), world.device, world.rank)
     plan = make_plan(cfg, world, train_m, source)
