@@ -119,6 +119,8 @@ class CacheConfig:
                                                    "pretrained weights. Excludes pretrained.")
     pretrained: bool = setting(False, "Download timm's pretrained weights (needs the network). "
                                       "Excludes teacher_checkpoint.")
+    random_teacher: bool = setting(False, "Cache a randomly initialised (seeded) teacher on purpose (tests, "
+                                          "benchmarks); without it, no checkpoint and no pretrained is an error.")
     views: int = setting(8, "V: augmented views per image (with add_views: the cache's V before the grow).")
     add_views: int = setting(0, "Grow the existing cache `out` by N views (V .. V+N-1) without rewriting it; "
                                 "rerunning resumes a killed grow. 0 = create or resume.")
@@ -136,6 +138,9 @@ class CacheConfig:
     audit: int = setting(0, "Then re-run the teacher with full logits on N cached views and store the "
                             "fidelity table (plain caches only); 0 = off.")
     overwrite: bool = setting(False, "Replace an existing cache made with another config.")
+    part: str = setting("", "Compute only part I of N (I/N, 0 <= I < N) as an independent job, no process group: "
+                            "the shards i with i mod N = I; auto: I and N from a Slurm array; auto/N: I from "
+                            "SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX. \"\" = every shard.")
     mix: MixConfig = setting(factory=MixConfig, doc="Mixing: only mode paired mixes in stage 1.")
     view: ViewSpec = setting(factory=ViewSpec, doc="How each view is drawn.")
 
@@ -165,6 +170,11 @@ class CacheConfig:
         if self.pretrained and self.teacher_checkpoint:
             raise ConfigError("cache.pretrained: excludes cache.teacher_checkpoint (the checkpoint would replace "
                               "the downloaded weights): give one of them")
+        if self.random_teacher and (self.pretrained or self.teacher_checkpoint):
+            raise ConfigError("cache.random_teacher: excludes cache.teacher_checkpoint and cache.pretrained")
+        if self.part:
+            from .parts import check_part_spec  # (parsed here so a bad part fails before any work)
+            check_part_spec(self)
         _check_required(self, "cache")
 
 
