@@ -14,12 +14,20 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import ROOT, TEACHER, cache_args, make_shards, run_py, save_teacher
+from conftest import NUM_CLASSES, ROOT, TEACHER, cache_args, make_samples, make_shards, run_py, save_teacher
+from test_object_storage import BUCKET, s3  # noqa: F401 (s3: the S3 server fixture, a test dependency)
 from usi_cache import parts, schema, storage
 from usi_cache.cli import main
 from usi_cache.config import ConfigError
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the thread count of run_py: the reference matches bit for bit
+
+
+def env_of(extra=None) -> dict:
+    """This process's environment (the S3 fixture's variables included) with run_py's thread
+    count, so that a part's float32 teacher sums match the one-process reference bit for bit."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **(extra or {})}
+
+
 # A part started at a given instant: torch and timm are imported before it waits, so that parts
 # started together reach the store together.
 LAUNCH = ("import sys, time\n"
@@ -30,7 +38,7 @@ LAUNCH = ("import sys, time\n"
 
 
 def start(args: list[str], at: float, env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", LAUNCH, str(at), *args], cwd=ROOT, env={**ENV, **(env or {})},
+    return subprocess.Popen([sys.executable, "-c", LAUNCH, str(at), *args], cwd=ROOT, env=env_of(env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -159,7 +167,7 @@ def race(out: str, views: list[int], env=None) -> tuple[list[dict], dict]:
     """Processes that prepare the store at `out` at the same instant, one per entry of `views`."""
     at = time.time() + 8  # every process has imported torch by then
     procs = [subprocess.Popen([sys.executable, "-c", RACE, out, str(v), str(at)], cwd=ROOT, text=True,
-                              env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                              env=env_of(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for v in views]
     results = []
     for p in procs:
@@ -289,3 +297,31 @@ def test_parts_grow_a_cache_like_one_process(tmp_path):
     assert any(s.get("grown") == {"from": 2, "to": 4} for s in summaries), summaries  # the last one finalised
     assert schema.open_cache(split)[1]["view_blocks"] == [2, 2]
     assert_same_cache(one, split)
+
+
+# ------------------------------------------------------------------ object storage
+
+@pytest.mark.slow
+def test_parts_creating_the_store_on_s3_at_once_do_not_clash(s3):
+    """The same race on S3: the claim is a conditional PUT (If-None-Match), which the server refuses
+    to every process but one."""
+    views = [2, 2, 2, 3]
+    out = f"s3://{BUCKET}/race/c.zarr"
+    check_race(out, *race(out, views), views)
+
+
+@pytest.mark.slow
+def test_three_parts_on_s3_one_killed_equal_one_local_process(s3, tmp_path):
+    """Item 3 of the issue on object storage: shards and cache on the S3 server, 3 parts started
+    together, one killed and rerun: the cache equals a one-process cache written to a folder."""
+    from usi_cache.shards import write_shards
+    url = f"s3://{BUCKET}/parts"
+    classes = [f"class{c}" for c in range(NUM_CLASSES)]
+    write_shards(make_samples(90), classes, f"{url}/shards", per_shard=10, seed=0, progress=False)
+    shards = make_shards(tmp_path / "shards", n=90, per_shard=10)
+    ckpt = save_teacher(tmp_path / "teacher.pth")
+    local = tmp_path / "one.zarr"
+    r = run_py(["cache_teacher.py", *cache_args(shards, ckpt, local, "--views", "2")])
+    assert r.returncode == 0, r.stdout + r.stderr
+    run_parts(f"{url}/shards", str(ckpt), f"{url}/c.zarr", 3, victim=2, views=2)
+    assert_same_cache(local, f"{url}/c.zarr")
