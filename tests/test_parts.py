@@ -325,3 +325,23 @@ def test_three_parts_on_s3_one_killed_equal_one_local_process(s3, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     run_parts(f"{url}/shards", str(ckpt), f"{url}/c.zarr", 3, victim=2, views=2)
     assert_same_cache(local, f"{url}/c.zarr")
+
+
+@pytest.mark.slow
+def test_a_part_can_be_a_torchrun_job(tmp_path):
+    """Part 0 of 2 as a 2-rank torchrun job (its ranks share the part's shards), part 1 as one
+    process: the cache equals a one-process run."""
+    shards = make_shards(tmp_path / "shards", n=40, per_shard=5)
+    ckpt = save_teacher(tmp_path / "teacher.pth")
+    one, split = tmp_path / "one.zarr", tmp_path / "parts.zarr"
+    r = run_py(["cache_teacher.py", *cache_args(shards, ckpt, one, "--views", "2")])
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_py(["cache_teacher.py", *cache_args(shards, ckpt, split, "--views", "2"), "--part", "0/2", "--json"],
+               torchrun=2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = json.loads(r.stdout[r.stdout.index("{"):])
+    assert (s["finalised"], s["shards_computed"], s["shards_left"]) == (False, 4, 4), s
+    r = run_py(["cache_teacher.py", *cache_args(shards, ckpt, split, "--views", "2"), "--part", "1/2"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "8/8 complete (4 computed now, 4 reused)" in r.stdout, r.stdout
+    assert_same_cache(one, split)

@@ -84,8 +84,8 @@ def format_status(st: dict) -> str:
     lines = [f"cache   {st['cache']}: {st['samples']} samples in {st['shards']} shards, V = {st['views']}"
              + (f" (+{st['growing']} being added)" if st["growing"] else "")]
     for b in st["blocks"]:
-        rate = (f"{b['views_per_s']:.0f} views/s, ETA {_duration(b['eta_s'])}" if b["views_per_s"] is not None
-                else "views/s unknown (fewer than 2 timed commits)")
+        rate = (f"{b['views_per_s']:.0f} views/s" + (f", ETA {_duration(b['eta_s'])}" if b["views_left"] else "")
+                if b["views_per_s"] is not None else "views/s unknown (fewer than 2 timed commits)")
         last = "" if b["last_commit_s_ago"] is None else f"; last commit {_duration(b['last_commit_s_ago'])} ago"
         lines.append(f"views {b['views']}: {b['shards_committed']}/{b['shards']} shards committed, "
                      f"{b['views_left']} views left; {rate}{last}")
