@@ -114,7 +114,8 @@ def test_part_with_other_settings_or_another_cache_is_refused(tmp_path, shards, 
     before = storage.sizes(out)
     r = CliRunner().invoke(main, ["cache", *cache_args(shards, teacher_ckpt, out, "--views", "3"), "--part", "1/2"])
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
-    assert "existing cache differs in views (cache has 2, this run has 3)" in r.output
+    assert r.output.strip() == (f"Error: {out}: existing cache differs in views (cache has 2, this run has 3); "
+                                "every part runs with the cache's settings: give them, or another --out")
     other = make_shards(tmp_path / "other", n=12, per_shard=4, seed=3)
     r = CliRunner().invoke(main, ["cache", *cache_args(other, teacher_ckpt, out, "--views", "2"), "--part", "1/2"])
     assert r.exit_code == 1 and "existing cache differs in dataset" in r.output, r.output

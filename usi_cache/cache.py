@@ -171,11 +171,14 @@ def _prepare(cfg: CacheConfig, attrs: dict, layout: schema.Layout, part) -> str 
     if cfg.add_views:
         grow = lambda: _prepare_grow(cfg, attrs)  # noqa: E731
         return parts.prepare_grow(cfg, grow) if part else grow()
-    store = lambda: _prepare_store(cfg, attrs, layout)  # noqa: E731
-    return parts.prepare_store(cfg, attrs, layout, store) if part else store()
+    if part:
+        hint = "every part runs with the cache's settings: give them, or another --out"
+        return parts.prepare_store(cfg, attrs, layout, lambda: _prepare_store(cfg, attrs, layout, hint))
+    return _prepare_store(cfg, attrs, layout)
 
 
-def _prepare_store(cfg: CacheConfig, attrs: dict, layout: schema.Layout) -> str | None:
+def _prepare_store(cfg: CacheConfig, attrs: dict, layout: schema.Layout,
+                   hint: str = "use --overwrite to replace it") -> str | None:
     """Rank 0: create the cache, or check that the existing one matches. Returns an error."""
     out = cfg.out
     if storage.is_file(out) or (not storage.is_url(out) and Path(out).is_symlink()):
@@ -191,10 +194,10 @@ def _prepare_store(cfg: CacheConfig, attrs: dict, layout: schema.Layout) -> str 
     try:
         _, found = schema.open_cache(out)
     except schema.CacheError as e:
-        return f"{e} (use --overwrite to replace it)"
+        return f"{e} ({hint})"
     if found.get("schema_version") in schema.GROWABLE_VERSIONS:  # block 0 is written alike: a version-3 cache resumes
         attrs = {**attrs, "schema_version": found["schema_version"]}
-    return _mismatch(out, found, attrs, "use --overwrite to replace it")
+    return _mismatch(out, found, attrs, hint)
 
 
 def _mismatch(out: str, found: dict, attrs: dict, hint: str) -> str | None:
