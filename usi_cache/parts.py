@@ -20,6 +20,7 @@ Job pod, a preemptible machine) computes the shards of part I of N with no proce
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -32,6 +33,7 @@ import numpy as np
 from . import schema, storage
 from .config import ConfigError
 
+log = logging.getLogger(__name__)
 CLAIM_STALE_S = 120.0  # creating a cache or starting a grow takes seconds; a claim this old whose work is
 # unfinished was left by a killed part
 POLL_S = 0.5  # how often a waiting part looks again
@@ -166,8 +168,8 @@ def _claim_or_wait(url: str, ready: Callable[[], bool], what: str) -> bool:
             return True
         age = _claim_age(url)
         if age > CLAIM_STALE_S:
-            print(f"{url}: {what} was claimed {age:.0f} s ago and is unfinished (its part was killed?): "
-                  f"finishing it here", flush=True)
+            log.warning(f"warning: {url}: {what} was claimed {age:.0f} s ago and is unfinished (its part was "
+                        f"killed?): finishing it here")
             return True
         time.sleep(POLL_S)
     return False
