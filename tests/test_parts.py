@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -345,3 +346,28 @@ def test_a_part_can_be_a_torchrun_job(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "8/8 complete (4 computed now, 4 reused)" in r.stdout, r.stdout
     assert_same_cache(one, split)
+
+
+def test_status_with_given_parts_and_on_a_cache_without_commit_times(tmp_path, shards, teacher_ckpt):
+    """`--parts N` names the parts with work on any cache (here one made by one process); a cache
+    made before commit times were recorded (no `commits` array) still reads, resumes and shows
+    its counts, with views/s unknown."""
+    out = tmp_path / "c.zarr"
+    r = CliRunner().invoke(main, ["cache", *cache_args(shards, teacher_ckpt, out)])
+    assert r.exit_code == 0, r.output
+    for f in schema.chunk_files(out, schema.COMMIT_ARRAY, 1, schema.Layout.from_attrs(schema.open_cache(out)[1])):
+        Path(f).unlink()  # shard 1 uncommitted, as if its job died
+    st = json.loads(CliRunner().invoke(main, ["cache", "status", str(out), "--parts", "2", "--json"]).output)
+    assert st["parts"] == {"parts": 2, "from": "--parts", "with_work": [{"part": 1, "shards_left": 1}]}
+    b = st["blocks"][0]
+    assert (b["shards_committed"], b["shards"], b["views_left"]) == (2, 3, 10 * 8) and st["state"] == "in progress"
+    assert b["views_per_s"] > 0 and b["eta_s"] > 0  # from the two commits left
+    assert json.loads(CliRunner().invoke(main, ["cache", "status", str(out), "--json"]).output)["parts"] is None
+    import shutil
+    shutil.rmtree(out / schema.COMMITS)  # an older cache
+    text = CliRunner().invoke(main, ["cache", "status", str(out)]).output
+    assert "2/3 shards committed, 80 views left; views/s unknown" in text, text
+    r = CliRunner().invoke(main, ["cache", *cache_args(shards, teacher_ckpt, out)])
+    assert r.exit_code == 0 and "3/3 complete (1 computed now, 2 reused)" in r.output, r.output
+    st = json.loads(CliRunner().invoke(main, ["cache", "status", str(out), "--json"]).output)
+    assert st["state"] == "complete" and st["blocks"][0]["views_per_s"] is None
