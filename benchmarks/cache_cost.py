@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     for k in [int(x) for x in a.topk.split(",")]:
         out = work / f"cache-k{k}.zarr"
         s = run_cache(cache_config(shards, out, "test_resnet", views=a.views, topk=k, overwrite=True,
-                                   workers=1), progress=False)
+                                   workers=1, random_teacher=True), progress=False)
         usage = schema.disk_usage(out)
         views = s["views"]
         sizes[k] = {name: usage[name] / views for name in usage}

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         url = "s3://bench"
         _usi("cache", "--shards", f"{url}/train", "--teacher", "test_resnet", "--views", str(VIEWS),
              "--topk", str(TOPK), "--input-size", "32", "--batch-size", "16", "--workers", "1",
-             "--out", f"{url}/cache.zarr", env=env)
+             "--random-teacher", "--out", f"{url}/cache.zarr", env=env)
         log.flush()
         start = len(log_path.read_text().splitlines())
         _usi("train", "--model", "test_resnet", "--train-shards", f"{url}/train", "--val-shards", f"{url}/val",

@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(a.work or tempfile.mkdtemp(prefix="usi-bench-"))
     shards = synthetic_shards(work / "shards", a.images, a.classes, max(a.size + 8, 40), per_shard=256)
     cfg = cache_config(shards, work / "cache.zarr", a.teacher, views=a.views, topk=min(10, a.classes),
-                       input_size=a.size, batch_size=a.batch, workers=a.workers, overwrite=True)
+                       input_size=a.size, batch_size=a.batch, workers=a.workers, overwrite=True,
+                       random_teacher=True)  # throughput only: the weights do not matter
     s = run_cache(cfg, progress=False)
     views = s["views_computed"]
 

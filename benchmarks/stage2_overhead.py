@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     val = synthetic_shards(work / "val", a.batch, a.classes, max(a.size, 40), per_shard=a.batch, seed=1)
     cache = work / "cache.zarr"
     run_cache(cache_config(train, cache, a.teacher, views=2, topk=min(10, a.classes), input_size=a.size,
-                           workers=a.workers), progress=False)
+                           workers=a.workers, random_teacher=True), progress=False)  # speed only
     modes = {"label-only": {}, "cache": {"cache": str(cache)}, "online KD": {"teacher": a.teacher}}
 
     def config(mode: str, **kw):

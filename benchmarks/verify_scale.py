@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         shards, _ = fmnist_shards(work / f"fmnist-{n}", n, 1, per_shard=a.per_shard)
         cache = work / f"cache-{n}.zarr"
         if not (cache / "zarr.json").is_file():
-            run_cache(cache_config(shards, cache, "test_resnet", views=a.views, topk=10, workers=1), progress=False)
+            run_cache(cache_config(shards, cache, "test_resnet", views=a.views, topk=10, workers=1, random_teacher=True),
+                      progress=False)
         caches[name] = (cache, shards)
     layout = schema.Layout.from_attrs(schema.open_cache(caches["big"][0])[1])
 

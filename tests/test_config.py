@@ -201,7 +201,8 @@ def other_value(cls, s):
                "mix.mode": "paired" if cls is CacheConfig else "none", "view.fill": "1,2,3",
                "teacher_checkpoint": "t.pth", "teacher": "t", "cache": "c.zarr", "pretrained_checkpoint": "w.pth",
                "mean": "0.5,0.25,0.125", "std": "0.5,0.25,0.125", "model_kwargs": '{"drop_path_rate": 0.1}',
-               "betas": "0.5,0.25", "view.scale": "0.5,0.75", "view.ratio": "0.5,2.0"}
+               "betas": "0.5,0.25", "view.scale": "0.5,0.75", "view.ratio": "0.5,2.0",
+               "part": "1/4"}
     if s.path in special:
         return special[s.path]
     if s.type is bool:

@@ -217,11 +217,11 @@ def test_verify_and_inspect_on_s3(remote):
 
 def test_errors_on_s3_are_one_line(s3):
     """A missing bucket, a prefix without shards, and a cache URL that holds none."""
-    out = invoke("cache", "--shards", "s3://no-such-bucket/shards", "--teacher", TEACHER,
+    out = invoke("cache", "--shards", "s3://no-such-bucket/shards", "--teacher", TEACHER, "--random-teacher",
                  "--out", f"s3://{BUCKET}/x.zarr", code=1)
     assert out.strip() == "Error: s3://no-such-bucket/shards: shard folder not found", out
     s3.pipe(f"{BUCKET}/empty/readme.txt", b"hi")
-    out = invoke("cache", "--shards", f"s3://{BUCKET}/empty", "--teacher", TEACHER,
+    out = invoke("cache", "--shards", f"s3://{BUCKET}/empty", "--teacher", TEACHER, "--random-teacher",
                  "--out", f"s3://{BUCKET}/x.zarr", code=1)
     assert out.strip() == f"Error: s3://{BUCKET}/empty/dataset.json: no dataset manifest (make shards with `usi shards ...`)"
     out = invoke("inspect", f"s3://{BUCKET}/empty", code=1)

@@ -17,6 +17,7 @@ from usi_cache.cache_format.spec import (
     ATTR,
     BLOCK_MARKER,
     COMMIT_ARRAY,
+    COMMITS,
     MIX_ARRAYS,
     NOT_WRITTEN,
     PER_SLOT,
@@ -146,6 +147,15 @@ def log_probs(values: np.ndarray, lse: np.ndarray, layout: Layout) -> np.ndarray
     if layout.stores_log_probs:
         return np.asarray(values, dtype=np.float32)
     return (values.astype(np.float64) - np.asarray(lse, np.float64)[..., None]).astype(np.float32)
+
+
+def read_commits(group: zarr.Group, layout: Layout, view_block: ViewBlock) -> np.ndarray | None:
+    """(num_shards, 3) float64 (unix time, part, parts) of each shard's commit in `view_block`
+    (time 0: none recorded); None for a cache made before commit times were recorded."""
+    path = view_block.path(COMMITS)
+    if path not in group:
+        return None
+    return read_array(group, path, slice(0, layout.num_shards))
 
 
 def completed_shards(group: zarr.Group, layout: Layout, view_block: ViewBlock | None = None) -> np.ndarray:

@@ -17,6 +17,8 @@ from usi_cache.cache_format.spec import (
     ATTR,
     BLOCK_MARKER,
     BLOCKS_GROUP,
+    COMMIT_ARRAY,
+    COMMITS,
     FP16_MAX,
     SCHEMA_VERSION,
     Layout,
@@ -26,10 +28,13 @@ from usi_cache.cache_format.spec import (
 )
 
 
-def create(path: str | Path, attrs: dict, layout: Layout) -> zarr.Group:
-    """Create a new, empty cache at `path` (a folder or URL; the caller has checked it may)."""
+def create(path: str | Path, attrs: dict, layout: Layout, *, clear: bool = True) -> zarr.Group:
+    """Create a new, empty cache at `path` (a folder or URL; the caller has checked it may).
+    clear=False (independent parts, stage1/parts.py): delete nothing, keep arrays that exist
+    already and write the attributes last, so that creating twice at once is harmless and a reader
+    that finds the attributes finds every array."""
     with storage.errors(str(path), "creating the cache"):
-        return _create(path, attrs, layout)
+        return _create(path, attrs, layout) if clear else _create_missing(path, attrs, layout)
 
 
 def _create(path: str | Path, attrs: dict, layout: Layout) -> zarr.Group:
@@ -41,8 +46,28 @@ def _create(path: str | Path, attrs: dict, layout: Layout) -> zarr.Group:
         group.create_array(name, shape=spec["shape"], dtype=spec["dtype"], chunks=spec["chunks"],
                            shards=spec["shards"], fill_value=spec["fill_value"],
                            compressors=[ZstdCodec(level=5), Crc32cCodec()])
+    _create_commits(group, layout)
     group.attrs[ATTR] = attrs
     return group
+
+
+def _create_missing(path: str | Path, attrs: dict, layout: Layout) -> zarr.Group:
+    group = zarr.open_group(storage.zarr_store(path, read_only=False), mode="a", zarr_format=3)
+    for name, spec in _array_specs(layout).items():
+        if name not in group:
+            group.create_array(name, shape=spec["shape"], dtype=spec["dtype"], chunks=spec["chunks"],
+                               shards=spec["shards"], fill_value=spec["fill_value"],
+                               compressors=[ZstdCodec(level=5), Crc32cCodec()])
+    if COMMITS not in group:
+        _create_commits(group, layout)
+    group.attrs[ATTR] = attrs
+    return group
+
+
+def _create_commits(group: zarr.Group, layout: Layout) -> None:
+    """The commit record of a view block's group (one chunk per WebDataset shard)."""
+    group.create_array(COMMITS, shape=(layout.num_shards, 3), dtype="float64", chunks=(1, 3), fill_value=0.0,
+                       compressors=[ZstdCodec(level=5), Crc32cCodec()])
 
 
 def set_invalid(group: zarr.Group, invalid: list[str]) -> None:
@@ -66,21 +91,31 @@ def set_audit(group: zarr.Group, audit: dict) -> None:
 
 
 def write_block(group: zarr.Group, layout: Layout, shard: int, block: ShardBlock,
-                view_block: ViewBlock | None = None) -> None:
+                view_block: ViewBlock | None = None, commit: tuple[float, int, int] | None = None) -> None:
     """Write one shard's block: every array in order, the commit marker (labels) last. With a
     grown `view_block` (index >= 1), `block` holds that block's views (layout: `block_layout`)
-    and only its per-view arrays are written, then its marker; per-slot arrays are block 0's."""
+    and only its per-view arrays are written, then its marker; per-slot arrays are block 0's.
+    `commit` (unix time, part, parts) goes to the block's COMMITS record just before the marker
+    (skipped for a cache made before the record existed)."""
     rows = layout.rows(shard)
     if view_block is not None and view_block.index > 0:
         for name in layout.per_view:
             group[view_block.path(name)][rows] = getattr(block, name)
+        _record_commit(group, view_block, shard, commit)
         group[view_block.path(BLOCK_MARKER)][shard] = 1
         return
     for name in layout.arrays:
         value = getattr(block, name)
         if name == "keys":  # object or StringDType arrays both become Zarr's variable-length strings
             value = np.array([str(v) for v in value], dtype=np.dtypes.StringDType())
+        if name == COMMIT_ARRAY:
+            _record_commit(group, ViewBlock(0, 0, layout.views), shard, commit)
         group[name][rows] = value
+
+
+def _record_commit(group: zarr.Group, view_block: ViewBlock, shard: int, commit) -> None:
+    if commit is not None and view_block.path(COMMITS) in group:
+        group[view_block.path(COMMITS)][shard] = commit
 
 
 def encode_log_probs(log_p: np.ndarray) -> np.ndarray:
@@ -111,8 +146,11 @@ def begin_grow(group: zarr.Group, layout: Layout, count: int) -> ViewBlock:
     sub = group.require_group(BLOCKS_GROUP).require_group(str(block.index))
     specs = _array_specs(layout.block_layout(block))
     specs[BLOCK_MARKER] = dict(shape=(layout.num_shards,), dtype="uint8", chunks=(1,), shards=None, fill_value=0)
-    for name in layout.per_view + (BLOCK_MARKER,):
-        if name not in sub:
+    for name in layout.per_view + (COMMITS, BLOCK_MARKER):
+        if name == COMMITS:
+            if name not in sub:
+                _create_commits(sub, layout)
+        elif name not in sub:
             spec = specs[name]
             sub.create_array(name, shape=spec["shape"], dtype=spec["dtype"], chunks=spec["chunks"],
                              shards=spec["shards"], fill_value=spec["fill_value"],
@@ -124,6 +162,8 @@ def commit_grow(group: zarr.Group) -> dict:
     """Make a finished grow visible (every shard's marker is written): V += N, the block joins
     `view_blocks`, the cache becomes schema 4. Returns the new attributes. Rank 0 only."""
     attrs = dict(group.attrs[ATTR])
+    if "growing" not in attrs:  # another part committed it a moment ago (stage1/parts.py)
+        return attrs
     count = attrs.pop("growing")
     attrs["view_blocks"] = [*(attrs.get("view_blocks") or [attrs["views"]]), count]
     attrs["views"] += count

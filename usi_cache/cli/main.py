@@ -270,11 +270,12 @@ def shards_fashion_mnist(out, source, per_shard, seed, limit_train, limit_test):
 
 
 # ---------------------------------------------------------------- cache (stage 1)
-@click.command("cache")
+@click.group("cache", invoke_without_command=True)
 @config_options(CacheConfig, "cache")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_context
 @one_line_errors
-def cache_command(as_json, **options):
+def cache_command(ctx, as_json, **options):
     """Stage 1: cache the teacher's top-k logits over V augmented views of every image.
 
     Every key of the recipe's cache and view sections has an option; --set KEY=VALUE sets any
@@ -282,7 +283,12 @@ def cache_command(as_json, **options):
 
     With --add-views N an existing cache grows by views V .. V+N-1 (--views V: its V now); no
     existing file is rewritten, and rerunning the same command resumes a killed grow.
+
+    With --part I/N (or auto) this process computes part I of N as an independent job (a Slurm
+    array task, a Kubernetes Indexed Job pod): `usi cache status CACHE` shows what is left.
     """
+    if ctx.invoked_subcommand:  # `usi cache status ...`
+        return
     from usi_cache.stage1.run import format_summary, run_cache
     cfg = stage_config(CacheConfig, "cache", options)
     try:
@@ -302,6 +308,20 @@ def cache_command(as_json, **options):
     import os
     if os.environ.get("RANK", "0") == "0":
         click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
+
+
+@cache_command.command("status")
+@click.argument("cache", type=click.Path())
+@click.option("--parts", type=click.IntRange(min=1), default=None,
+              help="N of the --part I/N jobs writing it [default: the N their commits recorded].")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@one_line_errors
+def cache_status_command(cache, parts, as_json):
+    """Shards committed per view block, views/s and ETA from the commit times, and which parts
+    (of `--part I/N` jobs) still have shards: what to resubmit."""
+    from usi_cache.stage1.status import cache_status, format_status
+    status = cache_status(cache, parts)
+    click.echo(json.dumps(status, indent=1) if as_json else format_status(status))
 
 
 main.add_command(cache_command)

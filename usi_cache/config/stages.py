@@ -94,6 +94,30 @@ class MixConfig:
         return {"mixup": self.mixup, "cutmix": self.cutmix, "prob": self.prob, "switch": self.switch}
 
 
+def _parse_count(text: str, spec: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"cache.part: {spec!r}: N must be a positive integer (expected I/N, auto or auto/N)")
+    return int(text)
+
+
+def check_part_spec(cfg: "CacheConfig") -> None:
+    """The syntax of cache.part, and what it excludes (the environment is read by `resolve_part`)."""
+    spec = cfg.part.strip()
+    head, sep, tail = spec.partition("/")
+    if head != "auto":
+        if not sep or not head.isdigit():
+            raise ConfigError(f"cache.part: {spec!r}: expected I/N (0 <= I < N), auto or auto/N")
+        index, count = int(head), _parse_count(tail, spec)
+        if index >= count:
+            raise ConfigError(f"cache.part: {spec!r}: part {index} of {count} does not exist: "
+                              f"expected I/N with 0 <= I < N (parts count from 0)")
+    elif sep:
+        _parse_count(tail, spec)
+    if cfg.overwrite:
+        raise ConfigError("cache.part: a part joins the cache its siblings write; it cannot be combined with "
+                          "overwrite (delete the old cache once, before the parts start)")
+
+
 @dataclass(frozen=True, kw_only=True)
 class CacheConfig:
     """Stage 1: run the teacher over V augmented views of every shard sample."""
@@ -106,6 +130,8 @@ class CacheConfig:
                                                    "pretrained weights. Excludes pretrained.")
     pretrained: bool = setting(False, "Download timm's pretrained weights (needs the network). "
                                       "Excludes teacher_checkpoint.")
+    random_teacher: bool = setting(False, "Cache a randomly initialised (seeded) teacher on purpose (tests, "
+                                          "benchmarks); without it, no checkpoint and no pretrained is an error.")
     views: int = setting(8, "V: augmented views per image (with add_views: the cache's V before the grow).")
     add_views: int = setting(0, "Grow the existing cache `out` by N views (V .. V+N-1) without rewriting it; "
                                 "rerunning resumes a killed grow. 0 = create or resume.")
@@ -123,6 +149,9 @@ class CacheConfig:
     audit: int = setting(0, "Then re-run the teacher with full logits on N cached views and store the "
                             "fidelity table (plain caches only); 0 = off.")
     overwrite: bool = setting(False, "Replace an existing cache made with another config.")
+    part: str = setting("", "Compute only part I of N (I/N, 0 <= I < N) as an independent job, no process group: "
+                            "the shards i with i mod N = I; auto: I and N from a Slurm array; auto/N: I from "
+                            "SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX. \"\" = every shard.")
     mix: MixConfig = setting(factory=MixConfig, doc="Mixing: only mode paired mixes in stage 1.")
     view: ViewSpec = setting(factory=ViewSpec, doc="How each view is drawn.")
 
@@ -152,6 +181,10 @@ class CacheConfig:
         if self.pretrained and self.teacher_checkpoint:
             raise ConfigError("cache.pretrained: excludes cache.teacher_checkpoint (the checkpoint would replace "
                               "the downloaded weights): give one of them")
+        if self.random_teacher and (self.pretrained or self.teacher_checkpoint):
+            raise ConfigError("cache.random_teacher: excludes cache.teacher_checkpoint and cache.pretrained")
+        if self.part:  # parsed here so that a bad part fails before any work
+            check_part_spec(self)
         _check_required(self, "cache")
 
 

@@ -24,8 +24,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from usi_cache import __version__, cache_format as schema, storage
+from usi_cache.stage1 import parts
 from usi_cache.checks import replay as replay_check
 from usi_cache.config.stages import CacheConfig, ViewSpec
+from usi_cache.config.errors import ConfigError
 from usi_cache.config.parser import to_dict
 from usi_cache.dist import World, all_gather_objects, barrier, broadcast_object, close_world, init_world, on_main
 from usi_cache.views.randaugment import OP_NAMES
@@ -170,7 +172,19 @@ def _mix_spec(cfg: CacheConfig) -> dict | None:
     return cfg.mix.sample_kwargs() if cfg.mix.mode == "paired" else None
 
 
-def _prepare_store(cfg: CacheConfig, attrs: dict, layout: schema.Layout) -> str | None:
+def _prepare(cfg: CacheConfig, attrs: dict, layout: schema.Layout, part) -> str | None:
+    """Rank 0: create, resume or grow the store; independent parts coordinate through parts.py."""
+    if cfg.add_views:
+        grow = lambda: _prepare_grow(cfg, attrs)  # noqa: E731
+        return parts.prepare_grow(cfg, grow) if part else grow()
+    if part:
+        hint = "every part runs with the cache's settings: give them, or another --out"
+        return parts.prepare_store(cfg, attrs, layout, lambda: _prepare_store(cfg, attrs, layout, hint))
+    return _prepare_store(cfg, attrs, layout)
+
+
+def _prepare_store(cfg: CacheConfig, attrs: dict, layout: schema.Layout,
+                   hint: str = "use --overwrite to replace it") -> str | None:
     """Rank 0: create the cache, or check that the existing one matches. Returns an error."""
     out = cfg.out
     if storage.is_file(out) or (not storage.is_url(out) and Path(out).is_symlink()):
@@ -186,10 +200,10 @@ def _prepare_store(cfg: CacheConfig, attrs: dict, layout: schema.Layout) -> str 
     try:
         _, found = schema.open_cache(out)
     except schema.CacheError as e:
-        return f"{e} (use --overwrite to replace it)"
+        return f"{e} ({hint})"
     if found.get("schema_version") in schema.GROWABLE_VERSIONS:  # block 0 is written alike: a version-3 cache resumes
         attrs = {**attrs, "schema_version": found["schema_version"]}
-    return _mismatch(out, found, attrs, "use --overwrite to replace it")
+    return _mismatch(out, found, attrs, hint)
 
 
 def _mismatch(out: str, found: dict, attrs: dict, hint: str) -> str | None:
@@ -264,6 +278,10 @@ def run_cache(cfg: CacheConfig, *, progress: bool = True) -> dict:
 
 def _run(cfg: CacheConfig, world: World, progress: bool) -> dict:
     t_start = time.perf_counter()
+    if not (cfg.teacher_checkpoint or cfg.pretrained or cfg.random_teacher):
+        raise ConfigError("cache.teacher_checkpoint: not given, and not pretrained: the cache would hold a random "
+                          "teacher; give --teacher-checkpoint or --pretrained (or --random-teacher if meant)")
+    part = parts.resolve_part(cfg.part)  # None: every shard (one job, or torchrun ranks)
     manifest = load_manifest(cfg.shards)
     C = len(manifest.classes)
     if cfg.topk > C:
@@ -289,20 +307,25 @@ def _run(cfg: CacheConfig, world: World, progress: bool) -> dict:
     attrs["decoders"] = replay_check.decoder_env()
     # rank 0 creates or checks the store; what it raises (a full disk, a refused URL) reaches
     # every rank, so none waits in a collective for it
-    error = on_main(world, lambda: _prepare_grow(cfg, attrs) if cfg.add_views else _prepare_store(cfg, attrs, layout))
+    error = on_main(world, lambda: _prepare(cfg, attrs, layout, part))
     if error:
         raise schema.CacheError(error)
     group, found = schema.open_cache(cfg.out, mode="r+")
     layout, block = _target(cfg, found)
     done = schema.completed_shards(group, layout, block)
-    pending = [i for i in range(layout.num_shards) if not done[i]]
+    pending = [i for i in (part.shards(layout.num_shards) if part else range(layout.num_shards)) if not done[i]]
     barrier(world)  # every rank has read the same completion state before anyone writes
     mine = pending[world.rank::world.size]
-    times = _compute(cfg, world, manifest, layout, block, group, teacher, info.input_size, mine, progress)
+    times = _compute(cfg, world, manifest, layout, block, group, teacher, info.input_size, mine, progress, part)
     barrier(world)
     all_times = all_gather_objects(world, times)
     summary = None
-    if world.is_main:
+    left = on_main(world, lambda: parts.unfinished(group, layout, block)) if part else 0
+    if world.is_main and left:  # another part's shards are not committed yet: the last part finalises
+        summary = parts.waiting_summary(cfg, part, layout, block, all_times, left, time.perf_counter() - t_start)
+    elif world.is_main:
+        if part:  # another part may have finalised a grow meanwhile
+            _, found = schema.open_cache(cfg.out)
         if block.index and found.get("growing"):  # every rank has committed its shards of the block
             if not schema.completed_shards(group, layout, block).all():
                 raise schema.CacheError(f"{cfg.out}: a shard of the new views is not committed; rerun to resume")
@@ -324,7 +347,7 @@ def _run(cfg: CacheConfig, world: World, progress: bool) -> dict:
 
 
 def _compute(cfg, world, manifest: Manifest, layout, view_block: schema.ViewBlock, group, teacher, size, mine,
-             progress) -> StageTimes:
+             progress, part: parts.Part | None = None) -> StageTimes:
     """Write view block `view_block` of this rank's shards `mine`, each committed on its own."""
     times = StageTimes()
     if not mine:
@@ -341,7 +364,7 @@ def _compute(cfg, world, manifest: Manifest, layout, view_block: schema.ViewBloc
         from tqdm import tqdm
         expected = sum(manifest.shards[i].count for i in mine) * layout.views
         what = f"views {view_block.views[0]}..{view_block.views[-1]}" if view_block.index else "views"
-        bar = tqdm(total=expected, unit="view", desc=f"teacher {what} (rank 0 of {world.size})",
+        bar = tqdm(total=expected, unit="view", desc=f"teacher {what} ({f'part {part}' if part else f'rank 0 of {world.size}'})",
                    dynamic_ncols=True)
     try:
         t = time.perf_counter()
@@ -373,7 +396,7 @@ def _compute(cfg, world, manifest: Manifest, layout, view_block: schema.ViewBloc
                 for name in schema.VIEW_PARAMS + schema.PER_SLOT + (schema.MIX_ARRAYS if layout.paired else ()):
                     setattr(block, name, getattr(meta, name))
                 with storage.errors(cfg.out, f"writing shard {shard}", "committed shards are kept: rerun to resume"):
-                    schema.write_block(group, layout, shard, blocks.pop(shard), view_block)
+                    schema.write_block(group, layout, shard, blocks.pop(shard), view_block, parts.commit_record(part))
                 times.write += time.perf_counter() - t
                 times.shards += 1
             t = time.perf_counter()
@@ -424,6 +447,8 @@ def _finish(cfg, group, layout, block: schema.ViewBlock, manifest, all_times: li
 
 
 def format_summary(s: dict) -> str:
+    if s.get("finalised") is False:  # a part that left the finishing to another
+        return parts.format_waiting(s)
     rows = [
         ("cache", s["cache"]),
         ("shards", f"{s['shards_complete']}/{s['shards']} complete "
