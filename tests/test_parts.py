@@ -32,8 +32,8 @@ def env_of(extra=None) -> dict:
 # A part started at a given instant: torch and timm are imported before it waits, so that parts
 # started together reach the store together.
 LAUNCH = ("import sys, time\n"
-          "import usi_cache.cache\n"
-          "from usi_cache.cli import cache_command\n"
+          "import usi_cache.stage1.run\n"
+          "from usi_cache.cli.main import cache_command\n"
           "time.sleep(max(0.0, float(sys.argv[1]) - time.time()))\n"
           "cache_command(sys.argv[2:], prog_name='usi cache')\n")
 
