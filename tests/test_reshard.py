@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from helpers import ROOT, make_samples, make_shards, run_py, train_args
+from helpers import ROOT, error_line, make_samples, make_shards, run_py, train_args
 from test_class_spread import class_ordered_tars
 from usi_cache import storage
 from usi_cache.shards.class_spread import check_training_shards, read_class_counts
@@ -52,10 +52,6 @@ def every_sample(paths) -> collections.Counter:
 
 def tar_bytes(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.tar"))}
-
-
-def error_line(output: str) -> str:
-    return [ln for ln in output.splitlines() if ln.startswith("Error:")][-1]
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +107,27 @@ def test_reshard_cli_one_lines_and_refusals(source, tmp_path):
         f"Error: {other}: already holds a dataset (dataset.json or .tar files); give a new folder")
     r = CliRunner().invoke(main, ["shards", "reshard", str(source), str(source), "--quiet"])
     assert r.exit_code == 1 and "OUT is the source folder" in error_line(r.output)
+
+
+def test_a_key_met_twice_is_refused_by_name_before_it_reaches_a_tar(tmp_path):
+    src = ordered_source(tmp_path / "src", classes=2, per_class=10, per_shard=10)
+    (src / "copy-00000.tar").write_bytes((src / "src-00000.tar").read_bytes())  # the same keys again
+    r = CliRunner().invoke(main, ["shards", "reshard", str(src), str(tmp_path / "out"), "--per-shard", "30",
+                                  "--quiet"])
+    assert r.exit_code == 1 and "occurs twice in the source shards" in error_line(r.output), r.output
+    assert not (tmp_path / "out" / MANIFEST).exists() and not list((tmp_path / "out").glob("*.tar"))
+
+
+def test_too_low_an_open_file_limit_is_one_line_before_pass_2(tmp_path):
+    src = ordered_source(tmp_path / "src", classes=4, per_class=50, per_shard=2)  # 100 source shards
+    script = ("import resource, sys\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (60, 60))\n"
+              "from usi_cache.cli.main import main\n"
+              "main(sys.argv[1:])\n")
+    r = subprocess.run([sys.executable, "-c", script, "shards", "reshard", str(src), str(tmp_path / "out"),
+                        "--per-shard", "200", "--workers", "1", "--quiet"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1 and "ulimit -n 164" in error_line(r.stdout + r.stderr), r.stdout + r.stderr
 
 
 def test_bad_source_tar_is_one_line_and_writes_no_manifest(tmp_path):

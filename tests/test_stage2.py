@@ -282,7 +282,7 @@ def test_a_grow_between_ranks_reads_cannot_split_the_ranks(data, tmp_path):
     rank 0 read it before: both ranks still train with rank 0's V = 3."""
     cache = tmp_path / "cache.zarr"
     shutil.copytree(data["cache"], cache)
-    grow = conftest.cache_args(data["train"], data["ckpt"], cache, "--views", "3", "--add-views", "1")
+    grow = helpers.cache_args(data["train"], data["ckpt"], cache, "--views", "3", "--add-views", "1")
     run = tmp_path / "run"
     r = run_py(["tests/grow_between_reads.py", json.dumps(grow), "--",
                 *train_args(data, run, "--cache", str(cache), "--epochs", "1")], torchrun=2)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 from itertools import chain
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -161,7 +162,7 @@ def check_spread(where: str, class_counts: ClassCounts, num_classes: int, batch:
     spread = measure(class_counts, num_classes, batch, buffer)
     if not spread.ok and not allow_ordered:
         raise ClassOrderError(f"{where}: class-ordered shards: {spread.describe()}: run `usi shards reshard "
-                              f"{where} OUT` to shuffle them into new shards, or pass {how_to_allow} to keep them")
+                              f"{shlex.quote(str(where))} OUT` to shuffle them into new shards, or pass {how_to_allow} to keep them")
     return spread
 
 

@@ -191,9 +191,15 @@ def _build_group(task: tuple) -> list[dict]:
             continue
         classes = Counter()
 
-        def samples(a=a, b=b, classes=classes):
+        def samples(a=a, b=b, classes=classes, j=j):
+            keys = set()  # a repeated key would make a tar no reader accepts: refuse it by name
             for k in range(a, b):
                 s = spills.take(int(sources[k]))
+                if s.key in keys:
+                    raise ShardError(f"{plan.sources[int(sources[k])]}: sample key {s.key!r} occurs twice in "
+                                     f"the source shards (it would be written twice into {plan.name(j)}): "
+                                     f"keys must be unique")
+                keys.add(s.key)
                 classes[s.cls] += 1
                 yield s
         name = plan.name(j)
@@ -285,6 +291,16 @@ def _raise_open_files() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _check_open_files(plan: "Plan", out: str) -> None:
+    """Refuse pass 2 in one line when a worker could not hold a spill open for every source shard
+    feeding one output group (the limit would otherwise surface as a damaged spill)."""
+    need = min(len(plan.sources), plan.per_group * plan.per_shard) + 64  # + the process's own files
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and need > soft:
+        raise ShardError(f"{out}: pass 2 keeps up to {need - 64} spills open per worker, the open-file limit is "
+                         f"{soft}: raise it (`ulimit -n {need}`) and rerun (pass 1's spills are kept)")
+
+
 @dataclass(frozen=True)
 class Resharded:
     manifest: Manifest
@@ -341,6 +357,7 @@ def reshard(src: str, out: str, *, per_shard: int = 1000, seed: int = 0, workers
         raise ShardError(f"{spill}: pass 1 incomplete ({len(spilled)} of {len(paths)} source shards); rerun")
 
     _raise_open_files()
+    _check_open_files(plan, out)
     groups = {}
     for j in range(plan.num_shards):
         if j not in done:

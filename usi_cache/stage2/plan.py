@@ -29,7 +29,7 @@ epoch, the world size W, the DataLoader workers per rank K, the batch per rank B
 * **Views.** With R = 1 epoch e uses view e mod V. With R > 1 a sample selected for the s-th time
   (s counted over the run) uses views s·R + r (mod V), r < R: every view is used before any repeats.
 
-`assemble` turns a worker's lane streams into its batches; the data path (`train_data.py`) and the
+`assemble` turns a worker's lane streams into its batches; the data path (`data.py`) and the
 enumeration (`enumerate_plan`) both call it, so what is enumerated is what is trained.
 """
 from __future__ import annotations
@@ -140,8 +140,10 @@ class PlanSpec:
         return tuple(r for r in range(self.repeats) if (lane * self.repeats + r) % self.world == rank)
 
     def lane_buffer(self, buffer: int) -> int:
-        """Each of a worker's lane streams shuffles through its share of the worker's buffer."""
-        return -(-buffer // len(self.rank_lanes(0)))
+        """Each of a worker's lane streams shuffles through its share of the worker's buffer, so that
+        the rendered copies held stay about `buffer` whatever W and R: a rank trains R / gcd(W, R)
+        copies per cycle of its lanes (one per lane when W ≥ R; several per item where W < R)."""
+        return -(-buffer // (self.repeats // math.gcd(self.world, self.repeats)))
 
     def pulls(self, rank: int) -> tuple[Pull, ...]:
         """One step of `rank`, group by group: every group of the rank's lanes, in group order (the
