@@ -8,7 +8,8 @@ augmentation R. Every unit of one epoch goes through the data path's own `assemb
 left out, samples with fewer than R copies, copies sharing one global step and on distinct ranks,
 copies sharing a local batch, distinct classes per local batch (classes drawn at random per
 sample, as in shards made by `usi shards`) beside timm's `RepeatAugSampler` over a random
-permutation, tar bytes each rank reads (in samples read through) against R = 1, and how often
+permutation, tar bytes each rank reads (in samples whose bytes it reads; samples before a piece
+that starts mid-shard are passed over by their tar headers) against R = 1, and how often
 each sample is selected over several epochs. `--shards`, `--samples`, `--worlds`, … enumerate
 other shapes.
 
@@ -19,8 +20,8 @@ distinct views, all R in the same global step: on R different ranks where world 
 batch where world < R forces it (world 2, R = 3). timm's sampler, for comparison, splits the copies
 of a sample over two steps whenever its group straddles a step boundary. A local batch holds as
 many classes as under timm's sampler. The R ranks that share a copy group read the same shard
-pieces, so a rank reads about what it reads with R = 1; the few percent more come from more
-stream boundaries (a shard cut between two streams is read from its start by both).
+pieces, so a rank reads the samples it trains and no more, as with R = 1, at every world size
+(a rank has R / gcd(W, R) times more streams, and so passes over more samples by their headers).
 `tests/test_epoch_plan.py` asserts these on a smaller enumerated shape, and torchrun tests
 check them on real keys in log.jsonl.
 """
@@ -97,8 +98,10 @@ def measure(spec: PlanSpec, epochs: int, buffer: int, classes: int) -> dict:
             "classes_per_batch": classes_per_batch(label[u["position"]], u["rank"], u["step"], spec.steps),
             "timm_classes_per_batch": classes_per_batch(label[timm["position"]], timm["rank"], timm["step"],
                                                         spec.steps),
-            "tar_opens_per_rank": float(np.mean([o for o, _ in reads])),
-            "read_per_rank": float(np.mean([t for _, t in reads])), "read_per_rank_max": int(max(t for _, t in reads)),
+            "tar_opens_per_rank": float(np.mean([o for o, _, _ in reads])),
+            "read_per_rank": float(np.mean([t for _, t, _ in reads])),
+            "read_per_rank_max": int(max(t for _, t, _ in reads)),
+            "passed_over_per_rank": float(np.mean([p for _, _, p in reads])),
             f"selected_over_{epochs}_epochs": [int(selected.min()), int(selected.max())]}
 
 
@@ -134,7 +137,8 @@ def report(r: dict) -> str:
         rows.append([W, R, v["steps"], v["uses"], v["distinct"], v["max_uses"], v["left_out"], v["trimmed"],
                      _pct(v["same_step"]), _pct(v["timm_same_step"]), _pct(v["distinct_ranks"]),
                      v["in_batch_duplicates"], f"{v['classes_per_batch']:.1f}", f"{v['timm_classes_per_batch']:.1f}",
-                     f"{v['read_per_rank']:,.0f}", ratio, f"{v['tar_opens_per_rank']:.0f}",
+                     f"{v['read_per_rank']:,.0f}", ratio, f"{v['passed_over_per_rank']:,.0f}",
+                     f"{v['tar_opens_per_rank']:.0f}",
                      "{}..{}".format(*v[f"selected_over_{epochs}_epochs"])])
     empty = shape.get("empty_shards", NOT_RECORDED)
     lines = [f"{shape['shards']} shards of uneven size (with no valid sample: {empty}), {shape['samples']} valid "
@@ -143,7 +147,7 @@ def report(r: dict) -> str:
              table(["ranks", "R", "steps/rank", "uses", "distinct samples", "max uses", "not used", "fewer than R copies",
                     "copies in one step", "(timm sampler)", "copies on distinct ranks", "copies sharing a local batch",
                     "classes / local batch", "(timm sampler)", "samples read / rank", "read vs R = 1",
-                    "tar opens / rank", f"times selected in {epochs} epochs"], rows), ""]
+                    "passed over by header / rank", "tar opens / rank", f"times selected in {epochs} epochs"], rows), ""]
     for (W, R), v in sorted(plans.items()):
         if R == 1:
             lines.append(f"* {W} ranks, R = 1: {v['left_out']} samples rest each epoch (one global batch: "

@@ -141,3 +141,56 @@ def test_write_shards_streams_in_order_without_a_seed(tmp_path):
     assert [s.count for s in m.shards] == [3, 3, 1]
     got = [s for i in range(len(m.shards)) for s in read_shard(m.path(i))]
     assert got == samples  # the stream's own order, bytes and classes unchanged
+
+
+def test_a_reader_starting_mid_shard_passes_over_the_samples_before_it_by_their_headers(tmp_path, monkeypatch):
+    """read_shard(path, skip) yields the samples from `skip` on, exactly, and reads only the tar
+    headers of the ones before (a stage-2 piece that starts mid-shard)."""
+    import io
+
+    import numpy as np
+
+    from usi_cache import storage
+    from usi_cache.shards.tars import Sample
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(20):  # ~12 KB each: incompressible noise
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+        samples.append(Sample(f"s{i:03d}", "png", buf.getvalue(), i % 3))
+    write_shards(samples, ["a", "b", "c"], tmp_path, per_shard=20, seed=0, progress=False)
+    path = str(next(tmp_path.glob("*.tar")))
+    read = []
+    real_open = storage.open_read
+
+    class Counting(io.RawIOBase):
+        def __init__(self, f):
+            self.f = f
+
+        def readable(self):
+            return True
+
+        def seekable(self):
+            return self.f.seekable()
+
+        def seek(self, *a):
+            return self.f.seek(*a)
+
+        def tell(self):
+            return self.f.tell()
+
+        def readinto(self, b):
+            n = self.f.readinto(b)
+            read[-1] += n
+            return n
+
+    def counting_open(p, *a, **k):
+        read.append(0)
+        return Counting(real_open(p, *a, **k))
+    monkeypatch.setattr(storage, "open_read", counting_open)
+    full = list(read_shard(path))
+    for skip in (0, 1, 7, 19, 20, 25):
+        part = list(read_shard(path, skip))
+        assert [(s.key, s.data, s.cls) for s in part] == [(s.key, s.data, s.cls) for s in full[skip:]]
+    whole, from_19 = read[0], read[4]  # opens: the whole read, then one per skip above
+    assert from_19 < whole / 5  # the last sample's bytes and 19 samples' headers, not the shard

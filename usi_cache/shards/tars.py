@@ -151,8 +151,11 @@ def sanitize_key(text: str) -> str:
 _MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
-def read_shard(path: str | Path) -> Iterator[Sample]:
-    """Yield the samples of one shard (a path or URL) in tar order, streamed.
+def read_shard(path: str | Path, skip: int = 0) -> Iterator[Sample]:
+    """Yield the samples of one shard (a path or URL) in tar order, streamed; with `skip` > 0, from
+    its sample `skip` on, passing over the first `skip` samples by their tar headers only (the file
+    is read seekable, as local files and fsspec URLs are: a reader that starts mid-shard does not
+    read the bytes before its start; those samples are not checked).
 
     The rule, the same for every stage: a sample is the run of consecutive regular-file
     members sharing a key (WebDataset's grouping: the member name up to the first dot of its
@@ -168,7 +171,7 @@ def read_shard(path: str | Path) -> Iterator[Sample]:
     """
     path = str(path)
     with _open_shard(path) as f:
-        yield from _tar_samples(f, path)
+        yield from _tar_samples(f, path, skip)
 
 
 def scan_shard(path: str) -> tuple[int, str, dict[int, int]]:
@@ -198,9 +201,11 @@ def _open_shard(path: str) -> Iterator[IO[bytes]]:
         raise ShardError(f"{path}: damaged tar ({e})") from None
 
 
-def _tar_samples(f: IO[bytes], path: str) -> Iterator[Sample]:
-    """read_shard's rule over an open file, read strictly front to back (tar stream mode)."""
+def _tar_samples(f: IO[bytes], path: str, skip: int = 0) -> Iterator[Sample]:
+    """read_shard's rule over an open file, read strictly front to back (tar stream mode); with
+    `skip`, the first `skip` samples' members are passed over by seeking (their data is not read)."""
     key, entries = None, {}
+    skipped = 0  # samples passed over so far
 
     def sample() -> Sample:
         ext = next((e for e in IMAGE_EXTS if e in entries), None)
@@ -212,12 +217,19 @@ def _tar_samples(f: IO[bytes], path: str) -> Iterator[Sample]:
             raise ShardError(f"{path}: sample {key!r} has cls {text[:40]!r}, expected a non-negative integer")
         return Sample(key, ext, entries[ext], int(text))
 
-    with tarfile.open(fileobj=f, mode="r|") as tar:
+    with tarfile.open(fileobj=f, mode="r:" if skip else "r|") as tar:
         for member in tar:
             m = _MEMBER.match(member.name) if member.isfile() else None
             if m is None:
                 continue
             k, ext = m.group(1), m.group(2).lower()
+            if skipped < skip:  # still passing over: count keys, read nothing
+                if k != key:
+                    skipped += key is not None
+                    key = k
+                if skipped < skip:
+                    continue
+                key = None  # the first member of sample `skip`: read it as the start of a sample
             if k != key:
                 if key is not None:
                     done, entries = sample(), {}  # a suspended reader holds no yielded sample's bytes
@@ -226,5 +238,5 @@ def _tar_samples(f: IO[bytes], path: str) -> Iterator[Sample]:
             if ext in entries:
                 raise ShardError(f"{path}: sample {key!r} has two {ext!r} entries")
             entries[ext] = tar.extractfile(member).read()
-        if key is not None:
+        if key is not None and skipped >= skip:  # (a shard shorter than `skip` yields nothing)
             yield sample()

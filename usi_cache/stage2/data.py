@@ -107,15 +107,21 @@ class TrainStream(IterableDataset):
         if group is not None:  # one read per array per view this piece uses (one, or two at a boundary, per copy)
             needed = np.unique(np.concatenate(list(views.values())))
             blocks = {int(v): schema.read_block(group, s.layout, piece.shard, int(v)) for v in needed}
-        samples = read_shard(path)
-        partners = None
-        if blocks and s.layout.paired:  # partners may come later in the tar: hold its encoded bytes
-            samples = list(samples)
-            partners = PartnerImages([x.data for x in samples])
         total = s.plan.counts[piece.shard]
         first = next(iter(blocks.values()), None)  # keys and labels: the same in every view's block
-        j = count = 0  # valid index; samples read
-        for pos, sample in enumerate(samples):
+        paired = bool(blocks) and s.layout.paired
+        # a piece that starts mid-shard passes over the samples before it by their tar headers only
+        # (not in a paired cache: partners may lie anywhere in the tar)
+        skip = 0 if paired or piece.lo == 0 else (
+            piece.lo if first is None else int(np.flatnonzero(first.labels[:slots] >= 0)[piece.lo - 1]) + 1)
+        samples = read_shard(path, skip)
+        partners = None
+        if paired:  # partners may come later in the tar: hold its encoded bytes
+            samples = list(samples)
+            partners = PartnerImages([x.data for x in samples])
+        j = piece.lo if skip else 0  # valid index
+        count = skip  # samples read or passed over
+        for pos, sample in enumerate(samples, start=skip):
             count += 1
             if pos >= slots:
                 raise ShardError(f"{path}: more samples than the manifest's {slots} per shard")

@@ -351,18 +351,21 @@ def copy_stats(sample: np.ndarray, step: np.ndarray, rank: np.ndarray, repeats: 
     return out
 
 
-def rank_reads(spec: PlanSpec, epoch: int, rank: int) -> tuple[int, int]:
-    """What one rank's workers read from the tars this epoch: (tar opens, samples read through). A
-    piece is read from the start of its tar up to its end (a tar streams: no seek), so a piece
-    lo..hi reads hi samples' worth of bytes."""
-    opens = through = 0
+def rank_reads(spec: PlanSpec, epoch: int, rank: int) -> tuple[int, int, int]:
+    """What one rank's workers read from the tars this epoch: (tar opens, samples whose bytes are
+    read, samples passed over). A piece lo..hi reads its hi − lo samples; one that starts mid-shard
+    passes over the lo before it by their tar headers only (`read_shard(path, skip)` seeks), which
+    costs a header per member, not the samples' bytes. (A paired cache reads whole shards: its
+    partners may lie anywhere in the tar.)"""
+    opens = read = passed = 0
     ordered = epoch_pieces(spec, epoch)
     for w in range(max(spec.workers, 1)):
         for lane in spec.rank_lanes(rank):
             for p in stream_pieces(spec, epoch, lane, w, ordered):
                 opens += 1
-                through += p.hi
-    return opens, through
+                read += p.hi - p.lo
+                passed += p.lo
+    return opens, read, passed
 
 
 def stream_order(spec: PlanSpec, epoch: int, lane: int, worker: int, buffer: int,
