@@ -139,3 +139,17 @@ def run_measured(cmd: list[str]) -> dict:
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err}")
     return {"wall_s": wall, "peak_tree_kib": peak_tree, "processes": peak_procs, "stdout": out.strip()}
+
+
+def memory_findings(runs: list[dict], ratio: float, goal: float, imagenet_images: int) -> list[str]:
+    """The findings of a peak-RSS benchmark over growing inputs (runs with images and peak_mib):
+    how much higher the peak is for the largest run, against `goal`, and the growth per image
+    projected to ImageNet's size."""
+    if len(runs) < 2:
+        return []
+    first, last = runs[0], runs[-1]
+    grew = (last["peak_mib"] - first["peak_mib"]) * 2**20 / (last["images"] - first["images"])
+    return ["", f"* the peak is {100 * (ratio - 1):.0f} % higher for {last['images'] / first['images']:.0f}× "
+                f"the images (goal: at most {100 * (goal - 1):.0f} %, {'met' if ratio <= goal else 'NOT met'})",
+            f"* it grew {last['peak_mib'] - first['peak_mib']:.1f} MiB, {grew:.0f} bytes per added image: "
+            f"{grew * imagenet_images / 2**30:.2f} GiB at ImageNet's {imagenet_images:,} images"]

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench_common import publish, run_measured, table
+from bench_common import memory_findings, publish, run_measured, table
 
 GOAL = 1.10  # peak RSS at the largest size / at the smallest, at most
 IMAGENET_IMAGES = 1_281_167
@@ -70,13 +70,7 @@ def report(r: dict) -> str:
              f"--per-shard {r['per_shard']}, --workers {r['workers'] or 'default (CPU cores)'}", "",
              table(["images", "data MiB", "peak RSS MiB (tree)", "processes", "wall s", "images/s"], rows), "",
              f"peak RSS ratio {last['images']} / {first['images']} images: {ratio:.3f} (goal: within {GOAL:.2f})"]
-    if len(runs) > 1:
-        grew = (last["peak_mib"] - first["peak_mib"]) * 2**20 / (last["images"] - first["images"])
-        lines += ["", f"* the peak is {100 * (ratio - 1):.0f} % higher for {last['images'] / first['images']:.0f}× "
-                      f"the images (goal: at most {100 * (GOAL - 1):.0f} %, {'met' if ratio <= GOAL else 'NOT met'})",
-                  f"* it grew {last['peak_mib'] - first['peak_mib']:.1f} MiB, {grew:.0f} bytes per added image: "
-                  f"{grew * IMAGENET_IMAGES / 2**30:.2f} GiB at ImageNet's {IMAGENET_IMAGES:,} images"]
-    return "\n".join(lines)
+    return "\n".join(lines + memory_findings(runs, ratio, GOAL, IMAGENET_IMAGES))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@ each as a subprocess, and samples the RSS of its whole process tree (the command
 workers, summed) from /proc every few milliseconds (bench_common.run_measured). The reshard
 streams: a pass-1 worker holds one source shard, a pass-2 worker one sample plus a read buffer
 per spill it has open, so the peak should not grow with the dataset: the goal is in the
-findings. The class spread is the prediction of class_spread.py (stage 2's batch of 128, shuffle
+findings. The class spread is the prediction of shards/class_spread.py (stage 2's batch of 128, shuffle
 buffer 1,000) from the source's and the output's per-shard class counts.
 
     .venv/bin/python benchmarks/reshard_memory.py [--sizes 2000,20000] [--workers 2]
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench_common import publish, run_measured, table
+from bench_common import memory_findings, publish, run_measured, table
 from usi_cache.shards.class_spread import measure, read_class_counts
 from usi_cache.shards.tars import Sample, scan_shard, write_tar
 
@@ -84,13 +84,7 @@ def report(r: dict) -> str:
              table(["images", "data MiB", "peak RSS MiB (tree)", "processes", "wall s", "images/s",
                     "classes/batch before", "after", "random sampling"], rows), "",
              f"peak RSS ratio {last['images']} / {first['images']} images: {ratio:.3f} (goal: within {GOAL:.2f})"]
-    if len(runs) > 1:
-        grew = (last["peak_mib"] - first["peak_mib"]) * 2**20 / (last["images"] - first["images"])
-        lines += ["", f"* the peak is {100 * (ratio - 1):.0f} % higher for {last['images'] / first['images']:.0f}× "
-                      f"the images (goal: at most {100 * (GOAL - 1):.0f} %, {'met' if ratio <= GOAL else 'NOT met'})",
-                  f"* it grew {last['peak_mib'] - first['peak_mib']:.1f} MiB, {grew:.0f} bytes per added image: "
-                  f"{grew * IMAGENET_IMAGES / 2**30:.2f} GiB at ImageNet's {IMAGENET_IMAGES:,} images"]
-    return "\n".join(lines)
+    return "\n".join(lines + memory_findings(runs, ratio, GOAL, IMAGENET_IMAGES))
 
 
 def main(argv: list[str] | None = None) -> None:

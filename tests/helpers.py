@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -60,6 +61,21 @@ def cache_args(shards: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
     return ["--shards", str(shards), "--teacher", TEACHER, "--teacher-checkpoint", str(ckpt),
             "--views", "8", "--topk", "3", "--input-size", "32", "--batch-size", "16",
             "--workers", "0", "--out", str(out), *extra]
+
+
+def cache_of(root: Path, shards: Path) -> SimpleNamespace:
+    """A teacher checkpoint and its cache of `shards` in `root`: root, shards, out (the cache),
+    attrs, and x (every array of the cache read whole)."""
+    from click.testing import CliRunner
+
+    from usi_cache import cache_format as schema
+    from usi_cache.cli import main
+    ckpt = save_teacher(root / "teacher.pth")
+    out = root / "c.zarr"
+    r = CliRunner().invoke(main, ["cache", *cache_args(shards, ckpt, out)])
+    assert r.exit_code == 0, r.output
+    group, attrs = schema.open_cache(out)
+    return SimpleNamespace(root=root, shards=shards, out=out, attrs=attrs, x={n: group[n][:] for n in schema.ARRAYS})
 
 
 def make_train_data(root: Path, *, n: int, per_shard: int, n_val: int, val_per_shard: int) -> dict:

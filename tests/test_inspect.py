@@ -5,14 +5,13 @@ import json
 import shutil
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from helpers import ROOT, cache_args, make_shards, save_teacher
+from helpers import ROOT, cache_of, make_shards
 from usi_cache import cache_format as schema
 from usi_cache.cli.main import main
 from usi_cache.config.errors import ConfigError
@@ -27,13 +26,7 @@ V, K = 8, 3  # helpers.cache_args
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("inspect")
     shards = make_shards(root / "shards", n=26, per_shard=10, bad=(4,))  # img0004 is undecodable
-    ckpt = save_teacher(root / "teacher.pth")
-    out = root / "c.zarr"
-    r = CliRunner().invoke(main, ["cache", *cache_args(shards, ckpt, out)])
-    assert r.exit_code == 0, r.output
-    group, attrs = schema.open_cache(out)
-    return SimpleNamespace(root=root, shards=shards, out=out, attrs=attrs,
-                           x={n: group[n][:] for n in schema.ARRAYS})
+    return cache_of(root, shards)
 
 
 def inspect(*args, ok=True):

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,14 +20,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 import usi_cache
-from helpers import ROOT, cache_args, make_samples, run_py, save_teacher
+from helpers import ROOT, cache_of, make_samples, run_py
 from usi_cache import cache_format as schema
 from usi_cache.cli.main import main
 from usi_cache.checks.inspect.label_issues import dense_probs, find_label_issues
 from usi_cache.shards.tars import write_shards
 from usi_cache.views.sampling import decode_view, replay_array
 
-V, K, C = 8, 3, 5  # conftest's cache_args; its 5 classes
+V, K, C = 8, 3, 5  # helpers.cache_args; its 5 classes
 # class names with markup and quotes: every one must come out escaped in the page
 CLASSES = ["<b>bold</b>", "a & b", "quote\"d", "it's", "plain"]
 
@@ -38,13 +37,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("issues")
     shards = root / "shards"
     write_shards(make_samples(26, 0, bad=(4,)), CLASSES, shards, per_shard=10, seed=0, progress=False)
-    ckpt = save_teacher(root / "teacher.pth")
-    out = root / "c.zarr"
-    r = CliRunner().invoke(main, ["cache", *cache_args(shards, ckpt, out)])
-    assert r.exit_code == 0, r.output
-    group, attrs = schema.open_cache(out)
-    return SimpleNamespace(root=root, shards=shards, out=out, attrs=attrs,
-                           x={n: group[n][:] for n in schema.ARRAYS})
+    return cache_of(root, shards)
 
 
 def inspect(*args, code=0):

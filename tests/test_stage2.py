@@ -16,7 +16,7 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
-from helpers import NUM_CLASSES, ROOT, TEACHER, make_shards, make_train_data, run_py
+from helpers import ROOT, TEACHER, make_shards, make_train_data, run_py
 
 from usi_cache import cache_format as schema
 from usi_cache.cli.main import main

@@ -6,9 +6,9 @@
     cache.view_image("fmnist_train_00000", view=3)                 # PIL image, as the teacher saw it
     table = cache.samples(shards=range(2))                         # one row per sample (pandas)
 
-A sample is named by its key (str) or its slot (int). Everything is read through the cache's
-schema module (the only code that names its arrays) and rendered by the one renderer
-(render.py). Nothing is written. `samples` and `label_issues` stream shard by shard; the
+A sample is named by its key (str) or its slot (int). Everything is read through the cache
+format package (`usi_cache.cache_format`, the only code that names its arrays) and rendered by
+the one renderer (`views/render.py`). Nothing is written. `samples` and `label_issues` stream shard by shard; the
 table that `samples` returns holds one row per sample it covers: pass `shards` on a large
 cache.
 """

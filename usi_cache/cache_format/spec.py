@@ -84,7 +84,7 @@ BLOCKS_GROUP = "blocks"  # grown view blocks: blocks/<b>/<array>, b >= 1
 BLOCK_MARKER = "committed"  # blocks/<b>/committed: 1 once shard i's views of block b are written
 COMMITS = "commits"  # (num_shards, 3) float64 per view block: (unix time, part, parts) of each shard's
 # commit, written just before its marker (part -1, parts 0: not a --part run); absent in older caches
-PARTS_DIR = "parts"  # claims of independent parts (parts.py): who creates the cache, who starts a grow
+PARTS_DIR = "parts"  # claims of independent parts (stage1/parts.py): who creates the cache, who starts a grow
 # Written in this order; the commit marker last.
 TEACHER_OUTPUTS = ("logits", "classes", "lse")
 VIEW_PARAMS = ("boxes", "flips", "aug_ops", "aug_levels", "aug_resample")  # the augmentation of each view

@@ -126,8 +126,8 @@ class CacheConfig:
     out: str = setting("", "The Zarr cache to create or resume.", required=True)
     teacher: str = setting("", "timm model name of the teacher (USI names such as tresnet_l_v2 accepted).",
                            required=True)
-    teacher_checkpoint: str | None = setting(None, "Teacher state_dict file; null = random (seeded) or "
-                                                   "pretrained weights. Excludes pretrained.")
+    teacher_checkpoint: str | None = setting(None, "Teacher state_dict file; null = pretrained weights, or a "
+                                                   "random seeded teacher with random_teacher. Excludes pretrained.")
     pretrained: bool = setting(False, "Download timm's pretrained weights (needs the network). "
                                       "Excludes teacher_checkpoint.")
     random_teacher: bool = setting(False, "Cache a randomly initialised (seeded) teacher on purpose (tests, "

@@ -49,7 +49,7 @@ class ClassOrderError(ShardError):
 
 
 def decode_counts(flat, where: str) -> dict[int, int]:
-    """One shard's class counts as `shards.write_manifest` stores them ([class, count, class, count,
+    """One shard's class counts as `manifest.write_manifest` stores them ([class, count, class, count,
     ...], about 6 bytes per class present) as {class: count}, checked: `where` names the entry."""
     if not isinstance(flat, list) or len(flat) % 2 or not all(isinstance(x, int) and x >= 0 for x in flat):
         raise ShardError(f"{where}: expected a flat list [class, count, ...] of non-negative integers")

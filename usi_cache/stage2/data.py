@@ -21,8 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from usi_cache import cache_format as schema
 from usi_cache.config.stages import ViewSpec
-from usi_cache.stage2.plan import (Piece, PlanSpec, assemble, exact_shuffle, stable_seed, stream_rng, view_index,
-                                   worker_streams)
+from usi_cache.stage2.plan import Piece, PlanSpec, assemble, exact_shuffle, stream_rng, view_index, worker_streams
 from usi_cache.views.mixing import PartnerImages
 from usi_cache.views.render import render, render_stored, stored_view
 from usi_cache.shards.manifest import Manifest, ShardError

@@ -4,7 +4,7 @@ DIR/index.html with everything beside it (no server, no network, no script): the
 figure (plots.plot_stats), the galleries' images under DIR/img/, and the label issues as CSV.
 The page is rendered from the same report dict as the text and `--json` outputs
 (run.inspect_report with label issues), so it shows the same numbers. Gallery views
-are rendered from the stored view parameters by the one renderer (render.py): what the teacher
+are rendered from the stored view parameters by the one renderer (views/render.py): what the teacher
 saw, at its input size, mixed images included for a paired cache.
 
 Every string that comes from the data (keys, class names, paths) is HTML-escaped; image file
