@@ -34,10 +34,14 @@ def arrays(path) -> dict[str, np.ndarray]:
     return {n: group[n][:] for n in schema.ARRAYS}
 
 
-def assert_same_cache(a, b):
+def assert_same_cache(a, b, close: tuple[str, ...] = ()):
+    """Every array equal (those in `close` to a relative 1e-6), and the same attributes."""
     xa, xb = arrays(a), arrays(b)
     for name in schema.ARRAYS:
-        np.testing.assert_array_equal(xa[name], xb[name], err_msg=name)
+        if name in close:
+            np.testing.assert_allclose(xa[name], xb[name], rtol=1e-6, err_msg=name)
+        else:
+            np.testing.assert_array_equal(xa[name], xb[name], err_msg=name)
     _, aa = schema.open_cache(a)
     _, ab = schema.open_cache(b)
     assert schema.attrs_difference(aa, ab) is None
@@ -108,10 +112,14 @@ def test_two_ranks_equal_one_rank(tmp_path, shards, teacher_ckpt):
 
 @pytest.mark.slow
 def test_worker_processes_give_the_same_cache(tmp_path, shards, teacher_ckpt):
+    """Worker processes and another batch size: the same views, classes and labels; the float32
+    lse may differ in its last bit (the teacher's CPU kernels may sum in another order for another
+    batch size: 12 of 240 values differed by 1e-7 in one run on a loaded machine), so it is
+    compared to a relative 1e-6."""
     a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
     make_cache(shards, teacher_ckpt, a)
     make_cache(shards, teacher_ckpt, b, "--workers", "2", "--batch-size", "5")
-    assert_same_cache(a, b)
+    assert_same_cache(a, b, close=("lse",))
 
 
 def _committed(cache, chunks) -> bool:
