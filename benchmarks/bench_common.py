@@ -153,3 +153,14 @@ def memory_findings(runs: list[dict], ratio: float, goal: float, imagenet_images
                 f"the images (goal: at most {100 * (goal - 1):.0f} %, {'met' if ratio <= goal else 'NOT met'})",
             f"* it grew {last['peak_mib'] - first['peak_mib']:.1f} MiB, {grew:.0f} bytes per added image: "
             f"{grew * imagenet_images / 2**30:.2f} GiB at ImageNet's {imagenet_images:,} images"]
+
+
+def publish_memory(name: str, a, sizes: list[int], runs: list[dict], report: Callable[[dict], str]) -> Path:
+    """Publish a peak-RSS benchmark (its args `a`, sizes and runs) and write its report beside it."""
+    payload = {"args": vars(a), "sizes": sizes, "classes": a.classes, "image_size": a.image_size,
+               "per_shard": a.per_shard, "workers": a.workers,
+               "runs": [{k: v for k, v in r.items() if k != "stdout"} for r in runs],
+               "peak_ratio": runs[-1]["peak_mib"] / runs[0]["peak_mib"]}
+    path = publish(name, payload, report)
+    path.with_suffix(".txt").write_text(report(json.loads(path.read_text())) + "\n")
+    return path

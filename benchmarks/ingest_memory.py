@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench_common import memory_findings, publish, run_measured, table
+from bench_common import memory_findings, publish_memory, run_measured, table
 
 GOAL = 1.10  # peak RSS at the largest size / at the smallest, at most
 IMAGENET_IMAGES = 1_281_167
@@ -89,12 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{n} images ({r['data_mib']:.0f} MiB): peak RSS {r['peak_mib']:.0f} MiB over "
               f"{r['processes']} processes, {r['wall_s']:.1f} s, {r['img_per_s']:.0f} images/s", flush=True)
         runs.append(r)
-    payload = {"args": vars(a), "sizes": sizes, "classes": a.classes, "image_size": a.image_size,
-               "per_shard": a.per_shard, "workers": a.workers,
-               "runs": [{k: v for k, v in r.items() if k != "stdout"} for r in runs],
-               "peak_ratio": runs[-1]["peak_mib"] / runs[0]["peak_mib"]}
-    path = publish("ingest_memory", payload, report)
-    path.with_suffix(".txt").write_text(report(json.loads(path.read_text())) + "\n")
+    publish_memory("ingest_memory", a, sizes, runs, report)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench_common import memory_findings, publish, run_measured, table
+from bench_common import memory_findings, publish_memory, run_measured, table
 from usi_cache.shards.class_spread import measure, read_class_counts
 from usi_cache.shards.tars import Sample, scan_shard, write_tar
 
@@ -106,12 +105,7 @@ def main(argv: list[str] | None = None) -> None:
               f"processes, {r['wall_s']:.1f} s, {r['img_per_s']:.0f} images/s; classes per batch "
               f"{before.predicted:.1f} -> {after.predicted:.1f} (random {after.random:.1f})", flush=True)
         runs.append(r)
-    payload = {"args": vars(a), "sizes": sizes, "classes": a.classes, "image_size": a.image_size,
-               "per_shard": a.per_shard, "workers": a.workers,
-               "runs": [{k: v for k, v in r.items() if k != "stdout"} for r in runs],
-               "peak_ratio": runs[-1]["peak_mib"] / runs[0]["peak_mib"]}
-    path = publish("reshard_memory", payload, report)
-    path.with_suffix(".txt").write_text(report(json.loads(path.read_text())) + "\n")
+    publish_memory("reshard_memory", a, sizes, runs, report)
 
 
 if __name__ == "__main__":
