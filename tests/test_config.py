@@ -202,7 +202,7 @@ def other_value(cls, s):
                "teacher_checkpoint": "t.pth", "teacher": "t", "cache": "c.zarr", "pretrained_checkpoint": "w.pth",
                "mean": "0.5,0.25,0.125", "std": "0.5,0.25,0.125", "model_kwargs": '{"drop_path_rate": 0.1}',
                "betas": "0.5,0.25", "view.scale": "0.5,0.75", "view.ratio": "0.5,2.0",
-               "part": "1/4"}
+               "part": "1/4", "teacher_weights": "2.0"}
     if s.path in special:
         return special[s.path]
     if s.type is bool:
@@ -225,7 +225,7 @@ def test_every_key_is_reachable_by_its_option_and_by_set(cls, section):
         base = cli_base(cls, leave_out=(s.path,))
         if s.path.startswith("mix.") and s.path != "mix.mode" and cls is CacheConfig:
             base += ["--mix", "paired"]  # stage 1 mixes only in mode paired
-        if s.path in ("teacher_checkpoint", "kd_only") and cls is TrainConfig:
+        if s.path in ("teacher_checkpoint", "teacher_weights", "kd_only") and cls is TrainConfig:
             base += ["--teacher", "t"]  # they need an online teacher
         option = ([f"--{s.flag[2:]}" if text == "true" else f"--no-{s.flag[2:]}"] if s.type is bool
                   else [s.flag, text])

@@ -124,16 +124,17 @@ class Teacher:
 
 def load_teacher(name: str, checkpoint: str | None, *, num_classes: int, pretrained: bool = False,
                  input_size: int | None = None, mean=None, std=None, device="cpu",
-                 compile: bool = False, precision: str = "auto") -> tuple[Teacher, TeacherInfo]:
+                 compile: bool = False, precision: str = "auto", seed: int = 0) -> tuple[Teacher, TeacherInfo]:
     """Build the teacher and describe it. mean/std/input_size default to the model's config.
 
-    Without a checkpoint and without `pretrained`, weights are random but seeded (seed 0), so
-    that every rank and every resumed run gets the same teacher (demo and tests only).
+    Without a checkpoint and without `pretrained`, weights are random but seeded (`seed`: 0, or
+    an ensemble member's index), so that every rank and every resumed run gets the same teacher
+    (demo, tests and benchmarks only).
     """
     if checkpoint is None and not pretrained:
-        log.warning("teacher %s: no checkpoint and not pretrained: random weights (seed 0)", name)
+        log.warning("teacher %s: no checkpoint and not pretrained: random weights (seed %d)", name, seed)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+            torch.manual_seed(seed)
             model = build_model(name, num_classes=num_classes, checkpoint=None)
     else:
         model = build_model(name, num_classes=num_classes, checkpoint=checkpoint, pretrained=pretrained)
