@@ -141,7 +141,8 @@ class CacheConfig:
                                 "rerunning resumes a killed grow. 0 = create or resume.")
     topk: int = setting(10, "k: logits kept per view.")
     seed: int = setting(42, "View seed: views are a pure function of (seed, key, view index).")
-    input_size: int | None = setting(None, "Teacher input size (every teacher's); null = each model's default.")
+    input_size: tuple[int, ...] | None = setting(None, "Teacher input size: one for every teacher or one per "
+                                                       "teacher; null = each model's default.")
     mean: tuple[float, float, float] | None = setting(None, "Normalisation mean (R,G,B) of every teacher; null = "
                                                             "from each model's pretrained config.")
     std: tuple[float, float, float] | None = setting(None, "Normalisation std (R,G,B); null = each model's.")
@@ -161,7 +162,7 @@ class CacheConfig:
     view: ViewSpec = setting(factory=ViewSpec, doc="How each view is drawn.")
 
     def __post_init__(self) -> None:
-        as_members(self, ("teacher", "teacher_checkpoint", "teacher_weights", "teacher_precision"))
+        as_members(self, ("teacher", "teacher_checkpoint", "teacher_weights", "teacher_precision", "input_size"))
 
     def validate(self) -> None:
         self.view.validate()
@@ -178,15 +179,15 @@ class CacheConfig:
         bad = [p for p in self.teacher_precision if p not in ("auto", "fp32", "fp16", "bf16")]
         if bad:
             raise ConfigError(f"cache.teacher_precision: expected auto, fp32, fp16 or bf16, got {bad[0]!r}")
-        check_members(self, "cache", ("teacher_checkpoint", "teacher_weights", "teacher_precision"))
+        check_members(self, "cache", ("teacher_checkpoint", "teacher_weights", "teacher_precision", "input_size"))
         if self.audit < 0:
             raise ConfigError(f"cache.audit: expected >= 0 views, got {self.audit}")
         if self.audit and self.mix.mode == "paired":
             raise ConfigError("cache.audit: only plain caches are audited (a paired view is a mixed image)")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"cache.seed: expected 0 <= seed < 2**63, got {self.seed}")
-        if self.input_size is not None and self.input_size < 1:
-            raise ConfigError(f"cache.input_size: expected a positive integer, got {self.input_size}")
+        if self.input_size is not None and min(self.input_size) < 1:
+            raise ConfigError(f"cache.input_size: expected positive integers, got {list(self.input_size)}")
         if self.pretrained and self.teacher_checkpoint:
             raise ConfigError("cache.pretrained: excludes cache.teacher_checkpoint (the checkpoint would replace "
                               "the downloaded weights): give one of them")
@@ -305,18 +306,19 @@ def as_members(cfg, names: tuple[str, ...]) -> None:
         if isinstance(value, str):
             value = tuple(v.strip() for v in value.split(",")) if name != "teacher_checkpoint" else (value,)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = (float(value),)
+            value = (value,)
         elif isinstance(value, list):
             value = tuple(value)
         object.__setattr__(cfg, name, value)
 
 
 def check_members(cfg, section: str, names: tuple[str, ...]) -> None:
-    """Per-teacher lists hold one value per teacher (precision: or one for all); weights are >= 0."""
+    """Per-teacher lists hold one value per teacher (precision and input size: or one for all);
+    weights are >= 0."""
     n = len(cfg.teacher)
     for name in names:
         value = getattr(cfg, name)
-        if value is None or (name == "teacher_precision" and len(value) == 1):
+        if value is None or (name in ("teacher_precision", "input_size") and len(value) == 1):
             continue
         if len(value) != n:
             raise ConfigError(f"{section}.{name}: {len(value)} value(s) for {n} teacher(s) "

@@ -118,10 +118,10 @@ def _member_error(i: int, name: str, n: int, e: Exception) -> TeacherError:
 
 def load_ensemble(names: Sequence[str], checkpoints: Sequence[str | None] | None, *, num_classes: int,
                   weights: Sequence[float] | None = None, precisions: Sequence[str] = ("auto",),
-                  pretrained: bool = False, input_size: int | None = None, mean=None, std=None,
+                  pretrained: bool = False, input_size: int | Sequence[int] | None = None, mean=None, std=None,
                   device="cpu", compile: bool = False) -> Ensemble:
     """Build every member (load_teacher), in order. `checkpoints`: one per member or None;
-    `precisions`: one for all or one per member. Without checkpoints and not pretrained, member
+    `precisions` and `input_size`: one for all or one per member. Without checkpoints and not pretrained, member
     m has random weights seeded m (member 0: seed 0, as a lone teacher). Any member's error is
     one TeacherError naming the member."""
     n = len(names)
@@ -130,12 +130,17 @@ def load_ensemble(names: Sequence[str], checkpoints: Sequence[str | None] | None
                            f"({', '.join(names)}): give one per teacher, in the same order")
     if len(precisions) not in (1, n):
         raise TeacherError(f"teacher_precision: {len(precisions)} value(s) for {n} teacher(s): one, or one per teacher")
+    sizes = [input_size] * n if input_size is None or isinstance(input_size, int) else list(input_size)
+    if len(sizes) == 1:
+        sizes *= n
+    if len(sizes) != n:
+        raise TeacherError(f"input_size: {len(sizes)} value(s) for {n} teacher(s): one, or one per teacher")
     w = normalised_weights(weights, n)
     members = []
     for i, name in enumerate(names):
         try:
             teacher, info = load_teacher(name, None if checkpoints is None else checkpoints[i],
-                                         num_classes=num_classes, pretrained=pretrained, input_size=input_size,
+                                         num_classes=num_classes, pretrained=pretrained, input_size=sizes[i],
                                          mean=mean, std=std, device=device, compile=compile,
                                          precision=precisions[i if len(precisions) > 1 else 0], seed=i)
         except (TeacherError, OSError, RuntimeError, ValueError) as e:
