@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from helpers import NUM_CLASSES, TEACHER, error_line, make_shards, run_py, save_teacher, train_args
 from usi_cache import cache_format as schema
 from usi_cache.cli.main import main
-from usi_cache.models.ensemble import load_ensemble, mixture_log_probs, normalised_weights
+from usi_cache.models.ensemble import load_ensemble, mixture_log_probs, mixture_logits, normalised_weights
 from usi_cache.models.errors import TeacherError
 from usi_cache.models.teacher import load_teacher
 from usi_cache.shards.manifest import load_manifest
@@ -94,7 +94,9 @@ def test_two_teacher_cache_is_the_mixture_recomputed_by_hand(tmp_path, shards, c
     assert (stored <= exact + 1e-12).all()
     assert (exact - stored <= np.spacing(np.abs(stored).astype(np.float16)).astype(np.float64) + 1e-9).all()
     assert (np.exp(stored).sum(1) <= 1.0).all()  # the tail mass stays >= 0
-    assert (x["lse"][slots, views] == 0).all()  # an ensemble stores lse = 0: the values are log p already
+    # an ensemble's lse: the weighted mean of the members' log-sum-exps
+    lse = 0.25 * torch.logsumexp(za, 1) + 0.75 * torch.logsumexp(zb, 1)
+    np.testing.assert_allclose(x["lse"][slots, views], lse.numpy(), rtol=2 ** -23, atol=1e-6)
     if mix == "paired":
         assert attrs["mix"] == "paired" and (schema.read_array(group, "mix_kind", slice(None)) > 0).any()
 
@@ -124,6 +126,12 @@ def test_mixture_and_weights():
     by_hand = sum(wi * torch.softmax(zi.double(), 1) for wi, zi in zip(w, z))
     torch.testing.assert_close(mixture_log_probs(z, w).exp(), by_hand, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(torch.logsumexp(mixture_log_probs(z, w), 1), torch.zeros(4, dtype=torch.float64))
+    # the mixture's logits: softmax is the mixture, lse the weighted mean of the members' lse
+    zm = mixture_logits(z, w)
+    torch.testing.assert_close(torch.softmax(zm, 1), by_hand, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(torch.logsumexp(zm, 1), sum(wi * torch.logsumexp(zi.double(), 1) for wi, zi in zip(w, z)))
+    same = mixture_logits([z[0], z[0]], (0.5, 0.5))  # members that agree: their own logits
+    torch.testing.assert_close(same, z[0].double(), rtol=1e-12, atol=1e-12)
     # a member of weight 0 does not count
     torch.testing.assert_close(mixture_log_probs(z, (0.5, 0.5, 0.0)),
                                mixture_log_probs(z[:2], (0.5, 0.5)), rtol=1e-12, atol=1e-12)
@@ -200,11 +208,15 @@ def test_verify_audit_and_inspect_run_every_member(tmp_path, shards, ckpts):
                                   "--teacher-checkpoint", both, "--json"])
     assert r.exit_code == 0, r.output
     rc = json.loads(r.output)["recompute"]
-    assert rc["views"] == 30 and rc["class_mismatches"] == 0 and rc["max_lse_diff"] < 1e-9
-    # the checkpoints in the wrong order are not the cache's teachers
+    assert rc["views"] == 30 and rc["class_mismatches"] == 0 and rc["max_lse_diff"] < 1e-5
+    # another checkpoint of the same architecture is not the cache's teacher 0
+    other = save_teacher(tmp_path / "other.pth", seed=5)
     r = CliRunner().invoke(main, ["verify", str(out), "--shards", str(shards), "--recompute", "5",
-                                  "--teacher-checkpoint", ",".join(map(str, ckpts[::-1]))])
+                                  "--teacher-checkpoint", f"{other},{ckpts[1]}"])
     assert r.exit_code == 1 and "is not teacher 0 of 2 (test_resnet)" in r.output
+    r = CliRunner().invoke(main, ["verify", str(out), "--shards", str(shards), "--recompute", "5",
+                                  "--teacher-checkpoint", str(ckpts[0])])
+    assert "1 checkpoint(s) for the cache's 2 teacher(s)" in error_line(r.output)
     r = CliRunner().invoke(main, ["audit", str(out), "--teacher-checkpoint", both, "--views", "20"])
     assert r.exit_code == 0, r.output
     _, attrs = schema.open_cache(out)
@@ -236,9 +248,12 @@ def test_a_student_trains_on_an_ensemble_cache_under_torchrun(tmp_path, ckpts):
                torchrun=2)
     assert r.returncode == 0, r.stdout + r.stderr
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    epochs = [e for e in log if e.get("kind") == "epoch" or "epoch" in e and "val_top1" in e]
-    assert epochs and all(np.isfinite(e.get("train_loss", 0.0)) for e in epochs)
-    assert (run / "last.pth").exists()
+    epochs = [e for e in log if "step" not in e]  # step records have a "step" key
+    assert [e["epoch"] for e in epochs] == [0, 1] and all(e["ranks"] == 2 for e in epochs)
+    assert [e["view"] for e in epochs] == [0, 1]  # the ensemble cache's views, replayed
+    assert all(np.isfinite(e["train_loss"]) for e in epochs)
+    assert json.loads((run / "config.json").read_text())["cache"] == str(cache)
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 1
     # online KD with the same ensemble runs too
     r = run_py(["train_student.py", *train_args(data, tmp_path / "online", "--teacher", f"{TEACHER},{OTHER}",
                                                 "--teacher-checkpoint", ",".join(map(str, ckpts)),

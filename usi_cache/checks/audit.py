@@ -74,7 +74,7 @@ def run_audit(group, attrs: dict, manifest, teacher, n: int, seed: int = 0) -> d
     images, top1, _ = replayed_views(group, attrs, layout, manifest, n, seed, teacher.sizes)
     if not images:
         raise schema.CacheError("audit: no committed, valid view to re-run")
-    logits = run_views(teacher, images, BATCH)  # the mixture's log-probabilities serve as logits
+    logits = run_views(teacher, images, BATCH)  # an ensemble: the mixture's logits
     table = fidelity_table(logits, top1, layout)
     table.update(seed=seed, precision=teacher.precision)
     schema.set_audit(group, table)

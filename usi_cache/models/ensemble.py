@@ -8,11 +8,12 @@ input size (the caller renders once per distinct size, `sizes`), normalised with
 and std, at its own precision; the members run one after another on each batch and all stay on
 the device (a member's weights are loaded once; only activations of one member at a time).
 
-The output of several members is log p of the mixture, computed in float64 as
-logsumexp_m(log w_m + log_softmax(z_m)): a log-probability vector whose log-sum-exp is 0, so
-the code that turns logits into the cache's top-k log-probabilities (stage1/run.py) takes it
-unchanged, the tail mass 1 - sum of the top-k stays exact, and a reader that renormalises with
-logsumexp gets the same numbers.
+The output of several members is the mixture's logits, in float64: log p + sum_m w_m lse_m, with
+log p = logsumexp_m(log w_m + log_softmax(z_m)) and lse_m = logsumexp(z_m). The code that turns a
+teacher's logits into the cache's top-k log-probabilities and lse (stage1/run.py) takes them
+unchanged: the stored values are log p (rounded down, so the tail mass 1 - sum of the top-k stays
+exact) and the stored lse is sum_m w_m lse_m; `verify --recompute` and the audit compare and
+measure them as they do a lone teacher's.
 """
 from __future__ import annotations
 
@@ -48,6 +49,16 @@ def mixture_log_probs(logits: Sequence[torch.Tensor], weights: Sequence[float]) 
              for z, w in zip(logits, weights)]
     terms = [t for t in terms if t is not None]
     return torch.logsumexp(torch.stack(terms), dim=0)
+
+
+def mixture_logits(logits: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Logits of the mixture, float64 (N, C): log p + sum_m w_m logsumexp(z_m).
+
+    softmax of them is the mixture p, and their log-sum-exp, what the cache stores as an
+    ensemble's `lse`, is the weighted mean of the members' log-sum-exps: the logits coincide with
+    every member's when the members agree, and the lse is never the all-zero fill value."""
+    shift = sum(float(w) * torch.logsumexp(z.double(), dim=1) for z, w in zip(logits, weights))
+    return mixture_log_probs(logits, weights) + shift[:, None]
 
 
 @dataclass
@@ -89,11 +100,11 @@ class Ensemble:
 
     def __call__(self, images: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """One member: its float32 logits (N, C), exactly as `Teacher`. Several: the mixture's
-        log-probabilities, float64 (N, C) (their log-sum-exp is 0)."""
+        logits, float64 (N, C) (see `mixture_logits`)."""
         logits = self.member_logits(images)
         if len(self.members) == 1:
             return logits[0]
-        return mixture_log_probs(logits, self.weights)
+        return mixture_logits(logits, self.weights)
 
     def distribution(self, x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """Online KD: the mixture sum_m w_m softmax(z_m / T), float32 (N, C) on the device, of a

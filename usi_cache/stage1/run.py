@@ -143,7 +143,7 @@ def topk_targets(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, 
     logits: (N, C), any float dtype (a half-precision teacher's output is widened first).
     log p_i = z_i - lse is taken in float64 before the one rounding to float16.
     """
-    if logits.dtype != torch.float64:  # an ensemble's mixture log-probabilities stay float64
+    if logits.dtype != torch.float64:  # an ensemble's mixture logits stay float64
         logits = logits.float()
     values, classes = torch.topk(logits, k, dim=1, largest=True, sorted=True)
     # float64: a float32 reduction's last bit depends on the CPU thread count and batch shape.
@@ -377,8 +377,8 @@ def _compute(cfg, world, manifest: Manifest, layout, view_block: schema.ViewBloc
             if msg["kind"] == "batch":
                 t = time.perf_counter()
                 images = [torch.as_tensor(x) for x in msg["images"]]
-                # float32 logits (one teacher) or float64 mixture log-probabilities (an ensemble), on
-                # the CPU: checking them costs no device sync
+                # float32 logits (one teacher) or the float64 logits of the mixture (an ensemble,
+                # models/ensemble.py), on the CPU: checking them costs no device sync
                 logits = teacher(images)
                 if not torch.isfinite(logits).all():
                     key = str(block.keys[int(msg["pos"][0])]) or f"position {int(msg['pos'][0])}"
@@ -386,8 +386,6 @@ def _compute(cfg, world, manifest: Manifest, layout, view_block: schema.ViewBloc
                         f"{manifest.path(shard)}: the teacher's output is not finite (near sample {key}) at "
                         f"precision {teacher.precision}; use --teacher-precision bf16 or fp32")
                 values, classes, lse = topk_targets(logits, layout.topk)
-                if len(teacher) > 1:  # the stored values are already log-probabilities of the mixture
-                    lse[:] = 0.0
                 p, v = np.asarray(msg["pos"]), np.asarray(msg["view"])
                 block.logits[p, v], block.classes[p, v], block.lse[p, v] = values, classes, lse
                 times.teacher += time.perf_counter() - t

@@ -54,7 +54,7 @@ def check_recompute(d: ShardData) -> list[str]:
 
 
 def _run_teacher(teacher, images: list[tuple[np.ndarray, ...]]):
-    """The teacher's logits (an ensemble: the mixture's log-probabilities, whose lse is 0, as stored)."""
+    """The teacher's logits (an ensemble: the mixture's, whose lse is the one stored)."""
     from usi_cache.models.ensemble import run_views
     with _split_independent_threads(teacher.device):
         return run_views(teacher, images, BATCH)
