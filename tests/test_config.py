@@ -33,7 +33,11 @@ def test_usi_recipe_loads_with_paper_defaults():
     cfg = load_stage_config(CacheConfig, "cache", "configs/usi.yaml", BASE)
     assert cfg.view.randaugment == "rand-m7-mstd0.5-inc1"
     assert cfg.view.scale == (0.08, 1.0) and cfg.view.interpolation == "bicubic"
-    assert cfg.topk == 10 and cfg.seed == 42 and cfg.mix.mode == "none"
+    assert cfg.topk == 10 and cfg.seed == 42
+    # stage 1 makes a paired cache by default, mixed with stage 2's rates; plain is --mix none
+    assert cfg.mix == MixConfig(mode="paired", mixup=0.8, cutmix=1.0, prob=1.0, switch=0.5)
+    plain = load_stage_config(CacheConfig, "cache", "configs/usi.yaml", {**BASE, "mix.mode": "none"})
+    assert plain.mix == MixConfig()
     assert to_dict(cfg)["view"]["ratio"] == [0.75, 4 / 3]
     t = load_stage_config(TrainConfig, "train", "configs/usi.yaml", TRAIN)
     assert t.mix == MixConfig(mode="batch", mixup=0.8, cutmix=1.0, prob=1.0, switch=0.5)
