@@ -57,6 +57,12 @@ schema-3 count (x the number of grows), any N works, and an epoch's read is the 
 chunk per (shard, view) per array. Version 3 caches are block 0 alone: they grow too (and become
 version 4); versions 1 and 2 (raw logits) do not.
 
+Ensembles (several teachers, models/ensemble.py) change no array and no version: `logits` holds
+the top-k of the mixture's log-probabilities log p, p = sum_m w_m softmax(z_m), and `lse` holds
+sum_m w_m logsumexp(z_m) (log p + lse are the mixture's logits). Readers of schema >= 3 need only
+`logits`; the attribute `teachers` (instead of `teacher`) lists the members with their weights,
+and `teacher_members` reads either.
+
 Root attribute `usi_cache`: see `make_attrs`.
 """
 from __future__ import annotations

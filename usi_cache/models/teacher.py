@@ -160,37 +160,6 @@ def load_teacher(name: str, checkpoint: str | None, *, num_classes: int, pretrai
     return teacher, replace(info, precision=teacher.precision)
 
 
-def load_cache_teacher(attrs: dict, checkpoint: str | None, device: str | None = None) -> tuple[Teacher, str | None]:
-    """The teacher a cache was made with, from its `usi_cache` attributes, at the recorded
-    precision (caches from before it was recorded ran bf16 autocast on CUDA, fp32 elsewhere), on `device`
-    (default CUDA when available). Returns (teacher, None), or (teacher, why) when the
-    checkpoint's sha256 is not the recorded one. A checkpoint-made cache needs `checkpoint`."""
-    mismatch = cache_teacher_mismatch(attrs, checkpoint)
-    t = attrs["teacher"]
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher, _ = load_teacher(t["name"], checkpoint, num_classes=int(attrs["num_classes"]),
-                              input_size=int(t["input_size"]), mean=t["mean"], std=t["std"], device=device,
-                              precision=t.get("precision") or ("bf16" if torch.device(device).type == "cuda" else "fp32"))
-    return teacher, mismatch
-
-
-def cache_teacher_mismatch(attrs: dict, checkpoint: str | None) -> str | None:
-    """Why `checkpoint` is not the cache's teacher (its sha256 differs), or None; raises when the
-    cache was made from a checkpoint and none is given. Cheap: no model is built."""
-    t = attrs["teacher"]
-    want = t.get("checkpoint_sha256")
-    if want and checkpoint is None:
-        raise TeacherError(f"--recompute/--audit need --teacher-checkpoint: the cache's teacher {t['name']} was "
-                           f"loaded from a checkpoint (sha256 {want[:12]}…)")
-    if checkpoint is not None:
-        have = sha256_file(checkpoint)
-        if have != want:
-            return (f"{checkpoint}: sha256 {have[:12]}… is not the cache's teacher "
-                    f"({(want or 'no checkpoint')[:12]})")
-    return None
-
-
 def _triple(field: str, value) -> tuple[float, float, float]:
     v = tuple(float(x) for x in value)
     if len(v) != 3:
