@@ -48,10 +48,13 @@ def format_summary(s: dict) -> str:
         ("replay", f"made with {s['replay']['recorded'] or 'unrecorded decoders'}; here {s['replay']['here']}: "
                    f"{s['replay']['pixels']}"),
     ]
-    for i, m in enumerate(t.get("members") or []):  # an ensemble: one row per teacher
-        rows.insert(3 + i, (f"  teacher {i}", f"{m['name']} (weight {m['weight']:.3g}), {m['input_size']} px, "
-                                              f"sha256 {(m.get('checkpoint_sha256') or 'none')[:12]}, "
-                                              f"{m.get('precision') or 'unrecorded precision'}"))
+    if t.get("members"):  # an ensemble: one row per teacher, each with its own input
+        rows[3] = ("teacher input", f"each teacher's own (above); views shown at {t['input_size']} px, the largest")
+        for i, m in enumerate(t["members"]):
+            rows.insert(3 + i, (f"  teacher {i}", f"{m['name']} (weight {m['weight']:.3g}), {m['input_size']} px, "
+                                                  f"mean {_triple(m['mean'])}, std {_triple(m['std'])}, "
+                                                  f"{m.get('precision') or 'unrecorded precision'}, sha256 "
+                                                  f"{(m.get('checkpoint_sha256') or 'none')[:12]}"))
     width = max(len(r[0]) for r in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     per = [f"{n} {s['disk']['bytes'][n] / 1e3:.1f} kB = {_num(s['disk']['bytes_per_view_by_array'][n], 1)} B/view"
