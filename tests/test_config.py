@@ -72,7 +72,6 @@ def test_section_overrides_merge_key_by_key(tmp_path):
     ("cache:\n  compile: 1\n", r"cache\.compile: expected true/false"),
     ("cache:\n  teacher_precision: fp8\n", r"cache\.teacher_precision: expected auto, fp32, fp16 or bf16"),
     ("cache:\n  audit: -1\n", r"cache\.audit: expected >= 0"),
-    ("cache:\n  audit: 5\n  mix: {mode: paired}\n", r"cache\.audit: only plain caches"),
     ("trainer:\n  x: 1\n", r"unknown section 'trainer'"),
     ("cache: [1, 2\n", r"not valid YAML"),
     ("view:\n  hflip: 0.1\ncache:\n  view: {hflip: 0.2}\n", r"cache\.view: also given as the top-level view"),

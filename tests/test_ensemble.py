@@ -72,7 +72,7 @@ def rebuild_all(cache, shards, sizes):
 @pytest.mark.parametrize("mix", ["none", "paired"])
 def test_two_teacher_cache_is_the_mixture_recomputed_by_hand(tmp_path, shards, ckpts, mix):
     out = tmp_path / "e.zarr"
-    make(ensemble_args(shards, ckpts, out, "--mix", mix))
+    make(ensemble_args(shards, ckpts, out, "--mix", mix, "--audit", "12"))
     rows, pixels, group, attrs = rebuild_all(out, shards, (32, 40))
     assert "teacher" not in attrs and [t["name"] for t in attrs["teachers"]] == [TEACHER, OTHER]
     assert [t["weight"] for t in attrs["teachers"]] == [0.25, 0.75]
@@ -99,6 +99,8 @@ def test_two_teacher_cache_is_the_mixture_recomputed_by_hand(tmp_path, shards, c
     np.testing.assert_allclose(x["lse"][slots, views], lse.numpy(), rtol=2 ** -23, atol=1e-6)
     if mix == "paired":
         assert attrs["mix"] == "paired" and (schema.read_array(group, "mix_kind", slice(None)) > 0).any()
+    # stage 1's audit re-ran both members on 12 replayed (mixed) views: the mixture's top-1 is the cached one
+    assert attrs["audit"]["views"] == 12 and all(r["top1_agreement"] == 1.0 for r in attrs["audit"]["rows"])
 
 
 def test_an_ensemble_of_one_is_the_same_cache(tmp_path, shards, teacher_ckpt):

@@ -153,7 +153,7 @@ class CacheConfig:
                                                            "(fp16 on CUDA, fp32 on CPU); one for every teacher "
                                                            "or one per teacher.")
     audit: int = setting(0, "Then re-run the teacher with full logits on N cached views and store the "
-                            "fidelity table (plain caches only); 0 = off.")
+                            "fidelity table (a paired cache: on its mixed views); 0 = off.")
     overwrite: bool = setting(False, "Replace an existing cache made with another config.")
     part: str = setting("", "Compute only part I of N (I/N, 0 <= I < N) as an independent job, no process group: "
                             "the shards i with i mod N = I; auto: I and N from a Slurm array; auto/N: I from "
@@ -182,8 +182,6 @@ class CacheConfig:
         check_members(self, "cache", ("teacher_checkpoint", "teacher_weights", "teacher_precision", "input_size"))
         if self.audit < 0:
             raise ConfigError(f"cache.audit: expected >= 0 views, got {self.audit}")
-        if self.audit and self.mix.mode == "paired":
-            raise ConfigError("cache.audit: only plain caches are audited (a paired view is a mixed image)")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"cache.seed: expected 0 <= seed < 2**63, got {self.seed}")
         if self.input_size is not None and min(self.input_size) < 1:
