@@ -42,7 +42,7 @@ import torch
 from bench_common import DEMO_VIEW, NOT_RECORDED, cache_config, fmnist_shards, publish, table
 from usi_cache import cache_format as schema
 from usi_cache.checks.common import format_audit
-from usi_cache.checks.audit import replayed_views
+from usi_cache.checks.replay import replayed_views
 from usi_cache.stage1.run import run_cache, topk_targets
 from usi_cache.shards.images import decode_image
 from usi_cache.shards.manifest import load_manifest
@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     results["audit"] = summary["audit"]
     group, attrs = schema.open_cache(cfg.out)
     layout = schema.Layout.from_attrs(attrs)
-    images, _ = replayed_views(group, attrs, layout, load_manifest(train), 4000, seed=1)
+    views, _, _ = replayed_views(group, attrs, layout, load_manifest(train), 4000, seed=1)
+    images = [v[0] for v in views]  # one teacher: one size
     model = timm.create_model(TEACHER, num_classes=layout.num_classes)
     model.load_state_dict(torch.load(ckpt, weights_only=True))
     model.eval()

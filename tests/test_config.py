@@ -33,7 +33,11 @@ def test_usi_recipe_loads_with_paper_defaults():
     cfg = load_stage_config(CacheConfig, "cache", "configs/usi.yaml", BASE)
     assert cfg.view.randaugment == "rand-m7-mstd0.5-inc1"
     assert cfg.view.scale == (0.08, 1.0) and cfg.view.interpolation == "bicubic"
-    assert cfg.topk == 10 and cfg.seed == 42 and cfg.mix.mode == "none"
+    assert cfg.topk == 10 and cfg.seed == 42
+    # stage 1 makes a paired cache by default, mixed with stage 2's rates; plain is --mix none
+    assert cfg.mix == MixConfig(mode="paired", mixup=0.8, cutmix=1.0, prob=1.0, switch=0.5)
+    plain = load_stage_config(CacheConfig, "cache", "configs/usi.yaml", {**BASE, "mix.mode": "none"})
+    assert plain.mix == MixConfig()
     assert to_dict(cfg)["view"]["ratio"] == [0.75, 4 / 3]
     t = load_stage_config(TrainConfig, "train", "configs/usi.yaml", TRAIN)
     assert t.mix == MixConfig(mode="batch", mixup=0.8, cutmix=1.0, prob=1.0, switch=0.5)
@@ -68,7 +72,6 @@ def test_section_overrides_merge_key_by_key(tmp_path):
     ("cache:\n  compile: 1\n", r"cache\.compile: expected true/false"),
     ("cache:\n  teacher_precision: fp8\n", r"cache\.teacher_precision: expected auto, fp32, fp16 or bf16"),
     ("cache:\n  audit: -1\n", r"cache\.audit: expected >= 0"),
-    ("cache:\n  audit: 5\n  mix: {mode: paired}\n", r"cache\.audit: only plain caches"),
     ("trainer:\n  x: 1\n", r"unknown section 'trainer'"),
     ("cache: [1, 2\n", r"not valid YAML"),
     ("view:\n  hflip: 0.1\ncache:\n  view: {hflip: 0.2}\n", r"cache\.view: also given as the top-level view"),
@@ -202,7 +205,7 @@ def other_value(cls, s):
                "teacher_checkpoint": "t.pth", "teacher": "t", "cache": "c.zarr", "pretrained_checkpoint": "w.pth",
                "mean": "0.5,0.25,0.125", "std": "0.5,0.25,0.125", "model_kwargs": '{"drop_path_rate": 0.1}',
                "betas": "0.5,0.25", "view.scale": "0.5,0.75", "view.ratio": "0.5,2.0",
-               "part": "1/4"}
+               "part": "1/4", "teacher_weights": "2.0"}
     if s.path in special:
         return special[s.path]
     if s.type is bool:
@@ -225,7 +228,7 @@ def test_every_key_is_reachable_by_its_option_and_by_set(cls, section):
         base = cli_base(cls, leave_out=(s.path,))
         if s.path.startswith("mix.") and s.path != "mix.mode" and cls is CacheConfig:
             base += ["--mix", "paired"]  # stage 1 mixes only in mode paired
-        if s.path in ("teacher_checkpoint", "kd_only") and cls is TrainConfig:
+        if s.path in ("teacher_checkpoint", "teacher_weights", "kd_only") and cls is TrainConfig:
             base += ["--teacher", "t"]  # they need an online teacher
         option = ([f"--{s.flag[2:]}" if text == "true" else f"--no-{s.flag[2:]}"] if s.type is bool
                   else [s.flag, text])

@@ -37,7 +37,7 @@ class Cache:
     def __repr__(self) -> str:
         L = self.layout
         return (f"Cache({self.path!r}: {self.attrs['dataset']['num_samples']} samples in {L.num_shards} shards, "
-                f"C = {L.num_classes}, V = {L.views}, k = {L.topk}, teacher {self.attrs['teacher']['name']})")
+                f"C = {L.num_classes}, V = {L.views}, k = {L.topk}, teacher {' + '.join(m['name'] for m in schema.teacher_members(self.attrs))})")
 
     def summary(self) -> dict:
         """The summary of `usi inspect` (attributes, completeness, size on disk, replay check)."""
@@ -88,7 +88,7 @@ class Cache:
         images = shard_images(manifest.path(shard), {pos}, self.layout.paired, block.keys)
         try:
             pixels = render_stored(stored_view(block, pos, view, shard * S, S), images.get(pos), images.get,
-                                   int(self.attrs["teacher"]["input_size"]), schema.view_spec(self.attrs))
+                                   schema.view_size(self.attrs), schema.view_spec(self.attrs))
         except ValueError as e:
             raise schema.CacheError(f"slot {slot} view {view}: {e}") from None
         return Image.fromarray(pixels)

@@ -11,7 +11,8 @@ from usi_cache.cache_format.spec import (ARRAYS, ATTR, BLOCK_MARKER, BLOCKS_GROU
                                          FP16_MAX, GROWABLE_VERSIONS, INVALID, LOG_PROB_VERSION, MIX_ARRAYS,
                                          NOT_WRITTEN, PARTS_DIR, PER_SLOT, PER_VIEW, READABLE_VERSIONS,
                                          SCHEMA_VERSION, TEACHER_OUTPUTS, VIEW_PARAMS, VOLATILE_ATTRS, CacheError,
-                                         Layout, ShardBlock, ViewBlock, attrs_difference, make_attrs, view_spec)
+                                         Layout, ShardBlock, ViewBlock, attrs_difference, make_attrs, teacher_members,
+                                         view_size, view_spec)
 from usi_cache.cache_format.usage import chunk_files, chunk_keys, disk_usage
 from usi_cache.cache_format.writer import (begin_grow, commit_grow, create, encode_log_probs, set_audit,
                                            set_invalid, set_replay, write_block)
@@ -21,7 +22,7 @@ __all__ = [
     "INVALID", "LOG_PROB_VERSION", "MIX_ARRAYS", "NOT_WRITTEN", "PARTS_DIR", "PER_SLOT", "PER_VIEW",
     "READABLE_VERSIONS", "SCHEMA_VERSION",
     "TEACHER_OUTPUTS", "VIEW_PARAMS", "VOLATILE_ATTRS", "CacheError", "Layout", "ShardBlock", "ViewBlock",
-    "attrs_difference", "make_attrs", "view_spec",
+    "attrs_difference", "make_attrs", "teacher_members", "view_size", "view_spec",
     "BlockedArray", "array", "completed_shards", "exists", "log_probs", "open_arrays", "open_cache", "read_array",
     "read_block", "read_commits",
     "begin_grow", "commit_grow", "create", "encode_log_probs", "set_audit", "set_invalid", "set_replay", "write_block",

@@ -57,11 +57,18 @@ schema-3 count (x the number of grows), any N works, and an epoch's read is the 
 chunk per (shard, view) per array. Version 3 caches are block 0 alone: they grow too (and become
 version 4); versions 1 and 2 (raw logits) do not.
 
+Ensembles (several teachers, models/ensemble.py) change no array and no version: `logits` holds
+the top-k of the mixture's log-probabilities log p, p = sum_m w_m softmax(z_m), and `lse` holds
+sum_m w_m logsumexp(z_m) (log p + lse are the mixture's logits). Readers of schema >= 3 need only
+`logits`; the attribute `teachers` (instead of `teacher`) lists the members with their weights,
+and `teacher_members` reads either.
+
 Root attribute `usi_cache`: see `make_attrs`.
 """
 from __future__ import annotations
 
 import datetime
+import re
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -94,7 +101,8 @@ PER_SLOT = ("keys", "labels")
 ARRAYS = PER_VIEW + PER_SLOT  # every cache has these
 # Attribute fields that may legitimately differ between runs writing to the same cache
 # (the checkpoint's path may move; its sha256 is what identifies the teacher).
-VOLATILE_ATTRS = ("created", "tool_version", "invalid", "teacher.checkpoint", "dataset.root", "audit", "replay",
+VOLATILE_ATTRS = ("created", "tool_version", "invalid", "teacher.checkpoint", "teachers.checkpoint", "dataset.root",
+                  "audit", "replay",
                   "decoders",  # decoders: compared on their own (stage1/run.py), so older caches still resume
                   "view_blocks", "growing")  # how the views were added, not what they are
 
@@ -247,13 +255,22 @@ def _array_specs(layout: Layout) -> dict[str, dict]:
     return specs
 
 
-def make_attrs(*, teacher: dict, num_classes: int, topk: int, views: int, view_spec: dict,
+def make_attrs(*, teacher: dict | list[dict], num_classes: int, topk: int, views: int, view_spec: dict,
                op_names: list[str], op_slots: int, seed: int, manifest: dict,
                tool_version: str, mix: dict | None = None) -> dict:
-    """The root `usi_cache` attribute: everything a reader needs to trust and replay the cache."""
+    """The root `usi_cache` attribute: everything a reader needs to trust and replay the cache.
+
+    teacher: the one teacher's description (attribute `teacher`), or a list of several, each with
+    its `weight` in the mixture (attribute `teachers`, and no `teacher`); a list of one is one
+    teacher, recorded exactly as a lone teacher is."""
+    if isinstance(teacher, list) and len(teacher) == 1:
+        teacher = {k: v for k, v in teacher[0].items() if k != "weight"}
+    who = {"teachers": teacher} if isinstance(teacher, list) else {"teacher": teacher}
     return {
         "schema_version": SCHEMA_VERSION,
-        "teacher": teacher,  # timm name, checkpoint sha256, mean/std, input size, interpolation
+        # teacher: timm name, checkpoint sha256, mean/std, input size, interpolation, precision;
+        # teachers (an ensemble): a list of those, each with its weight (summing to 1)
+        **who,
         "num_classes": num_classes,
         "topk": topk,
         "views": views,  # V: committed views (the sum of view_blocks)
@@ -275,6 +292,20 @@ def make_attrs(*, teacher: dict, num_classes: int, topk: int, views: int, view_s
     }
 
 
+def teacher_members(attrs: dict) -> list[dict]:
+    """The teachers a cache was made with, each with its weight: the `teachers` list of an
+    ensemble, or the lone `teacher` (weight 1)."""
+    if attrs.get("teachers"):
+        return [dict(m) for m in attrs["teachers"]]
+    return [{**attrs["teacher"], "weight": 1.0}]
+
+
+def view_size(attrs: dict) -> int:
+    """The side at which readers render a stored view to show or fingerprint it: the teacher's
+    input size (an ensemble: its largest member's)."""
+    return max(int(m["input_size"]) for m in teacher_members(attrs))
+
+
 def view_spec(attrs: dict) -> ViewSpec:
     """The ViewSpec the cache was made with (from its attributes)."""
     return from_dict(ViewSpec, dict(attrs["view_spec"]), "view_spec")
@@ -282,9 +313,12 @@ def view_spec(attrs: dict) -> ViewSpec:
 
 def attrs_difference(found: dict, expected: dict, prefix: str = "") -> str | None:
     """Name the first field where two attribute dicts differ (volatile fields ignored)."""
+    if not prefix and ("teachers" in found) != ("teachers" in expected):
+        n = lambda a: len(a["teachers"]) if "teachers" in a else 1  # noqa: E731
+        return f"teachers (the cache has {n(found)} teacher(s), this run has {n(expected)})"
     for key in sorted(set(found) | set(expected)):
         where = f"{prefix}{key}"
-        if where in VOLATILE_ATTRS:
+        if re.sub(r"\[\d+\]", "", where) in VOLATILE_ATTRS:
             continue
         if key not in found:
             return f"{where} (missing in the cache)"
@@ -295,6 +329,14 @@ def attrs_difference(found: dict, expected: dict, prefix: str = "") -> str | Non
             sub = attrs_difference(a, b, where + ".")
             if sub:
                 return sub
+        elif (isinstance(a, list) and isinstance(b, list) and a and b
+              and all(isinstance(x, dict) for x in a + b)):  # the teachers of an ensemble
+            if len(a) != len(b):
+                return f"{where} (the cache has {len(a)}, this run has {len(b)})"
+            for i, (x, y) in enumerate(zip(a, b)):
+                sub = attrs_difference(x, y, f"{where}[{i}].")
+                if sub:
+                    return sub
         elif _norm(a) != _norm(b):
             return f"{where} (cache has {_short(a)}, this run has {_short(b)})"
     return None

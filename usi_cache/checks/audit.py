@@ -13,6 +13,7 @@ k in {1, 2, 5, 10, 20, 50, 100} ∩ [1, C] the audit records
   every k: it measures the replay, not the truncation);
 * bytes per view a cache with that k would hold, uncompressed, from the schema's dtypes.
 
+For an ensemble cache every member is re-run and p is the mixture the cache stores the top-k of.
 The result is stored in the cache's attributes (`schema.set_audit`) and shown by `usi inspect`.
 Paired caches are audited on their mixed views (each rebuilt with its partner, as the teacher saw it).
 """
@@ -24,7 +25,6 @@ import numpy as np
 import torch
 
 from usi_cache import cache_format as schema
-from usi_cache.views.render import render_stored, shard_images, stored_view
 
 AUDIT_KS = (1, 2, 5, 10, 20, 50, 100)
 BATCH = 64  # views per teacher batch
@@ -65,34 +65,16 @@ def fidelity_table(logits: torch.Tensor, cached_top1: torch.Tensor, layout: sche
     return {"views": int(logits.shape[0]), "cached_k": layout.topk, "rows": rows}
 
 
-def replayed_views(group, attrs: dict, layout: schema.Layout, manifest, n: int, seed: int):
-    """Pixels (N, S, S, 3) uint8 of n seeded (slot, view) pairs replayed from the stored view
-    parameters, and their stored top-1 classes (N,). One shard's tar is read at a time."""
-    from usi_cache.checks.common import pick_views
-    spec = schema.view_spec(attrs)
-    size = int(attrs["teacher"]["input_size"])
-    images, top1 = [], []
-    for shard, (slots, views) in pick_views(group, layout, n, seed).items():
-        block = schema.read_block(group, layout, shard)
-        images_at = shard_images(manifest.path(shard), set(slots.tolist()), layout.paired, block.keys)
-        for p, v in zip(slots.tolist(), views.tolist()):
-            stored = stored_view(block, p, v, shard * layout.slots_per_shard, layout.slots_per_shard)
-            try:
-                images.append(render_stored(stored, images_at.get(p), images_at.get, size, spec))
-            except ValueError as e:
-                raise schema.CacheError(f"{manifest.path(shard)} position {p} view {v}: {e}") from None
-            top1.append(int(block.classes[p, v, 0]))
-    return images, torch.tensor(top1)
-
-
 def run_audit(group, attrs: dict, manifest, teacher, n: int, seed: int = 0) -> dict:
-    """Re-run `teacher` on n seeded replayed views of the cache; store and return the table."""
+    """Re-run `teacher` (a models.ensemble.Ensemble) on n seeded replayed views of the cache;
+    store and return the table. For an ensemble the full distribution is the mixture's."""
+    from usi_cache.checks.replay import replayed_views
+    from usi_cache.models.ensemble import run_views
     layout = schema.Layout.from_attrs(attrs)
-    images, top1 = replayed_views(group, attrs, layout, manifest, n, seed)
+    images, top1, _ = replayed_views(group, attrs, layout, manifest, n, seed, teacher.sizes)
     if not images:
         raise schema.CacheError("audit: no committed, valid view to re-run")
-    logits = torch.cat([teacher(torch.from_numpy(np.stack(images[i:i + BATCH])))
-                        for i in range(0, len(images), BATCH)])
+    logits = run_views(teacher, images, BATCH)  # an ensemble: the mixture's logits
     table = fidelity_table(logits, top1, layout)
     table.update(seed=seed, precision=teacher.precision)
     schema.set_audit(group, table)
@@ -104,9 +86,9 @@ def audit_cache(path: str | Path, *, teacher_checkpoint: str | None, n: int, see
     """`usi audit`: load the cache's teacher (its checkpoint must match the recorded sha256)
     at the recorded precision, audit n views and store the table in the cache."""
     from usi_cache.checks.common import shards_for
-    from usi_cache.models.teacher import load_cache_teacher
+    from usi_cache.models.ensemble import load_cache_ensemble
     group, attrs = schema.open_cache(path, mode="r+")
-    teacher, mismatch = load_cache_teacher(attrs, teacher_checkpoint, device)
+    teacher, mismatch = load_cache_ensemble(attrs, teacher_checkpoint, device)
     if mismatch:
         raise schema.CacheError(mismatch)
     return run_audit(group, attrs, shards_for(attrs, shards_dir), teacher, n, seed)

@@ -65,7 +65,7 @@ def fingerprint(group, attrs: dict, manifest: Manifest, views: list[list[int]] |
              for name in schema.VIEW_PARAMS + (schema.MIX_ARRAYS if layout.paired else ())}
     images = shard_images(manifest.path(shard), set(positions), layout.paired)
     digest = hashlib.sha256()
-    spec, size = schema.view_spec(attrs), int(attrs["teacher"]["input_size"])
+    spec, size = schema.view_spec(attrs), schema.view_size(attrs)
     for slot, v in views:
         p = slot - first
         pixels = render_stored(stored_view(block, p, v, first, layout.slots_per_shard), images.get(p),
@@ -108,3 +108,31 @@ def refuse_mixed(envs: list[dict], what: str) -> None:
         if env != envs[0]:
             raise ValueError(f"{what}: rank 0 has {describe(envs[0])}, rank {rank} has {describe(env)}; "
                              f"every rank must render views alike")
+
+
+def replayed_views(group, attrs: dict, layout: schema.Layout, manifest, n: int, seed: int,
+                   sizes: tuple[int, ...] | None = None):
+    """Pixels of n seeded (slot, view) pairs replayed from the stored view parameters, each a
+    tuple of (S, S, 3) uint8 renders, one per size of `sizes` (default: the teachers' sizes), and
+    their stored top-1 classes (N,), and each view's ground truth (N,): the sample's label, or for a
+    mixed view of a paired cache the label of the image with the larger weight. One shard's tar is
+    read at a time (the audit, `usi inspect --members`)."""
+    from usi_cache.checks.common import pick_views
+    import torch
+    spec = schema.view_spec(attrs)
+    sizes = sizes or tuple(sorted({int(m["input_size"]) for m in schema.teacher_members(attrs)}))
+    images, top1, truth = [], [], []
+    for shard, (slots, views) in pick_views(group, layout, n, seed).items():
+        block = schema.read_block(group, layout, shard)
+        images_at = shard_images(manifest.path(shard), set(slots.tolist()), layout.paired, block.keys)
+        for p, v in zip(slots.tolist(), views.tolist()):
+            stored = stored_view(block, p, v, shard * layout.slots_per_shard, layout.slots_per_shard)
+            try:
+                images.append(tuple(render_stored(stored, images_at.get(p), images_at.get, size, spec)
+                                    for size in sizes))
+            except ValueError as e:
+                raise schema.CacheError(f"{manifest.path(shard)} position {p} view {v}: {e}") from None
+            top1.append(int(block.classes[p, v, 0]))
+            mine = stored.pair is None or stored.pair.lam >= 0.5
+            truth.append(int(block.labels[p if mine else stored.pair.partner]))
+    return images, torch.tensor(top1), torch.tensor(truth)

@@ -370,6 +370,10 @@ WORKERS_HELP = ("Processes on this machine reading shards in parallel (under tor
               help="Write a self-contained report (index.html + images) to this folder; needs the shards.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help=WORKERS_HELP)
+@click.option("--members", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Re-run the cache's teachers (every member of an ensemble) on N replayed views: how often "
+                   "their top-1 agree, each one's accuracy beside the mixture's.")
+@click.option("--teacher-checkpoint", help="For --members: the teachers' checkpoints, comma-separated, in order.")
 @one_line_errors
 def inspect_command(cache, no_stats, **kwargs):
     """Summarise a cache, its teacher's statistics, label issues, or one sample's views; --html
@@ -396,7 +400,8 @@ def inspect_command(cache, no_stats, **kwargs):
               help="The shard folder the cache was made from.")
 @click.option("--recompute", default=0, show_default=True, type=click.IntRange(min=0),
               help="Re-run the teacher on N random replayed views.")
-@click.option("--teacher-checkpoint", help="The teacher's checkpoint (for --recompute).")
+@click.option("--teacher-checkpoint", help="The teacher's checkpoint (for --recompute); an ensemble's, "
+              "comma-separated, in order.")
 @click.option("--device", default=None, help="Device for --recompute [default: cuda if available, else cpu].")
 @click.option("--atol", default=1e-3, show_default=True, help="--recompute: logit tolerance, absolute part.")
 @click.option("--rtol", default=1e-3, show_default=True, help="--recompute: logit tolerance, relative part.")
@@ -424,7 +429,8 @@ def verify_command(cache, shards_dir, as_json, **kwargs):
 
 @main.command("audit")
 @click.argument("cache", type=click.Path())
-@click.option("--teacher-checkpoint", help="The cache's teacher checkpoint (its sha256 must match).")
+@click.option("--teacher-checkpoint", help="The cache's teacher checkpoint (its sha256 must match); an "
+              "ensemble's, comma-separated, in order.")
 @click.option("--views", "n", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Re-run the teacher with full logits on N seeded replayed views.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the view sample.")

@@ -34,6 +34,8 @@ def _show(value) -> str:
 
 def _metavar(tp) -> str:
     args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and args[-1] is Ellipsis:
+        return f"{_metavar(args[0])},..."
     if typing.get_origin(tp) is tuple:
         return ",".join(map(_metavar, args))
     if args:  # X | None

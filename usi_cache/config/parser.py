@@ -40,6 +40,12 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0])
+    if origin is tuple and typing.get_args(tp)[-1] is Ellipsis:  # a list of any length >= 1
+        item = typing.get_args(tp)[0]
+        values = list(value) if isinstance(value, (list, tuple)) else [value]  # one value: a list of one
+        if not values:
+            raise ConfigError(f"{where}: expected one or more values, got an empty list")
+        return tuple(_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(values))
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -225,7 +231,7 @@ def parse_text(text: str, tp: Any, where: str) -> Any:
     """A command-line value (text) for a field of type `tp`, checked like a YAML value.
 
     Numbers as Python writes them (1e-3 included, which YAML 1.1 reads as a string), pairs and
-    triples comma-separated (0.35,1), booleans true/false, mappings as JSON, null for None.
+    triples comma-separated (0.35,1), lists comma-separated (a,b,c), booleans true/false, mappings as JSON, null for None.
     """
     return _check_type(_from_text(text, tp, where), tp, where)
 
@@ -237,6 +243,10 @@ def _from_text(text: str, tp: Any, where: str) -> Any:
         if text.strip().lower() == "null":
             return None
         return _from_text(text, args[0], where)  # the configs' unions are `X | None`
+    if origin is tuple and typing.get_args(tp)[-1] is Ellipsis:  # comma-separated, any length
+        item = typing.get_args(tp)[0]
+        parts = [p.strip() for p in text.strip().strip("[]()").split(",")]
+        return [_from_text(p, item, f"{where}[{i}]") for i, p in enumerate(parts)]
     if origin is tuple:
         args = typing.get_args(tp)
         parts = [p.strip() for p in text.strip().strip("[]()").split(",")]

@@ -124,10 +124,14 @@ class CacheConfig:
 
     shards: str = setting("", "Folder (or URL) holding dataset.json and the WebDataset tars.", required=True)
     out: str = setting("", "The Zarr cache to create or resume.", required=True)
-    teacher: str = setting("", "timm model name of the teacher (USI names such as tresnet_l_v2 accepted).",
-                           required=True)
-    teacher_checkpoint: str | None = setting(None, "Teacher state_dict file; null = pretrained weights, or a "
-                                                   "random seeded teacher with random_teacher. Excludes pretrained.")
+    teacher: tuple[str, ...] = setting((), "timm model name of the teacher (USI names such as tresnet_l_v2 "
+                                           "accepted); several (a,b,c) = an ensemble: the cache stores their "
+                                           "weighted mixture of probabilities.", required=True)
+    teacher_checkpoint: tuple[str, ...] | None = setting(None, "Teacher state_dict file, one per teacher; null = "
+                                                               "pretrained weights, or a random seeded teacher with "
+                                                               "random_teacher. Excludes pretrained.")
+    teacher_weights: tuple[float, ...] | None = setting(None, "Ensemble: each teacher's weight in the mixture "
+                                                              "(normalised to sum 1); null = equal.")
     pretrained: bool = setting(False, "Download timm's pretrained weights (needs the network). "
                                       "Excludes teacher_checkpoint.")
     random_teacher: bool = setting(False, "Cache a randomly initialised (seeded) teacher on purpose (tests, "
@@ -137,23 +141,28 @@ class CacheConfig:
                                 "rerunning resumes a killed grow. 0 = create or resume.")
     topk: int = setting(10, "k: logits kept per view.")
     seed: int = setting(42, "View seed: views are a pure function of (seed, key, view index).")
-    input_size: int | None = setting(None, "Teacher input size; null = the model's default.")
-    mean: tuple[float, float, float] | None = setting(None, "Normalisation mean (R,G,B); null = from the "
-                                                            "model's pretrained config.")
-    std: tuple[float, float, float] | None = setting(None, "Normalisation std (R,G,B); null = the model's.")
+    input_size: tuple[int, ...] | None = setting(None, "Teacher input size: one for every teacher or one per "
+                                                       "teacher; null = each model's default.")
+    mean: tuple[float, float, float] | None = setting(None, "Normalisation mean (R,G,B) of every teacher; null = "
+                                                            "from each model's pretrained config.")
+    std: tuple[float, float, float] | None = setting(None, "Normalisation std (R,G,B); null = each model's.")
     batch_size: int = setting(64, "Teacher batch, in views.")
     workers: int = setting(2, "Decode/augment worker processes per rank.")
     compile: bool = setting(False, "torch.compile the teacher (CUDA only; ignored on CPU).")
-    teacher_precision: str = setting("auto", "Teacher forward precision: fp32, fp16, bf16, or auto "
-                                             "(fp16 on CUDA, fp32 on CPU).")
+    teacher_precision: tuple[str, ...] = setting(("auto",), "Teacher forward precision: fp32, fp16, bf16, or auto "
+                                                           "(fp16 on CUDA, fp32 on CPU); one for every teacher "
+                                                           "or one per teacher.")
     audit: int = setting(0, "Then re-run the teacher with full logits on N cached views and store the "
-                            "fidelity table (plain caches only); 0 = off.")
+                            "fidelity table (a paired cache: on its mixed views); 0 = off.")
     overwrite: bool = setting(False, "Replace an existing cache made with another config.")
     part: str = setting("", "Compute only part I of N (I/N, 0 <= I < N) as an independent job, no process group: "
                             "the shards i with i mod N = I; auto: I and N from a Slurm array; auto/N: I from "
                             "SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX. \"\" = every shard.")
     mix: MixConfig = setting(factory=MixConfig, doc="Mixing: only mode paired mixes in stage 1.")
     view: ViewSpec = setting(factory=ViewSpec, doc="How each view is drawn.")
+
+    def __post_init__(self) -> None:
+        as_members(self, ("teacher", "teacher_checkpoint", "teacher_weights", "teacher_precision", "input_size"))
 
     def validate(self) -> None:
         self.view.validate()
@@ -167,17 +176,16 @@ class CacheConfig:
             raise ConfigError(f"cache.add_views: expected >= 0 views to add, got {self.add_views}")
         if self.add_views and self.overwrite:
             raise ConfigError("cache.add_views: grows the existing cache; it cannot be combined with overwrite")
-        if self.teacher_precision not in ("auto", "fp32", "fp16", "bf16"):
-            raise ConfigError(f"cache.teacher_precision: expected auto, fp32, fp16 or bf16, "
-                              f"got {self.teacher_precision!r}")
+        bad = [p for p in self.teacher_precision if p not in ("auto", "fp32", "fp16", "bf16")]
+        if bad:
+            raise ConfigError(f"cache.teacher_precision: expected auto, fp32, fp16 or bf16, got {bad[0]!r}")
+        check_members(self, "cache", ("teacher_checkpoint", "teacher_weights", "teacher_precision", "input_size"))
         if self.audit < 0:
             raise ConfigError(f"cache.audit: expected >= 0 views, got {self.audit}")
-        if self.audit and self.mix.mode == "paired":
-            raise ConfigError("cache.audit: only plain caches are audited (a paired view is a mixed image)")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"cache.seed: expected 0 <= seed < 2**63, got {self.seed}")
-        if self.input_size is not None and self.input_size < 1:
-            raise ConfigError(f"cache.input_size: expected a positive integer, got {self.input_size}")
+        if self.input_size is not None and min(self.input_size) < 1:
+            raise ConfigError(f"cache.input_size: expected positive integers, got {list(self.input_size)}")
         if self.pretrained and self.teacher_checkpoint:
             raise ConfigError("cache.pretrained: excludes cache.teacher_checkpoint (the checkpoint would replace "
                               "the downloaded weights): give one of them")
@@ -200,8 +208,12 @@ class TrainConfig:
     val_shards: str = setting("", "Validation shard folder.", required=True)
     cache: str | None = setting(None, "Teacher cache (offline KD); null = labels only, or online KD with "
                                       "teacher. Excludes teacher.")
-    teacher: str | None = setting(None, "Online KD: run this timm teacher on every batch. Excludes cache.")
-    teacher_checkpoint: str | None = setting(None, "Weights of the online teacher (needs teacher).")
+    teacher: tuple[str, ...] | None = setting(None, "Online KD: run this timm teacher on every batch (several, "
+                                                    "a,b: their mixture, as a cache stores it). Excludes cache.")
+    teacher_checkpoint: tuple[str, ...] | None = setting(None, "Weights of the online teacher(s), one per teacher "
+                                                               "(needs teacher).")
+    teacher_weights: tuple[float, ...] | None = setting(None, "Online ensemble: each teacher's weight (normalised "
+                                                              "to sum 1); null = equal.")
     out: str = setting("", "Run directory.", required=True)
     epochs: int = setting(300, "Cosine length, in epochs.")
     cooldown_epochs: int = setting(10, "Extra epochs at min_lr after the cosine.")
@@ -241,6 +253,9 @@ class TrainConfig:
                                         "the tensorboard extra.")
     view: ViewSpec = setting(factory=ViewSpec, doc="Views of label-only and online runs; a cache brings its own.")
 
+    def __post_init__(self) -> None:
+        as_members(self, ("teacher", "teacher_checkpoint", "teacher_weights"))
+
     def validate(self) -> None:
         self.view.validate()
         self.mix.validate("train.mix", ("batch", "none"))
@@ -259,6 +274,10 @@ class TrainConfig:
             raise ConfigError("train: give either cache (offline KD) or teacher (online KD), not both")
         if self.teacher_checkpoint and not self.teacher:
             raise ConfigError("train.teacher_checkpoint: given without train.teacher")
+        if self.teacher_weights and not self.teacher:
+            raise ConfigError("train.teacher_weights: given without train.teacher")
+        if self.teacher:
+            check_members(self, "train", ("teacher_checkpoint", "teacher_weights"))
         if self.kd_only and not (self.cache or self.teacher):
             raise ConfigError("train.kd_only: needs a teacher (train.cache or train.teacher); without one "
                               "there is no KD term to keep")
@@ -275,6 +294,40 @@ class TrainConfig:
             raise ConfigError(f"train.betas: expected two values in [0, 1), got {list(self.betas)}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay: expected 0 <= decay < 1, got {self.ema_decay}")
+
+
+def as_members(cfg, names: tuple[str, ...]) -> None:
+    """Per-teacher keys of a config built in code (CacheConfig(teacher="resnet50")): a single value,
+    or comma-separated text for the names, becomes the tuple a recipe or the command line gives."""
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, str):
+            value = tuple(v.strip() for v in value.split(",")) if name != "teacher_checkpoint" else (value,)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = (value,)
+        elif isinstance(value, list):
+            value = tuple(value)
+        object.__setattr__(cfg, name, value)
+
+
+def check_members(cfg, section: str, names: tuple[str, ...]) -> None:
+    """Per-teacher lists hold one value per teacher (precision and input size: or one for all);
+    weights are >= 0."""
+    n = len(cfg.teacher)
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None or (name in ("teacher_precision", "input_size") and len(value) == 1):
+            continue
+        if len(value) != n:
+            raise ConfigError(f"{section}.{name}: {len(value)} value(s) for {n} teacher(s) "
+                              f"({', '.join(cfg.teacher)}): give one per teacher, in the same order")
+    weights = getattr(cfg, "teacher_weights", None) or ()
+    for i, w in enumerate(weights):
+        if w < 0:
+            raise ConfigError(f"{section}.teacher_weights: teacher {i} ({cfg.teacher[i]}) has weight {w}; "
+                              f"expected >= 0")
+    if weights and sum(weights) <= 0:
+        raise ConfigError(f"{section}.teacher_weights: they sum to 0; give at least one positive weight")
 
 
 def _check_required(cfg, section: str) -> None:

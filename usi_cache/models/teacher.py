@@ -124,16 +124,17 @@ class Teacher:
 
 def load_teacher(name: str, checkpoint: str | None, *, num_classes: int, pretrained: bool = False,
                  input_size: int | None = None, mean=None, std=None, device="cpu",
-                 compile: bool = False, precision: str = "auto") -> tuple[Teacher, TeacherInfo]:
+                 compile: bool = False, precision: str = "auto", seed: int = 0) -> tuple[Teacher, TeacherInfo]:
     """Build the teacher and describe it. mean/std/input_size default to the model's config.
 
-    Without a checkpoint and without `pretrained`, weights are random but seeded (seed 0), so
-    that every rank and every resumed run gets the same teacher (demo and tests only).
+    Without a checkpoint and without `pretrained`, weights are random but seeded (`seed`: 0, or
+    an ensemble member's index), so that every rank and every resumed run gets the same teacher
+    (demo, tests and benchmarks only).
     """
     if checkpoint is None and not pretrained:
-        log.warning("teacher %s: no checkpoint and not pretrained: random weights (seed 0)", name)
+        log.warning("teacher %s: no checkpoint and not pretrained: random weights (seed %d)", name, seed)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+            torch.manual_seed(seed)
             model = build_model(name, num_classes=num_classes, checkpoint=None)
     else:
         model = build_model(name, num_classes=num_classes, checkpoint=checkpoint, pretrained=pretrained)
@@ -157,37 +158,6 @@ def load_teacher(name: str, checkpoint: str | None, *, num_classes: int, pretrai
         num_classes=int(getattr(model, "num_classes", num_classes)))
     teacher = Teacher(model, mean=mean, std=std, device=device, compile=compile, precision=precision)
     return teacher, replace(info, precision=teacher.precision)
-
-
-def load_cache_teacher(attrs: dict, checkpoint: str | None, device: str | None = None) -> tuple[Teacher, str | None]:
-    """The teacher a cache was made with, from its `usi_cache` attributes, at the recorded
-    precision (caches from before it was recorded ran bf16 autocast on CUDA, fp32 elsewhere), on `device`
-    (default CUDA when available). Returns (teacher, None), or (teacher, why) when the
-    checkpoint's sha256 is not the recorded one. A checkpoint-made cache needs `checkpoint`."""
-    mismatch = cache_teacher_mismatch(attrs, checkpoint)
-    t = attrs["teacher"]
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher, _ = load_teacher(t["name"], checkpoint, num_classes=int(attrs["num_classes"]),
-                              input_size=int(t["input_size"]), mean=t["mean"], std=t["std"], device=device,
-                              precision=t.get("precision") or ("bf16" if torch.device(device).type == "cuda" else "fp32"))
-    return teacher, mismatch
-
-
-def cache_teacher_mismatch(attrs: dict, checkpoint: str | None) -> str | None:
-    """Why `checkpoint` is not the cache's teacher (its sha256 differs), or None; raises when the
-    cache was made from a checkpoint and none is given. Cheap: no model is built."""
-    t = attrs["teacher"]
-    want = t.get("checkpoint_sha256")
-    if want and checkpoint is None:
-        raise TeacherError(f"--recompute/--audit need --teacher-checkpoint: the cache's teacher {t['name']} was "
-                           f"loaded from a checkpoint (sha256 {want[:12]}…)")
-    if checkpoint is not None:
-        have = sha256_file(checkpoint)
-        if have != want:
-            return (f"{checkpoint}: sha256 {have[:12]}… is not the cache's teacher "
-                    f"({(want or 'no checkpoint')[:12]})")
-    return None
 
 
 def _triple(field: str, value) -> tuple[float, float, float]:

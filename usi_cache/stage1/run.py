@@ -34,7 +34,7 @@ from usi_cache.views.randaugment import OP_NAMES
 from usi_cache.shards.manifest import Manifest, ShardError, load_manifest, shard_path
 from usi_cache.shards.images import decode_image
 from usi_cache.shards.tars import read_shard
-from usi_cache.models.teacher import load_teacher
+from usi_cache.models.ensemble import Ensemble, load_ensemble
 from usi_cache.messages import messages
 from usi_cache.views.mixing import NO_MIX, PartnerImages, pair_rng, sample_pair
 from usi_cache.views.render import Partner, render
@@ -51,7 +51,7 @@ class ViewJob:
     shard_names: tuple[str, ...]
     layout: schema.Layout  # of the view block being written (V = its views)
     spec: ViewSpec
-    size: int  # teacher input size (square)
+    sizes: tuple[int, ...]  # the teachers' distinct input sizes (square): each view is rendered at each
     seed: int
     batch_size: int
     mix: dict | None = None  # paired caches: mixup, cutmix, prob, switch (sample_pair's keywords)
@@ -67,7 +67,7 @@ def shard_batches(job: ViewJob, shard: int) -> Iterator[dict]:
     path = shard_path(job.root, job.shard_names[shard])
 
     def batch():
-        out = {"kind": "batch", "shard": shard, "images": np.stack(images),
+        out = {"kind": "batch", "shard": shard, "images": [np.stack(x) for x in zip(*images)],  # one per size
                "pos": np.asarray(pos, np.int64), "view": np.asarray(views, np.int64)}
         images.clear(), pos.clear(), views.clear()
         return out
@@ -95,7 +95,7 @@ def shard_batches(job: ViewJob, shard: int) -> Iterator[dict]:
             meta.flips[p, j] = params.flip
             meta.aug_ops[p, j], meta.aug_levels[p, j], meta.aug_resample[p, j] = encode_ops(params, n)
             partner = _draw_partner(job, samples, partners, meta, shard, p, v, j) if partners else None
-            images.append(render(image, params, job.size, job.spec, partner))
+            images.append(tuple(render(image, params, size, job.spec, partner) for size in job.sizes))
             pos.append(p), views.append(j)
             if len(images) == job.batch_size:
                 yield batch()
@@ -109,7 +109,9 @@ def _draw_partner(job: ViewJob, samples, partners: PartnerImages, meta: schema.S
     """Draw the partner of view v of sample p (its view v) and record the pairing in `meta` at
     the block's place j; None when the view is not mixed or the partner does not decode."""
     key = samples[p].key
-    pair = sample_pair(pair_rng(job.seed, key, v), p, len(samples), job.size, **job.mix)
+    # the pairing is drawn at the largest size (a lone teacher's size): the cutmix box is stored as
+    # fractions of the side, and every size renders the same pairing
+    pair = sample_pair(pair_rng(job.seed, key, v), p, len(samples), max(job.sizes), **job.mix)
     partner_image = partners.get(pair.partner) if pair.kind != NO_MIX else None
     if partner_image is None:
         return None
@@ -141,7 +143,8 @@ def topk_targets(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, 
     logits: (N, C), any float dtype (a half-precision teacher's output is widened first).
     log p_i = z_i - lse is taken in float64 before the one rounding to float16.
     """
-    logits = logits.float()
+    if logits.dtype != torch.float64:  # an ensemble's mixture logits stay float64
+        logits = logits.float()
     values, classes = torch.topk(logits, k, dim=1, largest=True, sorted=True)
     # float64: a float32 reduction's last bit depends on the CPU thread count and batch shape.
     # log p_i = (z_i - m) - log1p(s), m the max logit and s the sum of exp(z_j - m) over the
@@ -286,16 +289,15 @@ def _run(cfg: CacheConfig, world: World, progress: bool) -> dict:
     C = len(manifest.classes)
     if cfg.topk > C:
         raise schema.CacheError(f"cache.topk: k = {cfg.topk} exceeds the dataset's {C} classes")
-    teacher, info = load_teacher(cfg.teacher, cfg.teacher_checkpoint, num_classes=C,
-                                 pretrained=cfg.pretrained, input_size=cfg.input_size,
-                                 mean=cfg.mean, std=cfg.std, device=world.device, compile=cfg.compile,
-                                 precision=cfg.teacher_precision)
+    teacher = load_ensemble(cfg.teacher, cfg.teacher_checkpoint, num_classes=C, weights=cfg.teacher_weights,
+                            precisions=cfg.teacher_precision, pretrained=cfg.pretrained, input_size=cfg.input_size,
+                            mean=cfg.mean, std=cfg.std, device=world.device, compile=cfg.compile)
     layout = schema.Layout(num_shards=len(manifest.shards), slots_per_shard=manifest.per_shard,
                            views=cfg.views, topk=cfg.topk, num_classes=C,
                            # at least one slot (then always -1) when RandAugment is off: Zarr
                            # cannot shard zero-size chunks
                            op_slots=max(1, op_slots(cfg.view)), paired=cfg.mix.mode == "paired")
-    attrs = schema.make_attrs(teacher=info.to_dict(), num_classes=C, topk=cfg.topk, views=cfg.views,
+    attrs = schema.make_attrs(teacher=teacher.attrs(), num_classes=C, topk=cfg.topk, views=cfg.views,
                               view_spec=to_dict(cfg.view), op_names=list(OP_NAMES),
                               op_slots=layout.op_slots, seed=cfg.seed,
                               manifest={**manifest.to_dict(), "root": storage.resolve(manifest.root)},
@@ -316,7 +318,7 @@ def _run(cfg: CacheConfig, world: World, progress: bool) -> dict:
     pending = [i for i in (part.shards(layout.num_shards) if part else range(layout.num_shards)) if not done[i]]
     barrier(world)  # every rank has read the same completion state before anyone writes
     mine = pending[world.rank::world.size]
-    times = _compute(cfg, world, manifest, layout, block, group, teacher, info.input_size, mine, progress, part)
+    times = _compute(cfg, world, manifest, layout, block, group, teacher, mine, progress, part)
     barrier(world)
     all_times = all_gather_objects(world, times)
     summary = None
@@ -346,7 +348,7 @@ def _run(cfg: CacheConfig, world: World, progress: bool) -> dict:
     return broadcast_object(world, summary)
 
 
-def _compute(cfg, world, manifest: Manifest, layout, view_block: schema.ViewBlock, group, teacher, size, mine,
+def _compute(cfg, world, manifest: Manifest, layout, view_block: schema.ViewBlock, group, teacher: Ensemble, mine,
              progress, part: parts.Part | None = None) -> StageTimes:
     """Write view block `view_block` of this rank's shards `mine`, each committed on its own."""
     times = StageTimes()
@@ -354,7 +356,7 @@ def _compute(cfg, world, manifest: Manifest, layout, view_block: schema.ViewBloc
         return times
     layout = layout.block_layout(view_block)
     job = ViewJob(manifest.root, tuple(s.name for s in manifest.shards), layout, cfg.view,
-                  size, cfg.seed, cfg.batch_size, _mix_spec(cfg), view_block.start)
+                  teacher.sizes, cfg.seed, cfg.batch_size, _mix_spec(cfg), view_block.start)
     loader = DataLoader(ShardViews(job, mine), batch_size=None, num_workers=min(cfg.workers, len(mine)),
                         prefetch_factor=4 if cfg.workers else None,
                         persistent_workers=False)
@@ -374,8 +376,10 @@ def _compute(cfg, world, manifest: Manifest, layout, view_block: schema.ViewBloc
             block = blocks.setdefault(shard, schema.ShardBlock.empty(layout))
             if msg["kind"] == "batch":
                 t = time.perf_counter()
-                images = torch.as_tensor(msg["images"])
-                logits = teacher(images)  # float32 on the CPU: checking it costs no device sync
+                images = [torch.as_tensor(x) for x in msg["images"]]
+                # float32 logits (one teacher) or the float64 logits of the mixture (an ensemble,
+                # models/ensemble.py), on the CPU: checking them costs no device sync
+                logits = teacher(images)
                 if not torch.isfinite(logits).all():
                     key = str(block.keys[int(msg["pos"][0])]) or f"position {int(msg['pos'][0])}"
                     raise schema.CacheError(

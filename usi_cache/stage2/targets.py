@@ -24,7 +24,7 @@ from usi_cache.dist import World, all_gather_objects, on_main
 from usi_cache.stage2.plan import stable_seed
 from usi_cache.views.mixing import apply_mix, sample_mix
 from usi_cache.stage2.loss import mix_targets, one_hot_mix, teacher_distribution
-from usi_cache.models.teacher import load_teacher
+from usi_cache.models.ensemble import load_ensemble
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class OnlineTargets(LabelTargets):
 
     def __init__(self, cfg: TrainConfig, num_classes: int, world: World, spec: ViewSpec, teacher):
         super().__init__(cfg, num_classes, world, spec)
-        self.teacher = teacher  # usi_cache.teacher.Teacher
+        self.teacher = teacher  # usi_cache.models.ensemble.Ensemble (one teacher: an ensemble of one)
 
     def __call__(self, batch: dict, epoch: int, step: int) -> Prepared:
         x, gt, _, _ = self.mixed(batch, epoch, step)
@@ -118,9 +118,13 @@ class OnlineTargets(LabelTargets):
 
 @torch.no_grad()
 def online_distribution(teacher, x: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """Full teacher distribution on the very batch x (N, 3, H, W) in [0, 1] the student sees."""
-    logits = teacher.logits((x - teacher.mean) / teacher.std)  # at the teacher's precision, float32 out
-    P = torch.softmax(logits / temperature, dim=1)
+    """Full teacher distribution on the very batch x (N, 3, H, W) in [0, 1] the student sees: an
+    Ensemble's mixture sum_m w_m softmax(z_m / T) (one teacher: softmax(z / T)), each member at its
+    precision and normalisation; a lone `Teacher` works too."""
+    if hasattr(teacher, "distribution"):
+        P = teacher.distribution(x, temperature)
+    else:
+        P = torch.softmax(teacher.logits((x - teacher.mean) / teacher.std) / temperature, dim=1)
     return P, torch.zeros(P.shape[0], device=P.device)
 
 
@@ -128,7 +132,9 @@ def resolve_targets(cfg: TrainConfig, world: World, manifest) -> LabelTargets:
     """The run's target source, checked against the train shards' `manifest`."""
     C = len(manifest.classes)
     if cfg.teacher:
-        teacher, _ = load_teacher(cfg.teacher, cfg.teacher_checkpoint, num_classes=C, device=world.device)
+        # the same mixture a cache of these teachers stores, so cached and online KD stay comparable
+        teacher = load_ensemble(cfg.teacher, cfg.teacher_checkpoint, num_classes=C, weights=cfg.teacher_weights,
+                                device=world.device)
         return OnlineTargets(cfg, C, world, cfg.view, teacher)
     if not cfg.cache:
         return LabelTargets(cfg, C, world, cfg.view)

@@ -98,7 +98,7 @@ def _render_cards(group, attrs, layout, manifest, records: list[dict], img_dir: 
     by_shard: dict[int, set[int]] = defaultdict(set)
     for r in records:
         by_shard[r["shard"]].add(r["position"])
-    spec, size = schema.view_spec(attrs), int(attrs["teacher"]["input_size"])
+    spec, size = schema.view_spec(attrs), schema.view_size(attrs)
     S = layout.slots_per_shard
     cards = {}
     for shard in sorted(by_shard):

@@ -53,7 +53,12 @@ def summarize(path: str | Path, shards_dir: str | Path | None = None) -> dict:
     samples = int(ds["num_samples"])
     views = samples * layout.views
     usage = schema.disk_usage(path)
-    t = attrs["teacher"]
+    team = schema.teacher_members(attrs)
+    t = team[0]
+    if len(team) > 1:  # an ensemble: named by its members, views shown at the largest size
+        t = {**t, "name": " + ".join(m["name"] for m in team), "input_size": schema.view_size(attrs),
+             "checkpoint": None, "checkpoint_sha256": None,
+             "precision": ",".join(dict.fromkeys(str(m.get("precision")) for m in team))}
     return {
         "cache": str(path),
         "schema_version": attrs["schema_version"],
@@ -62,7 +67,8 @@ def summarize(path: str | Path, shards_dir: str | Path | None = None) -> dict:
         "teacher": {"name": t["name"], "checkpoint": t.get("checkpoint"),
                     "checkpoint_sha256": t.get("checkpoint_sha256"), "input_size": t["input_size"],
                     "mean": t["mean"], "std": t["std"], "interpolation": t.get("interpolation"),
-                    "precision": t.get("precision")},  # None: not recorded (schema < 3)
+                    "precision": t.get("precision"),  # None: not recorded (schema < 3)
+                    "members": team if len(team) > 1 else None},  # an ensemble: every teacher, with its weight
         "dataset": {"shards": layout.num_shards, "per_shard": layout.slots_per_shard, "samples": samples,
                     "num_classes": layout.num_classes, "classes": list(ds["classes"]),
                     "fingerprint": ds["fingerprint"]},
@@ -193,7 +199,7 @@ def replay_sample(path: str | Path, info: dict, shards_dir: str | Path | None):
     if pos >= len(images.encoded):
         raise ShardError(f"{manifest.path(shard)}: has no sample at position {pos}")
     image = images.get(pos)
-    spec, size = schema.view_spec(attrs), int(attrs["teacher"]["input_size"])
+    spec, size = schema.view_spec(attrs), schema.view_size(attrs)
     views = []
     for v in range(layout.views):
         try:
@@ -246,9 +252,11 @@ def inspect_report(path: str | Path, *, key: str | None = None, slot: int | None
                    sample_views: int | None = None, seed: int = 0, stats: bool = True, plot: str | None = None,
                    label_issues: bool = False, top: int = 100, issues_csv: str | None = None,
                    html: str | None = None, progress: bool = True, workers: int = 1,
+                   members: int = 0, teacher_checkpoint: str | None = None,
                    world: World | None = None) -> dict | None:
     """The report as data: {"summary", "stats" (None with stats=False or one sample), "sample"
-    (one sample, by key or slot), "plot" (the figure written, when `plot` is given),
+    (one sample, by key or slot), "plot" (the figure written, when `plot` is given), "members"
+    (with `members` N: the teachers re-run on N replayed views, checks/members.py),
     "label_issues" (label_issues.find_label_issues, with `label_issues` or `html`), "html" (the
     page written to the folder `html`)}. Under torchrun the ranks share the shards; rank 0
     returns the report, the others None."""
@@ -270,6 +278,8 @@ def inspect_report(path: str | Path, *, key: str | None = None, slot: int | None
         return None
     report = {"summary": summarize(path, shards_dir), "stats": st, "sample": None, "plot": None,
               "label_issues": issues, "html": None}
+    if members:
+        report["members"] = _members(path, shards_dir, members, teacher_checkpoint, seed)
     if issues_csv:
         from usi_cache.checks.inspect.label_issues import write_csv
         issues["csv"] = write_csv(issues["issues"], issues_csv)
@@ -296,6 +306,18 @@ def _plot(report: dict, path, shards_dir, plot: str) -> str:
     t = report["summary"]["teacher"]
     return str(plot_sample(sample, image, views, plot, title=f"{storage.basename(path)}: teacher {t['name']}, "
                                                              f"views replayed at {t['input_size']} px"))
+
+
+def _members(path, shards_dir, n: int, checkpoint, seed: int) -> dict:
+    """Re-run the cache's teachers (each member of an ensemble) on n replayed views: agreement."""
+    from usi_cache.checks.common import shards_for
+    from usi_cache.checks.members import member_agreement
+    from usi_cache.models.ensemble import load_cache_ensemble
+    group, attrs = schema.open_cache(path)
+    ensemble, mismatch = load_cache_ensemble(attrs, checkpoint)
+    if mismatch:
+        raise schema.CacheError(mismatch)
+    return member_agreement(group, attrs, shards_for(attrs, shards_dir), ensemble, n, seed)
 
 
 def run_inspect(path: str | Path, *, as_json: bool = False, world: World | None = None, **options) -> str:

@@ -32,7 +32,8 @@ def format_summary(s: dict) -> str:
     rows = [
         ("cache", s["cache"]),
         ("schema", f"version {s['schema_version']}, written by usi-cache {s['tool_version']} on {s['created']}"),
-        ("teacher", f"{t['name']}, checkpoint sha256 {t['checkpoint_sha256'] or 'none (random or pretrained weights)'}"),
+        ("teacher", f"ensemble of {len(t['members'])} teachers ({t['name']}), the mixture of their "
+                    f"probabilities" if t.get("members") else f"{t['name']}, checkpoint sha256 {t['checkpoint_sha256'] or 'none (random or pretrained weights)'}"),
         ("teacher input", f"{t['input_size']} px, mean {_triple(t['mean'])}, std {_triple(t['std'])}, "
                           f"forward in {t['precision'] or 'unrecorded precision'}"),
         ("dataset", f"{d['samples']} samples in {d['shards']} shards of {d['per_shard']}, {d['num_classes']} classes, "
@@ -47,6 +48,13 @@ def format_summary(s: dict) -> str:
         ("replay", f"made with {s['replay']['recorded'] or 'unrecorded decoders'}; here {s['replay']['here']}: "
                    f"{s['replay']['pixels']}"),
     ]
+    if t.get("members"):  # an ensemble: one row per teacher, each with its own input
+        rows[3] = ("teacher input", f"each teacher's own (above); views shown at {t['input_size']} px, the largest")
+        for i, m in enumerate(t["members"]):
+            rows.insert(3 + i, (f"  teacher {i}", f"{m['name']} (weight {m['weight']:.3g}), {m['input_size']} px, "
+                                                  f"mean {_triple(m['mean'])}, std {_triple(m['std'])}, "
+                                                  f"{m.get('precision') or 'unrecorded precision'}, sha256 "
+                                                  f"{(m.get('checkpoint_sha256') or 'none')[:12]}"))
     width = max(len(r[0]) for r in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     per = [f"{n} {s['disk']['bytes'][n] / 1e3:.1f} kB = {_num(s['disk']['bytes_per_view_by_array'][n], 1)} B/view"
@@ -152,6 +160,9 @@ def format_report(report: dict, as_json: bool = False) -> str:
         parts.append(format_stats(report["stats"], report["summary"]["topk"]))
     if report["sample"] is not None:
         parts.append(format_sample(report["sample"]))
+    if report.get("members") is not None:
+        from usi_cache.checks.members import format_agreement
+        parts.append(format_agreement(report["members"]))
     if report.get("label_issues") is not None:
         from usi_cache.checks.inspect.label_issues import format_issues
         parts.append(format_issues(report["label_issues"]))

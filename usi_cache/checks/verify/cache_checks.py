@@ -30,7 +30,8 @@ def check_attributes(group, attrs: dict) -> tuple[Found, schema.Layout | None]:
         ds = attrs["dataset"]
         infos = [ShardInfo(s["name"], int(s["count"]), s["sha256"]) for s in ds["shards"]]
         own = fingerprint(ds["classes"], ds["per_shard"], infos)
-        teacher_c = attrs["teacher"]["num_classes"]
+        teacher_c = {m["num_classes"] for m in schema.teacher_members(attrs)}  # every teacher of an ensemble
+        teacher_c = teacher_c.pop() if len(teacher_c) == 1 else sorted(teacher_c)
         int(attrs["seed"])
     except (KeyError, TypeError, ValueError) as e:
         return [(None, f"malformed {schema.ATTR} attribute ({type(e).__name__}: {e})")], None

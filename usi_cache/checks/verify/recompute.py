@@ -38,13 +38,13 @@ def check_recompute(d: ShardData) -> list[str]:
     if not usable:
         return []
     out = []
-    size = int(ctx.attrs["teacher"]["input_size"])
     at = PartnerImages(d.tar.data)  # the shard's encoded images by position, decoded on demand
     images, rendered = [], []
     for p, v in usable:  # the same render as stages 1 and 2: a paired view is mixed with its partner
         try:
             stored = stored_view(x, p, v, base, layout.slots_per_shard)
-            images.append(render_stored(stored, at.get(p), at.get, size, ctx.spec))
+            images.append(tuple(render_stored(stored, at.get(p), at.get, size, ctx.spec)
+                                for size in ctx.teacher.sizes))  # each teacher's size, once
             rendered.append((p, v))
         except ValueError as e:
             out.append(f"slot {base + p} view {v}: the stored view cannot be rebuilt ({e})")
@@ -53,11 +53,11 @@ def check_recompute(d: ShardData) -> list[str]:
     return out + _compare(d, rendered, _run_teacher(ctx.teacher, images))
 
 
-def _run_teacher(teacher, images: list[np.ndarray]):
-    import torch
+def _run_teacher(teacher, images: list[tuple[np.ndarray, ...]]):
+    """The teacher's logits (an ensemble: the mixture's, whose lse is the one stored)."""
+    from usi_cache.models.ensemble import run_views
     with _split_independent_threads(teacher.device):
-        return torch.cat([teacher(torch.from_numpy(np.stack(images[j:j + BATCH])))
-                          for j in range(0, len(images), BATCH)])
+        return run_views(teacher, images, BATCH)
 
 
 def _compare(d: ShardData, usable: list[tuple[int, int]], logits) -> list[str]:

@@ -30,7 +30,8 @@ report order:
                 the seeded sampler draws for (seed, key, view): the views really are the
                 cache's replayable views.
 * replay      — this machine re-renders the cache's fingerprint views bit for bit.
-* recompute   — (`--recompute N`) the teacher re-run (at the cache's recorded precision) on N
+* recompute   — (`--recompute N`) the teacher (every member of an ensemble, then their mixture)
+                re-run (at the cache's recorded precision) on N
                 random replayed views reproduces the cached top-k and log-probabilities
                 (tolerances in recompute.py).
 """
@@ -128,8 +129,8 @@ def _prepare_recompute(rep, ctx: VerifyContext, group, n: int, teacher_checkpoin
     """--recompute: the teacher's device and tolerance, and the views to re-run."""
     import torch
 
-    from usi_cache.models.teacher import cache_teacher_mismatch
-    mismatch = cache_teacher_mismatch(ctx.attrs, teacher_checkpoint)
+    from usi_cache.models.ensemble import cache_ensemble_mismatch
+    mismatch = cache_ensemble_mismatch(ctx.attrs, teacher_checkpoint)  # every teacher of an ensemble
     if mismatch:
         rep.add("recompute", None, mismatch)
     ctx.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -137,8 +138,9 @@ def _prepare_recompute(rep, ctx: VerifyContext, group, n: int, teacher_checkpoin
     # a half-precision re-run differs from the original by its own rounding (a batch of another
     # shape may take other kernels): two of its spacings, relative to the logits; caches from
     # before the precision was recorded ran bf16 autocast on CUDA
-    precision = ctx.attrs["teacher"].get("precision") or ("bf16" if torch.device(ctx.device).type == "cuda" else "fp32")
-    ctx.rtol = rtol = max(rtol, {"bf16": 2 ** -7, "fp16": 2 ** -10}.get(precision, 0.0))
+    fallback = "bf16" if torch.device(ctx.device).type == "cuda" else "fp32"
+    for m in schema.teacher_members(ctx.attrs):  # an ensemble: its least precise member's
+        ctx.rtol = rtol = max(rtol, {"bf16": 2 ** -7, "fp16": 2 ** -10}.get(m.get("precision") or fallback, 0.0))
     ctx.picks = pick_views(group, ctx.layout, n, seed)
     rep.recompute = {"requested": n, **recompute_counts(), "atol": atol, "rtol": rtol, "device": ctx.device}
 
@@ -150,8 +152,8 @@ def _check_one_shard(ctx: VerifyContext, i: int) -> tuple[VerifyReport, set[str]
     if ctx.device is not None:
         part.recompute = recompute_counts()
         if ctx.teacher is None and i in ctx.picks:  # loaded by the processes that re-run views only
-            from usi_cache.models.teacher import load_cache_teacher
-            ctx.teacher, _ = load_cache_teacher(ctx.attrs, ctx.checkpoint, ctx.device)  # the mismatch is rank 0's
+            from usi_cache.models.ensemble import load_cache_ensemble
+            ctx.teacher, _ = load_cache_ensemble(ctx.attrs, ctx.checkpoint, ctx.device)  # the mismatch is rank 0's
     d = load_shard(ctx, i)
     d.rerun = part.recompute
     for name, check in verify_checks.SHARD_CHECKS:

@@ -187,7 +187,7 @@ def _expected_views(d: ShardData) -> dict:
              expected["aug_resample"][p, v]) = encode_ops(params, layout.op_slots)
     if layout.paired:  # pairings are drawn from the seed too: a partner that decodes, or no mixing
         expected.update({name: getattr(empty, name) for name in schema.MIX_ARRAYS})
-        size, mix = int(ctx.attrs["teacher"]["input_size"]), ctx.attrs["mix_spec"]
+        size, mix = schema.view_size(ctx.attrs), ctx.attrs["mix_spec"]
         labels = d.labels
         for p in np.flatnonzero(d.known):
             for v in range(V):
