@@ -75,6 +75,7 @@ def test_two_teacher_cache_is_the_mixture_recomputed_by_hand(tmp_path, shards, c
     make(ensemble_args(shards, ckpts, out, "--mix", mix, "--audit", "12"))
     rows, pixels, group, attrs = rebuild_all(out, shards, (32, 40))
     assert "teacher" not in attrs and [t["name"] for t in attrs["teachers"]] == [TEACHER, OTHER]
+    assert attrs["schema_version"] == schema.ENSEMBLE_VERSION == 5  # a tool that knows only 4 refuses it
     assert [t["weight"] for t in attrs["teachers"]] == [0.25, 0.75]
     assert [t["input_size"] for t in attrs["teachers"]] == [32, 40]
     assert attrs["teachers"][1]["mean"] == pytest.approx([0.485, 0.456, 0.406])  # each member's own
@@ -111,6 +112,7 @@ def test_an_ensemble_of_one_is_the_same_cache(tmp_path, shards, teacher_ckpt):
     g1, a1 = schema.open_cache(tmp_path / "one.zarr")
     g2, a2 = schema.open_cache(tmp_path / "list.zarr")
     assert "teachers" not in a1 and "teachers" not in a2 and a1["teacher"] == a2["teacher"]
+    assert a1["schema_version"] == a2["schema_version"] == 4
     assert "weight" not in a1["teacher"]
     for name in schema.ARRAYS:
         assert np.array_equal(schema.read_array(g1, name, slice(None)), schema.read_array(g2, name, slice(None))), name
@@ -262,3 +264,34 @@ def test_a_student_trains_on_an_ensemble_cache_under_torchrun(tmp_path, ckpts):
                                                 "--teacher-weights", "1,3", "--max-steps", "2",
                                                 batch_size=4, workers=0)])
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_online_ensemble_is_tempered_as_a_cached_one():
+    """At T != 1 online KD gives softmax(log p / T) of the mixture p, what stage 2 makes of a cached
+    ensemble's stored log p (k = C), not the mixture of tempered members."""
+    import torch
+
+    from usi_cache.stage2.loss import teacher_distribution
+
+    class Member:
+        def __init__(self, seed):
+            g = torch.Generator().manual_seed(seed)
+            self.w = torch.randn(3 * 4 * 4, 5, generator=g)
+            self.mean, self.std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+
+        def logits(self, x):
+            return 3 * x.flatten(1) @ self.w
+
+    from usi_cache.models.ensemble import Ensemble
+    members = [Member(0), Member(1)]
+    ens = Ensemble.__new__(Ensemble)
+    ens.members = [type("M", (), {"teacher": m, "weight": w})() for m, w in zip(members, (0.25, 0.75))]
+    x = torch.rand(6, 3, 4, 4)
+    online = ens.distribution(x, temperature=2.0).double()
+    p = sum(w * torch.softmax(m.logits(x).double(), dim=1) for m, w in zip(members, (0.25, 0.75)))
+    log_p, classes = torch.sort(torch.log(p), dim=1, descending=True)
+    cached, rest = teacher_distribution(log_p.float(), classes, None, 5, 2.0)  # dense (N, C), k = C
+    np.testing.assert_allclose(online.numpy(), cached.double().numpy(), atol=1e-5)
+    tempered_members = sum(w * torch.softmax(m.logits(x).double() / 2, dim=1)
+                           for m, w in zip(members, (0.25, 0.75)))
+    assert np.abs(tempered_members.numpy() - cached.double().numpy()).max() > 1e-3  # the other family differs

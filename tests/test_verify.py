@@ -86,7 +86,7 @@ def test_recompute_with_another_teacher_fails(tiny, tmp_path):
     assert any(p.startswith("shard ") and "differ" in p for p in problems)
     assert verdict.startswith("verdict: FAILED") and "recompute" in verdict
     output, _ = verify(tiny.out, tiny.shards, "--recompute", 3, code=1)
-    assert "Error: --recompute/--audit need --teacher-checkpoint" in output
+    assert "Error: --teacher-checkpoint is needed" in output
 
 
 def test_deleted_chunk_file(tiny, copy):

@@ -8,8 +8,8 @@ and asks it: the names below are the format's whole interface.
 from usi_cache.cache_format.reader import (BlockedArray, array, completed_shards, exists, log_probs, open_arrays,
                                            open_cache, read_array, read_block, read_commits)
 from usi_cache.cache_format.spec import (ARRAYS, ATTR, BLOCK_MARKER, BLOCKS_GROUP, COMMIT_ARRAY, COMMITS,
-                                         FP16_MAX, GROWABLE_VERSIONS, INVALID, LOG_PROB_VERSION, MIX_ARRAYS,
-                                         NOT_WRITTEN, PARTS_DIR, PER_SLOT, PER_VIEW, READABLE_VERSIONS,
+                                         ENSEMBLE_VERSION, FP16_MAX, GROWABLE_VERSIONS, INVALID, LOG_PROB_VERSION,
+                                         MIX_ARRAYS, NOT_WRITTEN, PARTS_DIR, PER_SLOT, PER_VIEW, READABLE_VERSIONS,
                                          SCHEMA_VERSION, TEACHER_OUTPUTS, VIEW_PARAMS, VOLATILE_ATTRS, CacheError,
                                          Layout, ShardBlock, ViewBlock, attrs_difference, make_attrs, teacher_members,
                                          view_size, view_spec)
@@ -18,8 +18,8 @@ from usi_cache.cache_format.writer import (begin_grow, commit_grow, create, enco
                                            set_invalid, set_replay, write_block)
 
 __all__ = [
-    "ARRAYS", "ATTR", "BLOCK_MARKER", "BLOCKS_GROUP", "COMMIT_ARRAY", "COMMITS", "FP16_MAX", "GROWABLE_VERSIONS",
-    "INVALID", "LOG_PROB_VERSION", "MIX_ARRAYS", "NOT_WRITTEN", "PARTS_DIR", "PER_SLOT", "PER_VIEW",
+    "ARRAYS", "ATTR", "BLOCK_MARKER", "BLOCKS_GROUP", "COMMIT_ARRAY", "COMMITS", "ENSEMBLE_VERSION", "FP16_MAX",
+    "GROWABLE_VERSIONS", "INVALID", "LOG_PROB_VERSION", "MIX_ARRAYS", "NOT_WRITTEN", "PARTS_DIR", "PER_SLOT", "PER_VIEW",
     "READABLE_VERSIONS", "SCHEMA_VERSION",
     "TEACHER_OUTPUTS", "VIEW_PARAMS", "VOLATILE_ATTRS", "CacheError", "Layout", "ShardBlock", "ViewBlock",
     "attrs_difference", "make_attrs", "teacher_members", "view_size", "view_spec",

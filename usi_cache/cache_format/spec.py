@@ -77,9 +77,11 @@ from usi_cache.config.parser import from_dict
 from usi_cache.config.stages import ViewSpec
 
 SCHEMA_VERSION = 4  # 2 added paired caches (mix_* arrays); 3 stores log-probabilities in `logits`;
-# 4 adds view blocks (caches that grow)
-READABLE_VERSIONS = (1, 2, 3, 4)  # 1 is read as plain; 1 and 2 hold raw logits (see `log_probs`)
-GROWABLE_VERSIONS = (3, 4)  # block 0 alike: these resume and grow; 1 and 2 store raw logits (a grown
+# 4 adds view blocks (caches that grow); a one-teacher cache is written as 4
+ENSEMBLE_VERSION = 5  # an ensemble: `teachers` in place of `teacher`, `lse` = sum_m w_m lse_m. Its
+# arrays read as 4's, but a tool that knows only 4 would look for `teacher`: it refuses 5 instead
+READABLE_VERSIONS = (1, 2, 3, 4, 5)  # 1 is read as plain; 1 and 2 hold raw logits (see `log_probs`)
+GROWABLE_VERSIONS = (3, 4, 5)  # block 0 alike: these resume and grow; 1 and 2 store raw logits (a grown
 # block would mix two encodings)
 LOG_PROB_VERSION = 3  # the first version whose `logits` array holds log-probabilities
 ATTR = "usi_cache"
@@ -267,7 +269,7 @@ def make_attrs(*, teacher: dict | list[dict], num_classes: int, topk: int, views
         teacher = {k: v for k, v in teacher[0].items() if k != "weight"}
     who = {"teachers": teacher} if isinstance(teacher, list) else {"teacher": teacher}
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": written_version(who),
         # teacher: timm name, checkpoint sha256, mean/std, input size, interpolation, precision;
         # teachers (an ensemble): a list of those, each with its weight (summing to 1)
         **who,
@@ -290,6 +292,11 @@ def make_attrs(*, teacher: dict | list[dict], num_classes: int, topk: int, views
         # "replay": added by `set_replay` (checks/replay.py): decoder environment + pixel fingerprint
         # "growing": N while a grow by N views runs (`begin_grow`); gone once it is committed
     }
+
+
+def written_version(attrs: dict) -> int:
+    """The version this tool writes a cache with these attributes as: 5 for an ensemble, else 4."""
+    return ENSEMBLE_VERSION if attrs.get("teachers") else SCHEMA_VERSION
 
 
 def teacher_members(attrs: dict) -> list[dict]:

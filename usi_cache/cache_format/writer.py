@@ -20,11 +20,11 @@ from usi_cache.cache_format.spec import (
     COMMIT_ARRAY,
     COMMITS,
     FP16_MAX,
-    SCHEMA_VERSION,
     Layout,
     ShardBlock,
     ViewBlock,
     _array_specs,
+    written_version,
 )
 
 
@@ -160,13 +160,13 @@ def begin_grow(group: zarr.Group, layout: Layout, count: int) -> ViewBlock:
 
 def commit_grow(group: zarr.Group) -> dict:
     """Make a finished grow visible (every shard's marker is written): V += N, the block joins
-    `view_blocks`, the cache becomes schema 4. Returns the new attributes. Rank 0 only."""
+    `view_blocks`, the cache becomes schema 4 (5 for an ensemble). Returns the new attributes. Rank 0 only."""
     attrs = dict(group.attrs[ATTR])
     if "growing" not in attrs:  # another part committed it a moment ago (stage1/parts.py)
         return attrs
     count = attrs.pop("growing")
     attrs["view_blocks"] = [*(attrs.get("view_blocks") or [attrs["views"]]), count]
     attrs["views"] += count
-    attrs["schema_version"] = SCHEMA_VERSION
+    attrs["schema_version"] = written_version(attrs)
     group.attrs[ATTR] = attrs
     return attrs

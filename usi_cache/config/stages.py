@@ -314,6 +314,10 @@ def check_members(cfg, section: str, names: tuple[str, ...]) -> None:
     """Per-teacher lists hold one value per teacher (precision and input size: or one for all);
     weights are >= 0."""
     n = len(cfg.teacher)
+    for i, name in enumerate(cfg.teacher):
+        if not str(name).strip():
+            raise ConfigError(f"{section}.teacher: teacher {i} of {n} has an empty name "
+                              f"({','.join(cfg.teacher)!r}): expected timm model names, comma-separated")
     for name in names:
         value = getattr(cfg, name)
         if value is None or (name in ("teacher_precision", "input_size") and len(value) == 1):

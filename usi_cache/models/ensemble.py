@@ -38,7 +38,8 @@ def normalised_weights(weights: Sequence[float] | None, n: int) -> tuple[float, 
     total = float(sum(weights))
     if total <= 0 or any(w < 0 for w in weights):
         raise TeacherError(f"teacher_weights: expected weights >= 0 with a positive sum, got {list(weights)}")
-    return tuple(float(w) / total for w in weights)
+    # rounded to 12 significant digits: 1,1,5 and 0.1,0.1,0.5 are the same ensemble, recorded alike
+    return tuple(float(f"{float(w) / total:.12g}") for w in weights)
 
 
 def mixture_log_probs(logits: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -107,14 +108,20 @@ class Ensemble:
         return mixture_logits(logits, self.weights)
 
     def distribution(self, x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """Online KD: the mixture sum_m w_m softmax(z_m / T), float32 (N, C) on the device, of a
-        float batch x (N, 3, H, W) in [0, 1] on the device (every member sees x as it is)."""
+        """Online KD: the mixture p = sum_m w_m softmax(z_m) tempered as a cached ensemble's is,
+        softmax(log p / T), float32 (N, C) on the device, of a float batch x (N, 3, H, W) in [0, 1]
+        on the device (every member sees x as it is). One member: softmax(z / T)."""
+        if len(self.members) == 1:  # exactly what a lone teacher gives
+            t = self.members[0].teacher
+            return torch.softmax(t.logits((x - t.mean) / t.std) / temperature, dim=1)
         P = None
-        for m in self.members:
+        for m in self.members:  # in float64, as stage 1 mixes
             t = m.teacher
-            p = m.weight * torch.softmax(t.logits((x - t.mean) / t.std) / temperature, dim=1)
+            p = m.weight * torch.softmax(t.logits((x - t.mean) / t.std).double(), dim=1)
             P = p if P is None else P + p
-        return P
+        if temperature == 1.0:
+            return P.float()
+        return torch.softmax(torch.log(P) / temperature, dim=1).float()
 
     def attrs(self) -> list[dict]:
         """What the cache records of each member (`teachers` attribute): TeacherInfo + weight."""
@@ -183,10 +190,13 @@ def cache_ensemble_mismatch(attrs: dict, checkpoint: str | Sequence[str] | None)
         want, who = m.get("checkpoint_sha256"), (f"teacher {i} of {n} ({m['name']})" if n > 1 else
                                                  f"the cache's teacher {m['name']}")
         if want and given is None:
-            raise TeacherError(f"--recompute/--audit need --teacher-checkpoint: {who} was loaded from a "
+            raise TeacherError(f"--teacher-checkpoint is needed: {who} was loaded from a "
                                f"checkpoint (sha256 {want[:12]}…)")
         if given is not None:
-            have = sha256_file(given[i])
+            try:
+                have = sha256_file(given[i])
+            except Exception as e:  # a missing or unreadable file: name the member
+                raise TeacherError(f"{who}: checkpoint {given[i]}: {str(e).splitlines()[0]}") from None
             if have != want:
                 return f"{given[i]}: sha256 {have[:12]}… is not {who} ({(want or 'no checkpoint')[:12]})"
     return None

@@ -119,8 +119,9 @@ class OnlineTargets(LabelTargets):
 @torch.no_grad()
 def online_distribution(teacher, x: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """Full teacher distribution on the very batch x (N, 3, H, W) in [0, 1] the student sees: an
-    Ensemble's mixture sum_m w_m softmax(z_m / T) (one teacher: softmax(z / T)), each member at its
-    precision and normalisation; a lone `Teacher` works too."""
+    Ensemble's mixture p = sum_m w_m softmax(z_m), tempered as a cached ensemble is,
+    softmax(log p / T) (one teacher: softmax(z / T)), each member at its precision and
+    normalisation; a lone `Teacher` works too."""
     if hasattr(teacher, "distribution"):
         P = teacher.distribution(x, temperature)
     else:
