@@ -189,7 +189,7 @@ def test_sigkill_during_checkpoint_saves_never_leaves_a_corrupt_last_pth(data, t
     """Kill -9 the trainer the moment it starts writing last.pth (twice), and once at a random
     moment; last.pth must always load, and --resume must then finish the run."""
     run, tmp = tmp_path / "run", tmp_path / "run" / "last.pth.tmp"
-    args = ["train_student.py", *train_args(data, run, "--epochs", "6", "--max-steps", "1"), "--resume"]
+    args = ["train_student.py", *train_args(data, run, "--epochs", "12", "--max-steps", "1"), "--resume"]
     rng = random.Random()
     seed = rng.randrange(1 << 30)
     rng.seed(seed)
@@ -210,7 +210,10 @@ def test_sigkill_during_checkpoint_saves_never_leaves_a_corrupt_last_pth(data, t
                 lines = len(read_log(run)) if (run / "log.jsonl").is_file() else 0
                 wait_for(lambda: (run / "log.jsonl").is_file() and len(read_log(run)) > lines, 120,
                          "an epoch to finish", proc)
-                time.sleep(rng.uniform(0, 1.5))
+                # within about the next two epochs (an epoch of one step can take 0.1 s: a longer
+                # wait would let the run finish before the kill)
+                epoch_s = [e["time_s"] for e in read_log(run) if "time_s" in e][-1]
+                time.sleep(rng.uniform(0, min(1.5, 2 * epoch_s)))
             assert proc.poll() is None, f"run ended before the kill (seed {seed}):\n{proc.stdout.read()}"
             proc.send_signal(signal.SIGKILL)
         finally:
@@ -235,8 +238,8 @@ def test_sigkill_during_checkpoint_saves_never_leaves_a_corrupt_last_pth(data, t
     r = run_py(args, env=ENV)
     assert r.returncode == 0, r.stdout + r.stderr
     epochs = [e["epoch"] for e in read_log(run)]
-    assert epochs == sorted(set(epochs)) and epochs[-1] == 5, epochs
-    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 5
+    assert epochs == sorted(set(epochs)) and epochs[-1] == 11, epochs
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 11
     assert not tmp.exists()
 
 
