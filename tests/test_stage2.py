@@ -72,24 +72,14 @@ def test_two_rank_ddp_on_uneven_shards(data, tmp_path):
     assert last["step"] == 2 * 3  # 3 steps per epoch
 
 
-def test_two_rank_repeated_augmentation_counts_real_keys(data, tmp_path):
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_repeated_augmentation_trains_both_copies_in_one_step_on_real_keys(data, tmp_path, ranks):
+    """R = 2 with 2 ranks x 8 (3 steps of 16 units, 8 copy groups each) and 3 ranks x 8 (2 steps of
+    24 units, 12 groups; 2 does not divide 3, so a group's copies land on ranks (0, 1), (2, 0) or
+    (1, 2)): both copies of every sample in the same step, on two ranks."""
     run = tmp_path / "run"
     r = run_py(["train_student.py", *train_args(data, run, "--cache", str(data["cache"]), "--epochs", "1",
-                                                "--repeated-aug", "2")], torchrun=2)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "24 distinct samples x 2 views = 48 uses per epoch" in r.stdout, r.stdout
-    (e,) = read_log(run)
-    assert (e["samples_used"], e["sample_uses"], e["max_uses_per_sample"]) == (24, 48, 2)
-    assert e["in_batch_duplicates"] == 0
-    assert e["repeat_same_step"] == 1.0 and e["repeat_distinct_ranks"] == 1.0  # both copies in one step, 2 ranks
-
-
-def test_three_rank_repeated_augmentation_trains_copies_in_one_step(data, tmp_path):
-    """3 ranks x 8, R = 2: 2 steps of 24 units = 12 copy groups each; 2 does not divide 3, so a
-    group's copies land on ranks (0, 1), (2, 0) or (1, 2), always in the same step."""
-    run = tmp_path / "run"
-    r = run_py(["train_student.py", *train_args(data, run, "--cache", str(data["cache"]), "--epochs", "1",
-                                                "--repeated-aug", "2")], torchrun=3)
+                                                "--repeated-aug", "2")], torchrun=ranks)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "24 distinct samples x 2 views = 48 uses per epoch" in r.stdout, r.stdout
     (e,) = read_log(run)

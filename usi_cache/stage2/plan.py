@@ -131,8 +131,7 @@ class PlanSpec:
 
     def rank_lanes(self, rank: int) -> tuple[int, ...]:
         """The lanes whose copies land on `rank` (the same number for every rank)."""
-        R, W = self.repeats, self.world
-        return tuple(lane for lane in range(self.lanes) if any((lane * R + r) % W == rank for r in range(R)))
+        return tuple(lane for lane in range(self.lanes) if self.lane_copies(lane, rank))
 
     def lane_copies(self, lane: int, rank: int) -> tuple[int, ...]:
         """The copies r of each of `lane`'s groups that land on `rank` (several only where W < R)."""
@@ -400,6 +399,5 @@ def enumerate_plan(spec: PlanSpec, epoch: int, buffer: int = 1000) -> dict[str, 
             cols["position"].append(pos)
             cols["copy"].append(copy.astype(np.int32))
     out = {c: np.concatenate(v) if v else np.zeros(0, np.int64) for c, v in cols.items()}
-    out["view"] = view_index(out["position"], out["copy"], epoch, spec, None) if spec.repeats > 1 else \
-        np.full(len(out["position"]), epoch, np.int64)
+    out["view"] = view_index(out["position"], out["copy"], epoch, spec, None)
     return out
