@@ -99,6 +99,7 @@ def test_bad_configs_name_the_key(tmp_path, text, match):
     ("train:\n  teacher_checkpoint: t.pth\n", r"train\.teacher_checkpoint: given without train\.teacher"),
     ("train:\n  kd_only: true\n", r"train\.kd_only: needs a teacher"),
     ("train:\n  log_every: -1\n", r"train\.log_every: expected >= 0"),
+    ("train:\n  kd_tail: renorm\n", r"^train\.kd_tail: expected one of bucket, drop, got 'renorm'$"),
 ])
 def test_bad_train_configs_name_the_key(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
@@ -205,7 +206,7 @@ def other_value(cls, s):
                "teacher_checkpoint": "t.pth", "teacher": "t", "cache": "c.zarr", "pretrained_checkpoint": "w.pth",
                "mean": "0.5,0.25,0.125", "std": "0.5,0.25,0.125", "model_kwargs": '{"drop_path_rate": 0.1}',
                "betas": "0.5,0.25", "view.scale": "0.5,0.75", "view.ratio": "0.5,2.0",
-               "part": "1/4", "teacher_weights": "2.0"}
+               "part": "1/4", "teacher_weights": "2.0", "kd_tail": "drop"}
     if s.path in special:
         return special[s.path]
     if s.type is bool:

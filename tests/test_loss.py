@@ -283,3 +283,31 @@ def test_sharp_teacher_tail_survives_the_cache_storage():
                                      cls, torch.from_numpy(lse).double(), C)
     torch.testing.assert_close(P.double(), P2, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(rest.double(), rest2, rtol=0, atol=1e-6)  # float32 vs float64 sum
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_drop_tail_is_the_renormalised_top_k(T):
+    """kd_tail: drop — the target is softmax(log p / T) over the k cached classes, no tail; the KD
+    term is then the plain KL from that renormalised top-k to the student (its tail classes count
+    only through q's normalisation)."""
+    n, c, k = 6, 12, 3
+    teacher, student = logits(n, c, 8), logits(n, c, 9)
+    z, cls, lse = make_cache(teacher, k)
+    P, rest = teacher_distribution(z, cls, lse, c, temperature=T, drop_tail=True)
+    assert torch.all(rest == 0)
+    want = torch.softmax((z - lse[:, None]) / T, dim=1)  # the renormalised, tempered top-k
+    torch.testing.assert_close(P.gather(1, cls), want)
+    assert torch.count_nonzero(P, dim=1).tolist() == [k] * n
+    log_q = F.log_softmax(student / T, dim=1).gather(1, cls)
+    by_hand = (want * (want.log() - log_q)).sum(1).mean().item() * T * T
+    assert kd_loss(student, P, rest, temperature=T).item() == pytest.approx(by_hand, abs=1e-10)
+    kept = teacher_distribution(z, cls, lse, c, temperature=T)
+    assert kd_loss(student, *kept, temperature=T).item() != pytest.approx(by_hand, abs=1e-3)  # the forms differ
+
+
+def test_drop_tail_changes_nothing_when_k_equals_c():
+    teacher, student = logits(8, 10, 10), logits(8, 10, 11)
+    z, cls, lse = make_cache(teacher, 10)
+    kept, dropped = (teacher_distribution(z, cls, lse, 10, drop_tail=d) for d in (False, True))
+    torch.testing.assert_close(dropped[0], kept[0])
+    assert kd_loss(student, *dropped).item() == pytest.approx(kd_loss(student, *kept).item(), abs=1e-12)

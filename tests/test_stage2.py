@@ -20,6 +20,10 @@ from helpers import ROOT, TEACHER, make_shards, make_train_data, run_py
 
 from usi_cache import cache_format as schema
 from usi_cache.cli.main import main
+from usi_cache.config.parser import from_dict
+from usi_cache.config.stages import TrainConfig
+from usi_cache.dist import World
+from usi_cache.stage2.targets import CacheTargets
 from usi_cache.stage2.plan import PlanSpec
 from usi_cache.shards.images import decode_image
 from usi_cache.shards.manifest import load_manifest
@@ -285,3 +289,29 @@ def test_repeated_aug_larger_than_views_is_refused(data, tmp_path):
     r = CliRunner().invoke(main, ["train", *train_args(data, tmp_path / "run", "--cache", str(data["cache"]),
                                                        "--repeated-aug", "4")])
     assert r.exit_code == 1 and "repeated_aug = 4" in r.output and "V = 3" in r.output, r.output
+
+
+def test_kd_tail_drop_trains_on_the_renormalised_top_k(data, tmp_path):
+    """A k = 3 of C = 5 cache: `--kd-tail drop` turns each cached view into its top-3
+    renormalised (no rest bucket), the default keeps the stored tail mass; both train."""
+    stream, m, group, spec = cache_stream(data, shuffle_buffer=10)
+    stream.set_epoch(0)
+    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in list(stream)[:8]]) for k in ("t_log_probs", "t_classes")}
+    layout = schema.Layout.from_attrs(schema.open_cache(data["cache"])[1])
+    world = World(0, 1, 0, torch.device("cpu"))
+    runs = {}
+    for tail in ("bucket", "drop"):
+        out = tmp_path / tail
+        r = CliRunner().invoke(main, ["train", *train_args(data, out, "--epochs", "1", "--cache", str(data["cache"]),
+                                                           "--kd-tail", tail)])
+        assert r.exit_code == 0, r.output
+        runs[tail] = read_log(out)[0]
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["kd_tail"] == tail
+        targets = CacheTargets(from_dict(TrainConfig, cfg, "config.json"), 5, world, spec, layout)
+        runs[tail]["P"], runs[tail]["rest"] = targets.teacher(batch)
+    kept, dropped = runs["bucket"], runs["drop"]
+    assert (kept["rest"] > 0).all() and (dropped["rest"] == 0).all()
+    torch.testing.assert_close(dropped["P"].sum(1), torch.ones(8))
+    torch.testing.assert_close(dropped["P"], kept["P"] / kept["P"].sum(1, keepdim=True))
+    assert np.isfinite(dropped["train_kd"]) and dropped["train_kd"] != kept["train_kd"]

@@ -93,6 +93,15 @@ def student_config(out: Path, run: Path, **extra) -> TrainConfig:
         "out": str(run), **extra})
 
 
+def teacher_config(out: Path, run: Path, **extra) -> TrainConfig:
+    """The demo's teacher recipe (the YAML's train section with TEACHER_RECIPE) on all 60,000
+    training images of the demo folder `out`, writing to the run folder `run`."""
+    shards = Path(out) / "shards"
+    return load_stage_config(TrainConfig, "train", CONFIG, {
+        "train_shards": str(shards / "train-full"), "val_shards": str(shards / "test"), "model": TEACHER_MODEL,
+        "out": str(run), **TEACHER_RECIPE, **extra})
+
+
 def one_torch_thread() -> None:
     """One torch thread unless OMP_NUM_THREADS says otherwise: on 2 cores the data worker needs
     the other core. Two torch threads fight the worker (and anything else on a shared machine)
@@ -115,9 +124,7 @@ def run_demo(out: str | Path) -> dict:
     shard_key = _key("v2", SUBSET, PER_SHARD, FULL_PER_SHARD)
     shards = _stage(shard_dir, shard_key, "shards", lambda: _shards(shard_dir))
 
-    t_cfg = load_stage_config(TrainConfig, "train", CONFIG, {
-        "train_shards": str(shard_dir / "train-full"), "val_shards": str(shard_dir / "test"),
-        "model": TEACHER_MODEL, "out": str(out / "teacher"), **TEACHER_RECIPE})
+    t_cfg = teacher_config(out, out / "teacher")
     t_key = _key(shard_key, to_dict(t_cfg))
     teacher = _stage(out / "teacher", t_key, "teacher", lambda: _train(t_cfg))
 

@@ -196,6 +196,9 @@ class CacheConfig:
         _check_required(self, "cache")
 
 
+KD_TAILS = ("bucket", "drop")  # train.kd_tail: how a top-k cache's tail mass enters the KD target
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Stage 2: train a timm student (the USI recipe) against a cache, labels or an online teacher."""
@@ -233,6 +236,9 @@ class TrainConfig:
     kd_temperature: float = setting(1.0, "KD temperature; T != 1 approximates the tail "
                                          "(unused without cache or teacher).")
     kd_only: bool = setting(False, "Drop the ground-truth CE term (needs cache or teacher).")
+    kd_tail: str = setting("bucket", "A top-k cache's tail: bucket = the stored tail mass as a (k+1)-th bucket of "
+                                     "the KL; drop = the top-k renormalised to sum 1, tail dropped (as FKD's "
+                                     "re-normalisation); unused where k = C and for online KD.")
     ema_decay: float = setting(0.99996, "EMA of the weights, updated every step; 0 = no EMA.")
     amp: bool = setting(True, "bf16 autocast (CUDA only; ignored on CPU).")
     channels_last: bool = setting(True, "channels_last memory format (CUDA only; ignored on CPU).")
@@ -281,6 +287,8 @@ class TrainConfig:
         if self.kd_only and not (self.cache or self.teacher):
             raise ConfigError("train.kd_only: needs a teacher (train.cache or train.teacher); without one "
                               "there is no KD term to keep")
+        if self.kd_tail not in KD_TAILS:
+            raise ConfigError(f"train.kd_tail: expected one of {', '.join(KD_TAILS)}, got {self.kd_tail!r}")
         if not 0 < self.eval_crop <= 1:
             raise ConfigError(f"train.eval_crop: expected 0 < crop <= 1, got {self.eval_crop}")
         for name in ("kd_alpha", "lr", "min_lr", "warmup_lr", "weight_decay"):

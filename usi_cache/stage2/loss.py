@@ -63,7 +63,7 @@ def topk_tail_mass(topk_logits: Tensor, lse: Tensor | None) -> Tensor:
 
 
 def teacher_distribution(topk_logits: Tensor, classes: Tensor, lse: Tensor | None, num_classes: int,
-                         temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+                         temperature: float = 1.0, drop_tail: bool = False) -> tuple[Tensor, Tensor]:
     """Dense teacher target from one cached view per row.
 
     Args:
@@ -73,6 +73,9 @@ def teacher_distribution(topk_logits: Tensor, classes: Tensor, lse: Tensor | Non
         lse: (N,) log-sum-exp of all C teacher logits; None: topk_logits are log-probabilities.
         num_classes: C.
         temperature: T > 0.
+        drop_tail: the top-k renormalised to sum 1 and rest = 0 (tempered as softmax(log p / T)
+            over the k classes): the form of stores that keep no tail mass (FKD's
+            re-normalisation), for comparison; the default keeps the tail as a bucket.
 
     Returns:
         P: (N, C) float32 (float64 for float64 inputs); P[n, classes[n, i]] = p_i, 0 elsewhere.
@@ -101,7 +104,9 @@ def teacher_distribution(topk_logits: Tensor, classes: Tensor, lse: Tensor | Non
                          f"lse {None if lse is None else tuple(lse.shape)}; want (N, k), (N, k), (N,) or None")
     log_p = topk_log_probs(topk_logits, lse)                        # (N, k), exact log p_i
     dtype = log_p.dtype
-    if topk_logits.shape[1] >= num_classes:
+    if drop_tail:
+        log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
+    if drop_tail or topk_logits.shape[1] >= num_classes:
         rest = torch.zeros_like(log_p[:, 0])
     else:
         rest = _tail_from_log_p(log_p)

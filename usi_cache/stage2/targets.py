@@ -82,7 +82,7 @@ class CacheTargets(LabelTargets):
         dev = self.world.device
         return teacher_distribution(batch["t_log_probs"].to(dev, non_blocking=True),
                                     batch["t_classes"].to(dev, non_blocking=True), None, self.C,
-                                    self.cfg.kd_temperature)
+                                    self.cfg.kd_temperature, drop_tail=self.cfg.kd_tail == "drop")
 
     def __call__(self, batch: dict, epoch: int, step: int) -> Prepared:
         x, gt, perm, lam = self.mixed(batch, epoch, step)
