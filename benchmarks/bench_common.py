@@ -6,6 +6,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -15,10 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from usi_cache.config.parser import to_dict, upgrade_saved
 from usi_cache.config.stages import CacheConfig, MixConfig, TrainConfig, ViewSpec
 from usi_cache.shards.fashion_mnist import FMNIST_CLASSES, FMNIST_DIR, samples_from_fashion_mnist
 from usi_cache.shards.manifest import MANIFEST
 from usi_cache.shards.tars import Sample, write_shards
+from usi_cache.stage2.loop import run_train
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(os.environ.get("USI_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
@@ -69,6 +72,48 @@ def train_config(train: Path, val: Path, out: Path, model: str, **kw) -> TrainCo
                 mix=MixConfig(mode="batch", prob=0.5), ema_decay=0.99, workers=1, view=DEMO_VIEW)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def read_log(run: Path) -> list[dict]:
+    path = run / "log.jsonl"
+    records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    return [r for r in records if "step" not in r]  # epoch records only
+
+
+def same_config(a: dict, b: dict) -> bool:
+    return {k: v for k, v in a.items() if k != "out"} == {k: v for k, v in b.items() if k != "out"}
+
+
+def train_run(row: str, seed: int, cfg, reuse: list[Path], train: bool = True) -> dict | None:
+    """One stage-2 run, or a finished one with the same config (this folder, or one of `reuse`);
+    None when there is none and `train` is off. `run` names the folder that holds its weights."""
+    out, want = Path(cfg.out), to_dict(cfg)
+    total = cfg.epochs + cfg.cooldown_epochs
+    src = out
+    for src in [out, *reuse]:
+        log = read_log(src)
+        if (src / "config.json").is_file() and len(log) == total and same_config(
+                upgrade_saved(TrainConfig, json.loads((src / "config.json").read_text())), want):
+            if src != out:  # keep every (row, seed) log in the benchmark's folder, for the curves
+                out.mkdir(parents=True, exist_ok=True)
+                for f in ("config.json", "log.jsonl"):
+                    shutil.copy(src / f, out / f)
+            print(f"  {row} seed {seed}: reusing {src}", flush=True)
+            wall = None
+            break
+    else:
+        if not train:
+            print(f"  {row} seed {seed}: no finished run, left out (--no-train)", flush=True)
+            return None
+        t = time.perf_counter()
+        run_train(cfg, progress=False)
+        wall, log, src = time.perf_counter() - t, read_log(out), out
+    last = log[-1]
+    print(f"  {row} seed {seed}: top-1 {last['val_top1']:.2f}"
+          + (f" (EMA {last['val_top1_ema']:.2f})" if last["val_top1_ema"] is not None else "")
+          + (f", {wall:.0f} s" if wall else ""), flush=True)
+    return {"seed": seed, "top1": last["val_top1"], "top1_ema": last["val_top1_ema"], "wall_s": wall,
+            "curve": [r["val_top1"] for r in log], "val_images": last["val_count"], "run": str(src)}
 
 
 def write_result(name: str, payload: dict) -> Path:

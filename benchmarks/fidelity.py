@@ -60,8 +60,6 @@ any cache (see the stage-1 docs).
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -69,7 +67,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_common import publish, table, train_config
+from bench_common import publish, table, train_config, train_run
+from usi_cache.stage2.loop import run_train
 from usi_cache import cache_format as schema
 from usi_cache.checks.audit import bucket_fidelity
 from usi_cache.shards.images import decode_image
@@ -78,9 +77,7 @@ from usi_cache.shards.tars import read_shard
 from usi_cache.models.teacher import load_teacher
 from usi_cache import demo as demo_mod
 from usi_cache.stage1.run import run_cache
-from usi_cache.config.stages import CacheConfig, MixConfig, TrainConfig
-from usi_cache.config.parser import to_dict, upgrade_saved
-from usi_cache.stage2.loop import run_train
+from usi_cache.config.stages import KD_TAILS, CacheConfig, MixConfig
 from usi_cache.views.sampling import decode_view, replay_array
 
 
@@ -140,6 +137,29 @@ def topk_fidelity(cache: Path, shards: Path, ckpt: Path, teacher_name: str, n_vi
     return {"views": len(images), "per_k": out}
 
 
+def cache_tail(cache: Path, ks: list[int]) -> dict:
+    """The audit's tail mass and KL (`bucket_fidelity`) for each k over every view of a k = C
+    cache: such a cache holds the teacher's whole distribution (as rounded log-probabilities),
+    so no teacher needs to run."""
+    group, attrs = schema.open_cache(cache)
+    layout = schema.Layout.from_attrs(attrs)
+    if layout.topk < layout.num_classes:
+        raise SystemExit(f"{cache}: k = {layout.topk} < C = {layout.num_classes}: the k sweep needs a k = C cache")
+    logits, out = [], {k: {"tail_mass": [], "kl": []} for k in ks}
+    for shard in range(layout.num_shards):
+        b = schema.read_block(group, layout, shard)
+        ok = b.labels >= 0  # written, decodable slots
+        lp, cls = torch.from_numpy(b.log_probs[ok]), torch.from_numpy(b.classes[ok].astype(np.int64))
+        dense = torch.full((*lp.shape[:2], layout.num_classes), -torch.inf, dtype=torch.float64)
+        dense.scatter_(2, cls, lp.double())
+        logits.append(dense.reshape(-1, layout.num_classes))
+    logits = torch.cat(logits)
+    for k in ks:
+        r, kl = bucket_fidelity(logits, k)
+        out[k] = {"tail_mass": float(r.mean()), "kl": float(kl.mean())}
+    return {"views": len(logits), "per_k": out}
+
+
 def paired_cache(cache: Path, demo: Path, out: Path, ckpt: Path, teacher: str, views: int, mix: dict) -> Path:
     """A paired cache of the demo teacher: same shards, view spec, seed and k as the demo cache,
     mixed as the student recipe mixes batches (`mix`: mixup, cutmix, prob, switch), so the
@@ -169,6 +189,36 @@ def paired_throughput(demo: Path, work: Path, plain: Path, paired: Path, student
 
 
 
+TAIL_FORMS = {"bucket": "tail kept (k+1 buckets)", "drop": "tail dropped (top-k renormalised)"}
+
+
+def k_sweep(ks: list[int], forms: list[str], demo: Path, work: Path, cache: Path, seeds: list[int],
+            train: bool) -> dict:
+    """Students (the demo recipe) from the first k classes of the k = C demo cache, for each k
+    and target form (train.kd_tail), and the audit's tail mass of each k over every cached view.
+    At k = C both forms are one target (no tail): trained once, under bucket."""
+    _, attrs = schema.open_cache(cache)
+    C = attrs["num_classes"]
+    print(f"\n7. k sweep: k = {', '.join(map(str, ks))} of C = {C}; forms {', '.join(forms)}; seeds "
+          f"{', '.join(map(str, seeds))}", flush=True)
+    tail = cache_tail(cache, ks)
+    runs: dict[str, dict[int, list[dict]]] = {f: {} for f in forms}
+    for k in ks:
+        source = cache if k >= C else work / f"cache-k{k}.zarr"
+        if train and k < C:
+            derive(cache, source, k=k)
+        for form in sorted(forms, key=lambda f: f != "bucket"):
+            if k >= C and form != "bucket" and "bucket" in forms:
+                runs[form][k] = runs["bucket"][k]  # the same target: no tail to keep or drop
+                continue
+            reuse = lambda s: [work / f"cached-s{s}", demo / "student-cached-kd"] if k >= C and form == "bucket" else []
+            done = [train_run(f"k={k} {form}", s, demo_mod.student_config(
+                demo, work / f"k{k}-{form}-s{s}", seed=s, cache=str(source), kd_tail=form), reuse(s), train=train)
+                for s in seeds]
+            runs[form][k] = [x for x in done if x]
+    return {"ks": ks, "forms": forms, "num_classes": C, "tail": tail, "runs": runs}
+
+
 ROWS = {  # name -> label in the table
     "labels": "labels only",
     "fixed": "fixed teacher, V = 1",
@@ -177,47 +227,6 @@ ROWS = {  # name -> label in the table
     "paired": "cached KD, paired cache, V = E",
     "online": "online KD (teacher on the mixed batch)",
 }
-
-
-def read_log(run: Path) -> list[dict]:
-    path = run / "log.jsonl"
-    records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
-    return [r for r in records if "step" not in r]  # epoch records only
-
-
-def same_config(a: dict, b: dict) -> bool:
-    return {k: v for k, v in a.items() if k != "out"} == {k: v for k, v in b.items() if k != "out"}
-
-
-def train_run(row: str, seed: int, cfg, reuse: list[Path], train: bool = True) -> dict | None:
-    """One student run, or a finished one with the same config (this folder, or one of `reuse`);
-    None when there is none and `train` is off."""
-    out, want = Path(cfg.out), to_dict(cfg)
-    total = cfg.epochs + cfg.cooldown_epochs
-    for src in [out, *reuse]:
-        log = read_log(src)
-        if (src / "config.json").is_file() and len(log) == total and same_config(
-                upgrade_saved(TrainConfig, json.loads((src / "config.json").read_text())), want):
-            if src != out:  # keep every (row, seed) log in the benchmark's folder, for the curves
-                out.mkdir(parents=True, exist_ok=True)
-                for f in ("config.json", "log.jsonl"):
-                    shutil.copy(src / f, out / f)
-            print(f"  {row} seed {seed}: reusing {src}", flush=True)
-            wall = None
-            break
-    else:
-        if not train:
-            print(f"  {row} seed {seed}: no finished run, left out (--no-train)", flush=True)
-            return None
-        t = time.perf_counter()
-        run_train(cfg, progress=False)
-        wall, log = time.perf_counter() - t, read_log(out)
-    last = log[-1]
-    print(f"  {row} seed {seed}: top-1 {last['val_top1']:.2f}"
-          + (f" (EMA {last['val_top1_ema']:.2f})" if last["val_top1_ema"] is not None else "")
-          + (f", {wall:.0f} s" if wall else ""), flush=True)
-    return {"seed": seed, "top1": last["val_top1"], "top1_ema": last["val_top1_ema"], "wall_s": wall,
-            "curve": [r["val_top1"] for r in log], "val_images": last["val_count"]}
 
 
 TARGET_VS_ONLINE = -0.5  # cached KD, V = E minus online KD, points: at least this
@@ -242,6 +251,10 @@ def parser() -> argparse.ArgumentParser:
                    help="also benchmark 4 over N replayed views: tail mass and KL for k = 1, 2, 5, 10")
     p.add_argument("--paired-throughput", action="store_true",
                    help="also stage-2 img/s on the paired vs the plain cache (alternating short runs)")
+    p.add_argument("--k-sweep", default="", metavar="K,K,...",
+                   help="students from the first k classes of the demo cache for each k (e.g. 1,2,3,5,10), in "
+                        "each of --tail-forms; writes its own table (use with --name fidelity-ksweep)")
+    p.add_argument("--tail-forms", default=",".join(KD_TAILS), help="train.kd_tail values of the k sweep")
     p.add_argument("--no-train", action="store_true",
                    help="only collect finished runs: a (row, seed) without one is left out of the table")
     return p
@@ -324,6 +337,53 @@ def _accuracy_findings(r: dict) -> list[str]:
     return out
 
 
+CLOSE_TO_EXACT = 0.5  # points of top-1: "as good as k = C" within this much of its mean
+
+
+def _k_sweep_report(sw: dict) -> list[str]:
+    """Top-1 per k and tail form, beside the audit's tail mass per k."""
+    ks, forms, C = sw["ks"], sw["forms"], sw["num_classes"]
+    tail = {int(k): v for k, v in sw["tail"]["per_k"].items()}
+    runs = {f: {int(k): v for k, v in per_k.items()} for f, per_k in sw["runs"].items()}
+    top1 = {f: {k: {x["seed"]: x["top1"] for x in v} for k, v in per_k.items()} for f, per_k in runs.items()}
+    header = ["k", "mean tail mass", "KL(full ‖ k+1 buckets)", *(TAIL_FORMS.get(f, f) for f in forms)]
+    if {"bucket", "drop"} <= set(forms):
+        header.append("kept − dropped, per seed")
+    body = []
+    for k in ks:
+        row = [f"{k}" + (" (= C)" if k >= C else ""), f"{tail[k]['tail_mass']:.4f}", f"{tail[k]['kl']:.4f}"]
+        row += [mean_std(list(top1[f][k].values())) if top1[f][k] else "-" for f in forms]
+        if {"bucket", "drop"} <= set(forms):
+            row.append("same target" if k >= C else ", ".join(
+                f"{top1['bucket'][k][s] - top1['drop'][k][s]:+.2f}" for s in top1["bucket"][k] if s in top1["drop"][k]))
+        body.append(row)
+    n_val = sorted({x["val_images"] for per_k in runs.values() for v in per_k.values() for x in v})
+    out = [f"k sweep: students from the first k of the cache's C = {C} classes; tail mass and KL over the "
+           f"{sw['tail']['views']} cached views (the audit's math on the k = C cache)", "",
+           table(header, body), "",
+           f"top-1 of the last epoch on {', '.join(map(str, n_val))} test images, mean ± std over seeds "
+           f"{', '.join(str(s) for s in next(iter(top1.values()))[ks[-1]])}", ""]
+    if "bucket" in forms and ks[-1] >= C and top1["bucket"][ks[-1]]:
+        exact = statistics.mean(top1["bucket"][ks[-1]].values())
+        for f in forms:
+            close = [k for k in ks if top1[f][k] and statistics.mean(top1[f][k].values()) >= exact - CLOSE_TO_EXACT]
+            if close:
+                out.append(f"* {TAIL_FORMS.get(f, f)}: the smallest k within {CLOSE_TO_EXACT} points of k = C's "
+                           f"{exact:.2f} is k = {close[0]} (its tail mass {tail[close[0]]['tail_mass']:.4f})")
+    if {"bucket", "drop"} <= set(forms):
+        diffs = {k: statistics.mean(top1["bucket"][k][s] - top1["drop"][k][s] for s in top1["bucket"][k]
+                                    if s in top1["drop"][k]) for k in ks if k < C and top1["bucket"][k]
+                 and set(top1["bucket"][k]) & set(top1["drop"][k])}
+        if diffs:
+            wins = sum(1 for k in diffs for s in top1["bucket"][k] if s in top1["drop"][k]
+                       and top1["bucket"][k][s] > top1["drop"][k][s])
+            pairs = sum(1 for k in diffs for s in top1["bucket"][k] if s in top1["drop"][k])
+            out.append("* tail kept − tail dropped, mean over seeds: " + ", ".join(
+                f"{d:+.2f} (k = {k})" for k, d in diffs.items()) + f"; the kept tail wins {wins} of {pairs} "
+                f"(k, seed) pairs")
+    return out + [""]
+
+
 def report(r: dict) -> str:
     """The tables and findings of a fidelity results file (benchmark 4, 5 or both)."""
     seeds = ", ".join(map(str, r["seeds"]))
@@ -340,13 +400,17 @@ def report(r: dict) -> str:
                 f"top-1 of the last epoch on {', '.join(map(str, n_val))} test images; std = sample std over seeds",
                 ""]
         out += _accuracy_findings(r)
+    if r.get("k_sweep"):
+        out += _k_sweep_report(r["k_sweep"])
     tp = r.get("paired_throughput")
     if tp:
         med = {k: statistics.median(v) for k, v in tp.items()}
         out += ["", table(["stage 2 on", "median img/s", "runs"],
                           [[k, f"{med[k]:.0f}", ", ".join(f"{x:.0f}" for x in v)] for k, v in tp.items()]),
                 "", f"paired / plain: {med['paired cache'] / med['plain cache']:.3f}"]
-    trained = sum(1 for runs in r["accuracy"].values() for x in runs if x["wall_s"])
+    done = [x for runs in r["accuracy"].values() for x in runs]
+    done += [x for per_k in (r.get("k_sweep") or {}).get("runs", {}).values() for v in per_k.values() for x in v]
+    trained = len({x.get("run") or id(x) for x in done if x["wall_s"]})  # k = C's forms share their runs
     out += ["", f"benchmark wall time: {r['wall_s']:.0f} s ({trained} runs trained, the rest reused)"]
     if len(r["accuracy"]) > 1:
         groups = " ".join(f"'{r['rows'][row]}={r['args']['work']}/{row}-s*'" for row in r["accuracy"])
@@ -405,6 +469,13 @@ def main(argv: list[str] | None = None) -> None:
                           reuse.get(row, []), train=not a.no_train) for s in seeds]
         if any(runs):
             results[row] = [r for r in runs if r]
+    sweep = None
+    if a.k_sweep:
+        forms = [f.strip() for f in a.tail_forms.split(",") if f.strip()]
+        if not forms or any(f not in KD_TAILS for f in forms):
+            raise SystemExit(f"--tail-forms: expected some of {', '.join(KD_TAILS)}, got {a.tail_forms!r}")
+        sweep = k_sweep(sorted({int(k) for k in a.k_sweep.split(",")}), forms, demo, work, cache, seeds,
+                        train=not a.no_train)
     tp = None
     if a.paired_throughput:
         print("\n6. stage-2 throughput, paired vs plain cache (alternating)", flush=True)
@@ -413,7 +484,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     publish(a.name, {"args": vars(a), "epochs": E, "student": base.model, "teacher": teacher,
                      "rows": {r: ROWS[r] for r in rows}, "seeds": seeds, "accuracy": results,
-                     "topk_fidelity": fid, "paired_throughput": tp, "wall_s": time.perf_counter() - t_start}, report)
+                     "topk_fidelity": fid, "k_sweep": sweep, "paired_throughput": tp, "wall_s": time.perf_counter() - t_start}, report)
 
 
 if __name__ == "__main__":

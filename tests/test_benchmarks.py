@@ -175,3 +175,42 @@ def test_report_check_and_bad_results_files_are_one_line_errors(tmp_path):
             report.main(["--results", str(res), "--out", str(tmp_path / "o.md")])
         assert str(e.value).startswith(f"{bad}: {message}"), e.value
     assert not (tmp_path / "o.md").exists()
+
+
+def test_ensemble_gain_scores_members_as_stage2_evaluates_them(tmp_path):
+    """Each member's top-1 is what stage 2's Evaluator gives the same weights on the same images
+    (the students' evaluation path); the ensemble's is the argmax of the stored mixture."""
+    import torch
+    from helpers import TEACHER, make_shards, save_teacher
+
+    from usi_cache.config.stages import TrainConfig
+    from usi_cache.dist import World
+    from usi_cache.models.ensemble import load_ensemble, mixture_log_probs
+    from usi_cache.shards.manifest import load_manifest
+    from usi_cache.stage2.eval_data import EvalStream
+    from usi_cache.stage2.evaluate import Evaluator
+    val = make_shards(tmp_path / "val", n=23, per_shard=10)
+    ckpts = [str(save_teacher(tmp_path / f"t{i}.pth", seed=i)) for i in range(2)]
+    cfg = TrainConfig(model=TEACHER, train_shards=str(val), val_shards=str(val), out=str(tmp_path / "r"),
+                      input_size=32, batch_size=7, workers=0)
+    ens = load_ensemble([TEACHER] * 2, ckpts, num_classes=5, input_size=32)
+    got = bench("ensemble_gain").member_accuracy(ens, val, cfg, batch=6)
+    m = load_manifest(val)
+    world = World(0, 1, 0, torch.device("cpu"))
+    for i, member in enumerate(ens.members):
+        t = member.teacher
+        want = Evaluator(m, cfg, world, t.mean, t.std, amp=False)({"m": t.model})["m"]
+        assert got["members"][i] == pytest.approx(want["top1"], abs=0.01) and want["count"] == got["images"] == 23
+    images = torch.stack([s["image"] for s in EvalStream(m, 32, cfg.eval_crop, cfg.view.interpolation, 0, 1)])
+    labels = torch.tensor([s["label"] for s in EvalStream(m, 32, cfg.eval_crop, cfg.view.interpolation, 0, 1)])
+    logits = ens.member_logits(images.permute(0, 2, 3, 1).contiguous())
+    hits = (mixture_log_probs(logits, ens.weights).argmax(1) == labels).sum().item()
+    assert got["ensemble"] == pytest.approx(100 * hits / 23, abs=0.01)
+    agree = (logits[0].argmax(1) == logits[1].argmax(1)).float().mean().item()
+    assert got["all_agree"] == pytest.approx(100 * agree, abs=0.01) and agree < 1  # random teachers differ
+
+
+def test_ensemble_gain_refuses_a_missing_demo_and_one_seed(tmp_path):
+    gain = bench("ensemble_gain")
+    with pytest.raises(SystemExit, match="run `make demo` first"):
+        gain.main(["--demo", str(tmp_path / "demo"), "--work", str(tmp_path / "w")])
