@@ -56,6 +56,21 @@ Interpretation (fidelity-topk):
 How fast the tail shrinks with k is a property of the teacher and the data: a sharp teacher puts
 nearly all its mass on a few classes even on augmented views. `usi audit` measures the same for
 any cache (see the stage-1 docs).
+
+Title (fidelity-ksweep): K sweep: what top-k truncation costs the students
+
+Description (fidelity-ksweep):
+The demo cache keeps k = 10 of C = 10 classes, so it truncates nothing; an ImageNet cache keeps
+10 of 1,000. `--k-sweep 1,2,3,5,10` derives from the demo cache a cache of its first k classes
+for each k (byte for byte what stage 1 writes with `--topk k`: the same views, log-probabilities
+and rounding) and trains the demo's students (same V = E, recipe and seeds) from each in two
+target forms (`train.kd_tail`): the tail mass kept as a (k+1)-th bucket of the KL (ours), and
+the top-k renormalised with the tail dropped. Beside each k: bytes per view on disk and the
+audit's mean tail mass and KL(full ‖ k+1 buckets) over every cached view, computed from the
+k = C cache (which holds the teacher's whole distribution). At k = C the two forms are one
+target, trained once.
+
+    .venv/bin/python benchmarks/fidelity.py --rows cached --k-sweep 1,2,3,5,10 --name fidelity-ksweep
 """
 from __future__ import annotations
 
@@ -203,10 +218,13 @@ def k_sweep(ks: list[int], forms: list[str], demo: Path, work: Path, cache: Path
           f"{', '.join(map(str, seeds))}", flush=True)
     tail = cache_tail(cache, ks)
     runs: dict[str, dict[int, list[dict]]] = {f: {} for f in forms}
+    views = attrs["dataset"]["num_samples"] * attrs["views"]
     for k in ks:
         source = cache if k >= C else work / f"cache-k{k}.zarr"
         if train and k < C:
             derive(cache, source, k=k)
+        if schema.exists(source):
+            tail["per_k"][k]["bytes_per_view"] = schema.disk_usage(source)["total"] / views
         for form in sorted(forms, key=lambda f: f != "bucket"):
             if k >= C and form != "bucket" and "bucket" in forms:
                 runs[form][k] = runs["bucket"][k]  # the same target: no tail to keep or drop
@@ -346,12 +364,14 @@ def _k_sweep_report(sw: dict) -> list[str]:
     tail = {int(k): v for k, v in sw["tail"]["per_k"].items()}
     runs = {f: {int(k): v for k, v in per_k.items()} for f, per_k in sw["runs"].items()}
     top1 = {f: {k: {x["seed"]: x["top1"] for x in v} for k, v in per_k.items()} for f, per_k in runs.items()}
-    header = ["k", "mean tail mass", "KL(full ‖ k+1 buckets)", *(TAIL_FORMS.get(f, f) for f in forms)]
+    header = ["k", "bytes/view", "mean tail mass", "KL(full ‖ k+1 buckets)", *(TAIL_FORMS.get(f, f) for f in forms)]
     if {"bucket", "drop"} <= set(forms):
         header.append("kept − dropped, per seed")
     body = []
     for k in ks:
-        row = [f"{k}" + (" (= C)" if k >= C else ""), f"{tail[k]['tail_mass']:.4f}", f"{tail[k]['kl']:.4f}"]
+        size = tail[k].get("bytes_per_view")
+        row = [f"{k}" + (" (= C)" if k >= C else ""), f"{size:.1f}" if size else "-", f"{tail[k]['tail_mass']:.4f}",
+               f"{tail[k]['kl']:.4f}"]
         row += [mean_std(list(top1[f][k].values())) if top1[f][k] else "-" for f in forms]
         if {"bucket", "drop"} <= set(forms):
             row.append("same target" if k >= C else ", ".join(

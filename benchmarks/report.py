@@ -34,7 +34,7 @@ SCRIPT = "benchmarks/report.py"
 # writes epoch_plan.json, teacher_precision.py precision.json: their results names predate the scripts' names)
 MODULES = {"fidelity-topk": "fidelity", "fidelity-ksweep": "fidelity", "epoch_plan": "plan_shapes", "precision": "teacher_precision"}
 # reading order of the page; results files not named here follow, by name
-ORDER = ["stage2_overhead", "stage1_efficiency", "cache_cost", "fidelity-topk", "fidelity", "fidelity-ksweep", "precision",
+ORDER = ["stage2_overhead", "stage1_efficiency", "cache_cost", "fidelity-topk", "fidelity", "fidelity-ksweep", "ensemble_gain", "precision",
          "label_quality", "epoch_plan", "ingest_memory", "reshard_memory", "s3_requests", "verify_scale"]
 PART = re.compile(r"^(Title|Description|Interpretation)(?: \(([\w.-]+)\))?:(.*)$")
 

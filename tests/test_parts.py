@@ -374,3 +374,29 @@ def test_status_with_given_parts_and_on_a_cache_without_commit_times(tmp_path, s
     assert r.exit_code == 0 and "3/3 complete (1 computed now, 2 reused)" in r.output, r.output
     st = json.loads(CliRunner().invoke(main, ["cache", "status", str(out), "--json"]).output)
     assert st["state"] == "complete" and st["blocks"][0]["views_per_s"] is None
+
+
+@pytest.mark.slow
+def test_an_ensemble_paired_cache_in_two_parts_equals_one_process(tmp_path):
+    """Parts and ensembles together: two parts started at one instant build a paired cache of a
+    weighted 2-teacher ensemble identical, array by array, to one process's."""
+    shards = make_shards(tmp_path / "shards", n=40, per_shard=10)
+    a, b = save_teacher(tmp_path / "a.pth", seed=0), save_teacher(tmp_path / "b.pth", seed=1)
+
+    def args(out):
+        x = cache_args(shards, a, out, "--views", "2", "--mix", "paired", "--teacher-weights", "2,1")
+        x[x.index("--teacher") + 1], x[x.index("--teacher-checkpoint") + 1] = f"{TEACHER},{TEACHER}", f"{a},{b}"
+        return x
+
+    one, split = tmp_path / "one.zarr", tmp_path / "parts.zarr"
+    r = run_py(["cache_teacher.py", *args(one)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    at = time.time() + 6
+    procs = [start([*args(split), "--part", f"{i}/2", "--json"], at) for i in range(2)]
+    outs = [finish(p) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sum(json.loads(o[o.index("{"):])["shards_computed"] for o in outs) == 4
+    assert_same_cache(one, split)
+    _, attrs = schema.open_cache(split)
+    assert [t["weight"] for t in attrs["teachers"]] == pytest.approx([2 / 3, 1 / 3])
+    assert schema.Layout.from_attrs(attrs).paired
