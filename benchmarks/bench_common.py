@@ -84,6 +84,9 @@ def same_config(a: dict, b: dict) -> bool:
     return {k: v for k, v in a.items() if k != "out"} == {k: v for k, v in b.items() if k != "out"}
 
 
+REUSED_FROM = "reused_from.txt"  # in a run folder holding a copied log: the folder that holds the weights
+
+
 def train_run(row: str, seed: int, cfg, reuse: list[Path], train: bool = True) -> dict | None:
     """One stage-2 run, or a finished one with the same config (this folder, or one of `reuse`);
     None when there is none and `train` is off. `run` names the folder that holds its weights."""
@@ -98,6 +101,9 @@ def train_run(row: str, seed: int, cfg, reuse: list[Path], train: bool = True) -
                 out.mkdir(parents=True, exist_ok=True)
                 for f in ("config.json", "log.jsonl"):
                     shutil.copy(src / f, out / f)
+                (out / REUSED_FROM).write_text(str(src))  # the weights stay there
+            elif (out / REUSED_FROM).is_file():
+                src = Path((out / REUSED_FROM).read_text())
             print(f"  {row} seed {seed}: reusing {src}", flush=True)
             wall = None
             break

@@ -7,7 +7,8 @@ member's and the equal-weight ensemble's top-1 on the 10,000 test images (the en
 with the mixture Σ w_m softmax(z_m) a cache stores; every model at the students' evaluation
 transform), and how often the members agree. Then two caches with the demo cache's V, k, view
 seed and shards: the best member's (the demo cache itself when that is the demo's teacher) and
-the ensemble's; and students of the demo recipe, one per seed, from each. Finished runs with the
+the ensemble's (the best member is picked on the same test images, which favours it); and
+students of the demo recipe, one per seed, from each. Finished runs with the
 same config are reused: teachers and students in `--work`, the demo's own teacher and cached
 student, and the `cached-s{seed}` runs of the fidelity benchmark's work folder (`--reuse`),
 which are the demo teacher's students.
@@ -133,6 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     demo_cache, demo_ckpt = demo / "cache.zarr", demo / "teacher" / "best.pth"
     if not schema.exists(demo_cache) or not demo_ckpt.is_file():
         raise SystemExit(f"{demo}: no demo cache/teacher; run `make demo` first")
+    _, demo_attrs = schema.open_cache(demo_cache)
+    if demo_attrs["views"] != demo_mod.VIEWS or demo_attrs["topk"] != demo_attrs["num_classes"]:
+        raise SystemExit(f"{demo_cache}: V = {demo_attrs['views']}, k = {demo_attrs['topk']}: not the demo's cache "
+                         f"(V = {demo_mod.VIEWS}, k = C); rerun `make demo`")
     t_seeds, seeds = [int(s) for s in a.teacher_seeds.split(",")], [int(s) for s in a.seeds.split(",")]
     if len(set(t_seeds)) < 2:
         raise SystemExit(f"--teacher-seeds: an ensemble needs at least 2 distinct seeds, got {a.teacher_seeds!r}")
@@ -158,9 +163,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  members {acc['members']}, ensemble {acc['ensemble']}, all agree {acc['all_agree']} %", flush=True)
 
     print("3. caches", flush=True)
-    is_demo = ckpts[best].resolve() == demo_ckpt.resolve()
-    caches = {"best member": build_cache(demo, demo_cache if is_demo else work / f"cache-s{t_seeds[best]}.zarr",
-                                         [ckpts[best]]),
+    if ckpts[best].resolve() == demo_ckpt.resolve():  # the demo cache is that member's: read, never rewritten
+        best_cache = {"path": str(demo_cache), "wall_s": None, "bytes_per_view": schema.disk_usage(demo_cache)["total"]
+                      / (demo_attrs["dataset"]["num_samples"] * demo_attrs["views"])}
+    else:
+        best_cache = build_cache(demo, work / f"cache-s{t_seeds[best]}.zarr", [ckpts[best]])
+    caches = {"best member": best_cache,
               "ensemble": build_cache(demo, work / f"cache-ensemble{len(ckpts)}.zarr", ckpts)}
     _, attrs = schema.open_cache(caches["ensemble"]["path"])
 

@@ -66,8 +66,9 @@ for each k (byte for byte what stage 1 writes with `--topk k`: the same views, l
 and rounding) and trains the demo's students (same V = E, recipe and seeds) from each in two
 target forms (`train.kd_tail`): the tail mass kept as a (k+1)-th bucket of the KL (ours), and
 the top-k renormalised with the tail dropped. Beside each k: bytes per view on disk and the
-audit's mean tail mass and KL(full ‖ k+1 buckets) over every cached view, computed from the
-k = C cache (which holds the teacher's whole distribution). At k = C the two forms are one
+mean tail mass stage 2 trains on (1 − Σ of the k stored probabilities) and the audit's KL from the
+teacher's distribution to its k+1-bucket reconstruction, over every cached view, both computed
+from the k = C cache (which holds the teacher's whole distribution). At k = C the two forms are one
 target, trained once.
 
     .venv/bin/python benchmarks/fidelity.py --rows cached --k-sweep 1,2,3,5,10 --name fidelity-ksweep
@@ -84,6 +85,7 @@ import torch
 
 from bench_common import publish, table, train_config, train_run
 from usi_cache.stage2.loop import run_train
+from usi_cache.stage2.loss import topk_tail_mass
 from usi_cache import cache_format as schema
 from usi_cache.checks.audit import bucket_fidelity
 from usi_cache.shards.images import decode_image
@@ -153,14 +155,15 @@ def topk_fidelity(cache: Path, shards: Path, ckpt: Path, teacher_name: str, n_vi
 
 
 def cache_tail(cache: Path, ks: list[int]) -> dict:
-    """The audit's tail mass and KL (`bucket_fidelity`) for each k over every view of a k = C
-    cache: such a cache holds the teacher's whole distribution (as rounded log-probabilities),
-    so no teacher needs to run."""
+    """For each k, over every view of a k = C cache (it holds the teacher's whole distribution,
+    so no teacher needs to run): the tail mass a top-k cache leaves to stage 2, 1 − Σ of its
+    stored probabilities (`topk_tail_mass`, float16 rounding included; 0 at k = C, as stage 2
+    takes it), and the audit's KL from the distribution to its k+1-bucket reconstruction."""
     group, attrs = schema.open_cache(cache)
     layout = schema.Layout.from_attrs(attrs)
     if layout.topk < layout.num_classes:
         raise SystemExit(f"{cache}: k = {layout.topk} < C = {layout.num_classes}: the k sweep needs a k = C cache")
-    logits, out = [], {k: {"tail_mass": [], "kl": []} for k in ks}
+    logits, stored, out = [], [], {}
     for shard in range(layout.num_shards):
         b = schema.read_block(group, layout, shard)
         ok = b.labels >= 0  # written, decodable slots
@@ -168,10 +171,12 @@ def cache_tail(cache: Path, ks: list[int]) -> dict:
         dense = torch.full((*lp.shape[:2], layout.num_classes), -torch.inf, dtype=torch.float64)
         dense.scatter_(2, cls, lp.double())
         logits.append(dense.reshape(-1, layout.num_classes))
-    logits = torch.cat(logits)
+        stored.append(lp.reshape(-1, layout.topk))  # sorted, largest first, as stage 1 stores them
+    logits, stored = torch.cat(logits), torch.cat(stored)
     for k in ks:
-        r, kl = bucket_fidelity(logits, k)
-        out[k] = {"tail_mass": float(r.mean()), "kl": float(kl.mean())}
+        _, kl = bucket_fidelity(logits, k)
+        tail = topk_tail_mass(stored[:, :k], None) if k < layout.num_classes else torch.zeros(1)
+        out[k] = {"tail_mass": float(tail.double().mean()), "kl": float(kl.mean())}
     return {"views": len(logits), "per_k": out}
 
 
@@ -210,10 +215,12 @@ TAIL_FORMS = {"bucket": "tail kept (k+1 buckets)", "drop": "tail dropped (top-k 
 def k_sweep(ks: list[int], forms: list[str], demo: Path, work: Path, cache: Path, seeds: list[int],
             train: bool) -> dict:
     """Students (the demo recipe) from the first k classes of the k = C demo cache, for each k
-    and target form (train.kd_tail), and the audit's tail mass of each k over every cached view.
+    and target form (train.kd_tail), and the tail mass of each k over every cached view.
     At k = C both forms are one target (no tail): trained once, under bucket."""
     _, attrs = schema.open_cache(cache)
     C = attrs["num_classes"]
+    if not all(1 <= k <= C for k in ks):
+        raise SystemExit(f"--k-sweep: expected values in 1..{C} (C = {C} classes in {cache}), got {ks}")
     print(f"\n7. k sweep: k = {', '.join(map(str, ks))} of C = {C}; forms {', '.join(forms)}; seeds "
           f"{', '.join(map(str, seeds))}", flush=True)
     tail = cache_tail(cache, ks)
@@ -359,12 +366,12 @@ CLOSE_TO_EXACT = 0.5  # points of top-1: "as good as k = C" within this much of 
 
 
 def _k_sweep_report(sw: dict) -> list[str]:
-    """Top-1 per k and tail form, beside the audit's tail mass per k."""
+    """Top-1 per k and tail form, beside bytes per view and the tail mass per k."""
     ks, forms, C = sw["ks"], sw["forms"], sw["num_classes"]
     tail = {int(k): v for k, v in sw["tail"]["per_k"].items()}
     runs = {f: {int(k): v for k, v in per_k.items()} for f, per_k in sw["runs"].items()}
     top1 = {f: {k: {x["seed"]: x["top1"] for x in v} for k, v in per_k.items()} for f, per_k in runs.items()}
-    header = ["k", "bytes/view", "mean tail mass", "KL(full ‖ k+1 buckets)", *(TAIL_FORMS.get(f, f) for f in forms)]
+    header = ["k", "bytes/view", "mean tail mass", "audit KL", *(TAIL_FORMS.get(f, f) for f in forms)]
     if {"bucket", "drop"} <= set(forms):
         header.append("kept − dropped, per seed")
     body = []
@@ -378,8 +385,9 @@ def _k_sweep_report(sw: dict) -> list[str]:
                 f"{top1['bucket'][k][s] - top1['drop'][k][s]:+.2f}" for s in top1["bucket"][k] if s in top1["drop"][k]))
         body.append(row)
     n_val = sorted({x["val_images"] for per_k in runs.values() for v in per_k.values() for x in v})
-    out = [f"k sweep: students from the first k of the cache's C = {C} classes; tail mass and KL over the "
-           f"{sw['tail']['views']} cached views (the audit's math on the k = C cache)", "",
+    out = [f"k sweep: students from the first k of the cache's C = {C} classes; over the {sw['tail']['views']} "
+           f"cached views, the tail mass stage 2 trains on (1 − Σ of the k stored probabilities) and the audit's KL "
+           f"from the teacher's distribution to its k+1-bucket reconstruction (tail spread evenly)", "",
            table(header, body), "",
            f"top-1 of the last epoch on {', '.join(map(str, n_val))} test images, mean ± std over seeds "
            f"{', '.join(str(s) for s in next(iter(top1.values()))[ks[-1]])}", ""]

@@ -210,7 +210,16 @@ def test_ensemble_gain_scores_members_as_stage2_evaluates_them(tmp_path):
     assert got["all_agree"] == pytest.approx(100 * agree, abs=0.01) and agree < 1  # random teachers differ
 
 
-def test_ensemble_gain_refuses_a_missing_demo_and_one_seed(tmp_path):
+def test_ensemble_gain_refuses_a_missing_demo(tmp_path):
     gain = bench("ensemble_gain")
     with pytest.raises(SystemExit, match="run `make demo` first"):
         gain.main(["--demo", str(tmp_path / "demo"), "--work", str(tmp_path / "w")])
+
+
+def test_demo_stage_keys_leave_out_a_new_setting_at_its_old_behaviour(tmp_path):
+    """A finished demo folder stays valid when a setting is added (kd_tail: bucket is what ran
+    before it existed); another value of it is keyed."""
+    import dataclasses
+    s = demo.student_config(tmp_path, tmp_path / "s")
+    assert s.kd_tail == "bucket" and "kd_tail" not in demo._keyed(s)
+    assert demo._keyed(dataclasses.replace(s, kd_tail="drop"))["kd_tail"] == "drop"

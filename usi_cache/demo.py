@@ -46,6 +46,16 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Settings added to the configs after a demo folder was made, at the value that behaves as before:
+# left out of the stage keys, so that an upgrade does not recompute a finished demo for nothing.
+UNKEYED_DEFAULTS = {"kd_tail": "bucket"}
+
+
+def _keyed(cfg) -> dict:
+    """The part of a stage's config its key hashes."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in UNKEYED_DEFAULTS or v != UNKEYED_DEFAULTS[k]}
+
+
 def _stage(folder: Path, key: str, name: str, fn) -> dict:
     """Run `fn()` unless `folder/stage.json` holds a result with the same key."""
     marker = folder / "stage.json"
@@ -125,13 +135,13 @@ def run_demo(out: str | Path) -> dict:
     shards = _stage(shard_dir, shard_key, "shards", lambda: _shards(shard_dir))
 
     t_cfg = teacher_config(out, out / "teacher")
-    t_key = _key(shard_key, to_dict(t_cfg))
+    t_key = _key(shard_key, _keyed(t_cfg))
     teacher = _stage(out / "teacher", t_key, "teacher", lambda: _train(t_cfg))
 
     c_cfg = load_stage_config(CacheConfig, "cache", CONFIG, {
         "shards": str(shard_dir / "train"), "out": str(out / "cache.zarr"), "teacher": TEACHER_MODEL,
         "teacher_checkpoint": str(out / "teacher" / "best.pth"), "views": VIEWS})
-    c_key = _key(t_key, to_dict(c_cfg))
+    c_key = _key(t_key, _keyed(c_cfg))
     c_cfg = dataclasses.replace(c_cfg, overwrite=True)  # a changed key means the old cache is stale
     cache = _stage(out / "cache-stage", c_key, "cache", lambda: run_cache(c_cfg))
 
@@ -140,7 +150,7 @@ def run_demo(out: str | Path) -> dict:
         s_cfg = student_config(out, out / f"student-{name}", **extra)
         if s_cfg.epochs != VIEWS:
             raise ConfigError(f"{CONFIG}: train.epochs = {s_cfg.epochs}, the demo's cache has V = {VIEWS}")
-        results[name] = _stage(out / f"student-{name}", _key(upstream, to_dict(s_cfg)), f"student {name}",
+        results[name] = _stage(out / f"student-{name}", _key(upstream, _keyed(s_cfg)), f"student {name}",
                                lambda: _train(s_cfg))
     results["total_s"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
