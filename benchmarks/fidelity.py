@@ -213,10 +213,11 @@ TAIL_FORMS = {"bucket": "tail kept (k+1 buckets)", "drop": "tail dropped (top-k 
 
 
 def k_sweep(ks: list[int], forms: list[str], demo: Path, work: Path, cache: Path, seeds: list[int],
-            train: bool) -> dict:
-    """Students (the demo recipe) from the first k classes of the k = C demo cache, for each k
-    and target form (train.kd_tail), and the tail mass of each k over every cached view.
-    At k = C both forms are one target (no tail): trained once, under bucket."""
+            train: bool, kd_only: bool = False) -> dict:
+    """Students (the demo recipe; `kd_only`: without its ground-truth CE term) from the first k
+    classes of the k = C demo cache, for each k and target form (train.kd_tail), and the tail
+    mass of each k over every cached view. At k = C both forms are one target (no tail): trained
+    once, under bucket."""
     _, attrs = schema.open_cache(cache)
     C = attrs["num_classes"]
     if not all(1 <= k <= C for k in ks):
@@ -237,11 +238,12 @@ def k_sweep(ks: list[int], forms: list[str], demo: Path, work: Path, cache: Path
                 runs[form][k] = runs["bucket"][k]  # the same target: no tail to keep or drop
                 continue
             reuse = lambda s: [work / f"cached-s{s}", demo / "student-cached-kd"] if k >= C and form == "bucket" else []
+            name = f"k{k}-{form}" + ("-kdonly" if kd_only else "")
             done = [train_run(f"k={k} {form}", s, demo_mod.student_config(
-                demo, work / f"k{k}-{form}-s{s}", seed=s, cache=str(source), kd_tail=form), reuse(s), train=train)
-                for s in seeds]
+                demo, work / f"{name}-s{s}", seed=s, cache=str(source), kd_tail=form, kd_only=kd_only), reuse(s),
+                train=train) for s in seeds]
             runs[form][k] = [x for x in done if x]
-    return {"ks": ks, "forms": forms, "num_classes": C, "tail": tail, "runs": runs}
+    return {"ks": ks, "forms": forms, "num_classes": C, "tail": tail, "runs": runs, "kd_only": kd_only}
 
 
 ROWS = {  # name -> label in the table
@@ -280,6 +282,9 @@ def parser() -> argparse.ArgumentParser:
                    help="students from the first k classes of the demo cache for each k (e.g. 1,2,3,5,10), in "
                         "each of --tail-forms; writes its own table (use with --name fidelity-ksweep)")
     p.add_argument("--tail-forms", default=",".join(KD_TAILS), help="train.kd_tail values of the k sweep")
+    p.add_argument("--sweep-kd-only", action="store_true",
+                   help="the k sweep's students without the ground-truth CE term (train.kd_only): the teacher's "
+                        "distribution is all they learn from")
     p.add_argument("--no-train", action="store_true",
                    help="only collect finished runs: a (row, seed) without one is left out of the table")
     return p
@@ -385,7 +390,8 @@ def _k_sweep_report(sw: dict) -> list[str]:
                 f"{top1['bucket'][k][s] - top1['drop'][k][s]:+.2f}" for s in top1["bucket"][k] if s in top1["drop"][k]))
         body.append(row)
     n_val = sorted({x["val_images"] for per_k in runs.values() for v in per_k.values() for x in v})
-    out = [f"k sweep: students from the first k of the cache's C = {C} classes; over the {sw['tail']['views']} "
+    loss = "KD only, no ground-truth CE term" if sw.get("kd_only") else "the demo's loss, CE + 5 · KD"
+    out = [f"k sweep ({loss}): students from the first k of the cache's C = {C} classes; over the {sw['tail']['views']} "
            f"cached views, the tail mass stage 2 trains on (1 − Σ of the k stored probabilities) and the audit's KL "
            f"from the teacher's distribution to its k+1-bucket reconstruction (tail spread evenly)", "",
            table(header, body), "",
@@ -503,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
         if not forms or any(f not in KD_TAILS for f in forms):
             raise SystemExit(f"--tail-forms: expected some of {', '.join(KD_TAILS)}, got {a.tail_forms!r}")
         sweep = k_sweep(sorted({int(k) for k in a.k_sweep.split(",")}), forms, demo, work, cache, seeds,
-                        train=not a.no_train)
+                        train=not a.no_train, kd_only=a.sweep_kd_only)
     tp = None
     if a.paired_throughput:
         print("\n6. stage-2 throughput, paired vs plain cache (alternating)", flush=True)
