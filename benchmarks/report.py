@@ -32,9 +32,10 @@ SCRIPT = "benchmarks/report.py"
 
 # results name -> script, where the name is not the script's (fidelity.py --name fidelity-topk; plan_shapes.py
 # writes epoch_plan.json, teacher_precision.py precision.json: their results names predate the scripts' names)
-MODULES = {"fidelity-topk": "fidelity", "fidelity-ksweep": "fidelity", "epoch_plan": "plan_shapes", "precision": "teacher_precision"}
+MODULES = {"fidelity-topk": "fidelity", "fidelity-ksweep": "fidelity", "fidelity-ksweep-kdonly": "fidelity", "epoch_plan": "plan_shapes", "precision": "teacher_precision"}
 # reading order of the page; results files not named here follow, by name
-ORDER = ["stage2_overhead", "stage1_efficiency", "cache_cost", "fidelity-topk", "fidelity", "fidelity-ksweep", "ensemble_gain", "precision",
+ORDER = ["stage2_overhead", "stage1_efficiency", "cache_cost", "fidelity-topk", "fidelity", "fidelity-ksweep", "fidelity-ksweep-kdonly", "ensemble_gain",
+         "precision",
          "label_quality", "epoch_plan", "ingest_memory", "reshard_memory", "s3_requests", "verify_scale"]
 PART = re.compile(r"^(Title|Description|Interpretation)(?: \(([\w.-]+)\))?:(.*)$")
 
