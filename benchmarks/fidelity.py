@@ -85,6 +85,25 @@ so stage 2 keeps it: it is the exact form of what the cache knows. The demo has 
 ImageNet's 1,000 the tail spreads over many more classes and this benchmark cannot say what
 dropping it costs there: `usi audit` measures a cache's tail, and the KD-only sweep below is the
 harder test of the same question.
+
+Title (fidelity-ksweep-kdonly): K sweep with KD only: what top-k truncation costs when the teacher is all a student learns from
+
+Description (fidelity-ksweep-kdonly):
+The k sweep above again, with the students' ground-truth CE term dropped (`train.kd_only`, loss
+= 5 · KD): no label softens what the cache's target lacks, so the tail bucket and k have the
+most to show. k = 1 with the tail dropped is then the teacher's argmax alone, a hard
+pseudo-label for each view. The first table is the demo's loss at k = C, for reference.
+
+    .venv/bin/python benchmarks/fidelity.py --rows cached --k-sweep 1,2,3,5,10 --sweep-kd-only --name fidelity-ksweep-kdonly
+
+Interpretation (fidelity-ksweep-kdonly):
+Even here, every k and both forms are within the spread of the seeds of k = C: on the demo, the
+students learn as much from the teacher's top-1 class on each view as from its whole
+distribution. What pays on the demo is consistent teaching, the teacher's answer for the very
+crop the student sees (the fidelity table: V = 1 against V = E), not the shape of the
+distribution. A 10-class task has little dark knowledge to lose; on ImageNet, where classes
+resemble each other by the dozen, that need not hold, and this benchmark cannot measure it. The
+default stays k = 10 with the tail kept: 34.5 bytes per view here against 14.7 at k = 1.
 """
 from __future__ import annotations
 
