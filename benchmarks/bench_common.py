@@ -21,7 +21,6 @@ from usi_cache.config.stages import CacheConfig, MixConfig, TrainConfig, ViewSpe
 from usi_cache.shards.fashion_mnist import FMNIST_CLASSES, FMNIST_DIR, samples_from_fashion_mnist
 from usi_cache.shards.manifest import MANIFEST
 from usi_cache.shards.tars import Sample, write_shards
-from usi_cache.stage2.loop import run_train
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(os.environ.get("USI_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
@@ -89,13 +88,17 @@ REUSED_FROM = "reused_from.txt"  # in a run folder holding a copied log: the fol
 
 def train_run(row: str, seed: int, cfg, reuse: list[Path], train: bool = True) -> dict | None:
     """One stage-2 run, or a finished one with the same config (this folder, or one of `reuse`);
-    None when there is none and `train` is off. `run` names the folder that holds its weights."""
+    None when there is none and `train` is off. `run` names the folder that holds its weights; a
+    folder without weights or a pointer to them is passed over. Configs are compared, caches by
+    path: after a cache is rebuilt with other contents at the same path, remove the runs."""
+    from usi_cache.stage2.loop import run_train  # the training stack only where a benchmark trains
     out, want = Path(cfg.out), to_dict(cfg)
     total = cfg.epochs + cfg.cooldown_epochs
     src = out
     for src in [out, *reuse]:
         log = read_log(src)
-        if (src / "config.json").is_file() and len(log) == total and same_config(
+        has_weights = (src / "best.pth").is_file() or (src / REUSED_FROM).is_file()
+        if has_weights and (src / "config.json").is_file() and len(log) == total and same_config(
                 upgrade_saved(TrainConfig, json.loads((src / "config.json").read_text())), want):
             if src != out:  # keep every (row, seed) log in the benchmark's folder, for the curves
                 out.mkdir(parents=True, exist_ok=True)

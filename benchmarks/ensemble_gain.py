@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print("3. caches", flush=True)
     if ckpts[best].resolve() == demo_ckpt.resolve():  # the demo cache is that member's: read, never rewritten
-        best_cache = {"path": str(demo_cache), "wall_s": None, "bytes_per_view": schema.disk_usage(demo_cache)["total"]
-                      / (demo_attrs["dataset"]["num_samples"] * demo_attrs["views"])}
+        best_cache = {"path": str(demo_cache), "wall_s": None,
+                      "bytes_per_view": schema.bytes_per_view(demo_cache, demo_attrs)}
     else:
         best_cache = build_cache(demo, work / f"cache-s{t_seeds[best]}.zarr", [ckpts[best]])
     caches = {"best member": best_cache,

@@ -5,6 +5,7 @@ import importlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import ROOT
@@ -223,3 +224,72 @@ def test_demo_stage_keys_leave_out_a_new_setting_at_its_old_behaviour(tmp_path):
     s = demo.student_config(tmp_path, tmp_path / "s")
     assert s.kd_tail == "bucket" and "kd_tail" not in demo._keyed(s)
     assert demo._keyed(dataclasses.replace(s, kd_tail="drop"))["kd_tail"] == "drop"
+
+
+def test_train_run_reuses_a_finished_run_and_finds_its_weights(tmp_path):
+    """A finished run is reused from its folder or a reuse folder; a copied run points at the
+    folder holding the weights, on every later call; a folder without weights is passed over."""
+    import dataclasses
+    import shutil
+
+    from helpers import make_shards, yaml_config
+    common = bench("bench_common")
+    data = {"train": make_shards(tmp_path / "train", n=16, per_shard=8),
+            "val": make_shards(tmp_path / "val", n=8, per_shard=8, seed=3)}
+    cfg = yaml_config(data, tmp_path / "a")
+    first = common.train_run("row", 42, cfg, [])
+    assert first["wall_s"] is not None and first["run"] == cfg.out and (tmp_path / "a/run/best.pth").is_file()
+    again = common.train_run("row", 42, cfg, [])
+    assert again["wall_s"] is None and again["top1"] == first["top1"] and again["run"] == cfg.out
+    other = dataclasses.replace(cfg, out=str(tmp_path / "b"))
+    for _ in range(2):  # copied, then read back through the pointer
+        got = common.train_run("row", 42, other, [Path(cfg.out)], train=False)
+        assert got["run"] == cfg.out and not (tmp_path / "b/best.pth").exists()
+    bare = tmp_path / "bare"  # a log and config without weights: not a run to reuse
+    bare.mkdir()
+    for f in ("config.json", "log.jsonl"):
+        shutil.copy(Path(cfg.out) / f, bare / f)
+    third = dataclasses.replace(cfg, out=str(tmp_path / "c"))
+    assert common.train_run("row", 42, third, [bare], train=False) is None
+    assert common.train_run("row", 42, dataclasses.replace(cfg, seed=7, out=str(tmp_path / "d")), [Path(cfg.out)],
+                            train=False) is None  # another config
+
+
+def test_k_sweep_reads_tails_and_derives_caches_from_a_k_equals_c_cache(tmp_path):
+    """The sweep's tail mass is stage 2's (1 − Σ of the k stored probabilities), its derived
+    caches are the first k columns, and k outside 1..C is refused."""
+    import numpy as np
+    import torch
+    from click.testing import CliRunner
+    from helpers import cache_args, make_shards, save_teacher
+
+    from usi_cache import cache_format as schema
+    from usi_cache.cli.main import main
+    from usi_cache.stage2.loss import topk_tail_mass
+    shards = make_shards(tmp_path / "s", n=20, per_shard=10)
+    full = tmp_path / "full.zarr"
+    r = CliRunner().invoke(main, ["cache", *cache_args(shards, save_teacher(tmp_path / "t.pth"), full), "--topk", "5",
+                                  "--views", "2"])
+    assert r.exit_code == 0, r.output
+    fidelity, gain = bench("fidelity"), bench("ensemble_gain")
+    group, attrs = schema.open_cache(full)
+    lp = torch.from_numpy(group["logits"][:].astype(np.float32))  # (20, 2, 5) log-probabilities, descending
+    tail = fidelity.cache_tail(full, [1, 2, 5])
+    assert tail["views"] == 40 and tail["per_k"][5] == {"tail_mass": 0.0, "kl": 0.0}
+    for k in (1, 2):
+        want = float(topk_tail_mass(lp.reshape(-1, 5)[:, :k], None).double().mean())
+        assert tail["per_k"][k]["tail_mass"] == pytest.approx(want, rel=1e-6) and tail["per_k"][k]["kl"] > 0
+    g2, a2 = schema.open_cache(fidelity.derive(full, tmp_path / "k2.zarr", k=2))
+    assert a2["topk"] == 2 and a2["views"] == 2
+    np.testing.assert_array_equal(g2["logits"][:], group["logits"][:][..., :2])
+    np.testing.assert_array_equal(g2["classes"][:], group["classes"][:][..., :2])
+    np.testing.assert_array_equal(g2["boxes"][:], group["boxes"][:])
+    with pytest.raises(SystemExit, match=r"--k-sweep: expected values in 1\.\.5"):
+        fidelity.k_sweep([0, 3], ["bucket"], tmp_path, tmp_path / "w", full, [42], train=False)
+    taught = gain.cache_targets(full)
+    p = lp.double().exp()
+    labels = torch.from_numpy(group["labels"][:].astype(np.int64))
+    assert taught["confidence"] == pytest.approx(float(p[..., 0].mean()), rel=1e-9)
+    assert taught["entropy"] == pytest.approx(float(-(p * lp.double()).sum(-1).mean()), rel=1e-9)
+    top = torch.from_numpy(group["classes"][:][..., 0].astype(np.int64))
+    assert taught["view_accuracy"] == pytest.approx(100 * float((top == labels[:, None]).double().mean()))

@@ -100,6 +100,7 @@ def test_bad_configs_name_the_key(tmp_path, text, match):
     ("train:\n  kd_only: true\n", r"train\.kd_only: needs a teacher"),
     ("train:\n  log_every: -1\n", r"train\.log_every: expected >= 0"),
     ("train:\n  kd_tail: renorm\n", r"^train\.kd_tail: expected one of bucket, drop, got 'renorm'$"),
+    ("train:\n  kd_tail: drop\n  teacher: t\n", r"^train\.kd_tail: drop needs train\.cache"),
 ])
 def test_bad_train_configs_name_the_key(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
@@ -231,6 +232,8 @@ def test_every_key_is_reachable_by_its_option_and_by_set(cls, section):
             base += ["--mix", "paired"]  # stage 1 mixes only in mode paired
         if s.path in ("teacher_checkpoint", "teacher_weights", "kd_only") and cls is TrainConfig:
             base += ["--teacher", "t"]  # they need an online teacher
+        if s.path == "kd_tail" and cls is TrainConfig:
+            base += ["--cache", "c.zarr"]  # a tail to drop needs a cache
         option = ([f"--{s.flag[2:]}" if text == "true" else f"--no-{s.flag[2:]}"] if s.type is bool
                   else [s.flag, text])
         by_option = resolve(cls, section, [*base, *option])

@@ -13,7 +13,7 @@ from usi_cache.cache_format.spec import (ARRAYS, ATTR, BLOCK_MARKER, BLOCKS_GROU
                                          SCHEMA_VERSION, TEACHER_OUTPUTS, VIEW_PARAMS, VOLATILE_ATTRS, CacheError,
                                          Layout, ShardBlock, ViewBlock, attrs_difference, make_attrs, teacher_members,
                                          view_size, view_spec)
-from usi_cache.cache_format.usage import chunk_files, chunk_keys, disk_usage
+from usi_cache.cache_format.usage import bytes_per_view, chunk_files, chunk_keys, disk_usage
 from usi_cache.cache_format.writer import (begin_grow, commit_grow, create, encode_log_probs, set_audit,
                                            set_invalid, set_replay, write_block)
 
@@ -26,5 +26,5 @@ __all__ = [
     "BlockedArray", "array", "completed_shards", "exists", "log_probs", "open_arrays", "open_cache", "read_array",
     "read_block", "read_commits",
     "begin_grow", "commit_grow", "create", "encode_log_probs", "set_audit", "set_invalid", "set_replay", "write_block",
-    "chunk_files", "chunk_keys", "disk_usage",
+    "bytes_per_view", "chunk_files", "chunk_keys", "disk_usage",
 ]

@@ -1,4 +1,4 @@
-"""A cache's disk usage per array (`disk_usage`, for `usi inspect`) and the chunk files a shard
+"""A cache's disk usage per array (`disk_usage`, for `usi inspect`) and per view (`bytes_per_view`) and the chunk files a shard
 owns (`chunk_keys`, `chunk_files`, for `usi verify`'s missing-chunk check).
 """
 from __future__ import annotations
@@ -19,6 +19,12 @@ def disk_usage(path: str | Path) -> dict[str, int]:
             out[name] = sum(found)
     out["total"] = sum(files.values())
     return out
+
+
+def bytes_per_view(path: str | Path, attrs: dict) -> float:
+    """Bytes on disk per stored view (every file of the cache over samples × V), as stage 1
+    reports it; `attrs` are the cache's attributes."""
+    return disk_usage(path)["total"] / max(attrs["dataset"]["num_samples"] * attrs["views"], 1)
 
 
 def _array_of(rel: str) -> str:

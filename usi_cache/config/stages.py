@@ -238,7 +238,7 @@ class TrainConfig:
     kd_only: bool = setting(False, "Drop the ground-truth CE term (needs cache or teacher).")
     kd_tail: str = setting("bucket", "A top-k cache's tail: bucket = the stored tail mass as a (k+1)-th bucket of "
                                      "the KL; drop = the top-k renormalised to sum 1, tail dropped (as FKD's "
-                                     "re-normalisation); unused where k = C and for online KD.")
+                                     "re-normalisation; needs cache; where k = C it only renormalises rounding).")
     ema_decay: float = setting(0.99996, "EMA of the weights, updated every step; 0 = no EMA.")
     amp: bool = setting(True, "bf16 autocast (CUDA only; ignored on CPU).")
     channels_last: bool = setting(True, "channels_last memory format (CUDA only; ignored on CPU).")
@@ -289,6 +289,9 @@ class TrainConfig:
                               "there is no KD term to keep")
         if self.kd_tail not in KD_TAILS:
             raise ConfigError(f"train.kd_tail: expected one of {', '.join(KD_TAILS)}, got {self.kd_tail!r}")
+        if self.kd_tail != KD_TAILS[0] and not self.cache:
+            raise ConfigError(f"train.kd_tail: {self.kd_tail} needs train.cache (a top-k cache has a tail; online "
+                              f"KD and labels have none)")
         if not 0 < self.eval_crop <= 1:
             raise ConfigError(f"train.eval_crop: expected 0 < crop <= 1, got {self.eval_crop}")
         for name in ("kd_alpha", "lr", "min_lr", "warmup_lr", "weight_decay"):
