@@ -51,6 +51,16 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
+def parts_together(args: list[str], n: int) -> list[dict]:
+    """Parts 0..n-1 of one `usi cache` command started at one instant; each must succeed: their
+    JSON summaries."""
+    at = time.time() + 6
+    procs = [start([*args, "--part", f"{i}/{n}", "--json"], at) for i in range(n)]
+    outs = [finish(p) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    return [json.loads(o[o.index("{"):]) for o in outs]
+
+
 def arrays(path) -> dict[str, np.ndarray]:
     """Every array of a cache over all its committed views."""
     group, attrs = schema.open_cache(path)
@@ -292,11 +302,7 @@ def test_parts_grow_a_cache_like_one_process(tmp_path):
     grow = lambda out: [*cache_args(shards, ckpt, out, "--views", "2"), "--add-views", "2"]  # noqa: E731
     r = run_py(["cache_teacher.py", *grow(one)])
     assert r.returncode == 0, r.stdout + r.stderr
-    at = time.time() + 6
-    procs = [start([*grow(split), "--part", f"{i}/2", "--json"], at) for i in range(2)]
-    outs = [finish(p) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
-    summaries = [json.loads(o[o.index("{"):]) for o in outs]
+    summaries = parts_together(grow(split), 2)
     assert sum(s["shards_computed"] for s in summaries) == 8
     assert any(s.get("grown") == {"from": 2, "to": 4} for s in summaries), summaries  # the last one finalised
     assert schema.open_cache(split)[1]["view_blocks"] == [2, 2]
@@ -391,11 +397,7 @@ def test_an_ensemble_paired_cache_in_two_parts_equals_one_process(tmp_path):
     one, split = tmp_path / "one.zarr", tmp_path / "parts.zarr"
     r = run_py(["cache_teacher.py", *args(one)])
     assert r.returncode == 0, r.stdout + r.stderr
-    at = time.time() + 6
-    procs = [start([*args(split), "--part", f"{i}/2", "--json"], at) for i in range(2)]
-    outs = [finish(p) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
-    assert sum(json.loads(o[o.index("{"):])["shards_computed"] for o in outs) == 4
+    assert sum(s["shards_computed"] for s in parts_together(args(split), 2)) == 4
     assert_same_cache(one, split)
     _, attrs = schema.open_cache(split)
     assert [t["weight"] for t in attrs["teachers"]] == pytest.approx([2 / 3, 1 / 3])
