@@ -94,7 +94,6 @@ def train_run(row: str, seed: int, cfg, reuse: list[Path], train: bool = True) -
     from usi_cache.stage2.loop import run_train  # the training stack only where a benchmark trains
     out, want = Path(cfg.out), to_dict(cfg)
     total = cfg.epochs + cfg.cooldown_epochs
-    src = out
     for src in [out, *reuse]:
         log = read_log(src)
         has_weights = (src / "best.pth").is_file() or (src / REUSED_FROM).is_file()

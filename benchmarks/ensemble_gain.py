@@ -42,6 +42,7 @@ import torch
 from bench_common import publish, table, train_run
 from usi_cache import cache_format as schema
 from usi_cache import demo as demo_mod
+from usi_cache.checks.inspect.stats import teacher_stats
 from usi_cache.config.parser import load_stage_config
 from usi_cache.config.stages import CacheConfig, TrainConfig
 from usi_cache.models.ensemble import load_ensemble, mixture_log_probs
@@ -84,22 +85,15 @@ def build_cache(demo: Path, out: Path, checkpoints: list[Path]) -> dict:
 
 
 def cache_targets(path: str | Path) -> dict:
-    """What a cache teaches, over every stored view: the mean top-1 probability, the teacher's
-    top-1 accuracy against the labels on those (augmented) views and, where k = C, the mean
-    entropy of the stored distribution in nats."""
-    group, attrs = schema.open_cache(path)
-    layout = schema.Layout.from_attrs(attrs)
-    conf, hits, ent, n = 0.0, 0, 0.0, 0
-    for shard in range(layout.num_shards):
-        b = schema.read_block(group, layout, shard)
-        ok = b.labels >= 0
-        lp, top = b.log_probs[ok].astype(np.float64), b.classes[ok][..., 0]
-        conf += float(np.exp(lp[..., 0]).sum())
-        hits += int((top == b.labels[ok][:, None]).sum())
-        ent += float(-(np.exp(lp) * lp).sum())
-        n += lp.shape[0] * lp.shape[1]
-    return {"confidence": conf / n, "view_accuracy": 100 * hits / n,
-            "entropy": ent / n if layout.topk >= layout.num_classes else None, "views": n}
+    """What a cache teaches, over every stored view, from `usi inspect`'s statistics: the mean
+    top-1 probability, the teacher's top-1 accuracy against the labels on those (augmented)
+    views and, where k = C, the mean entropy in nats (over the k classes and the float16
+    rounding's rest bucket)."""
+    s = teacher_stats(path, progress=False)
+    _, attrs = schema.open_cache(path)
+    return {"confidence": s["mean_top1_prob"], "view_accuracy": 100 * s["top1_agreement"],
+            "entropy": s["mean_entropy_nats"] if attrs["topk"] >= attrs["num_classes"] else None,
+            "views": s["views"]}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,5 +1,6 @@
-"""A cache's disk usage per array (`disk_usage`, for `usi inspect`) and per view (`bytes_per_view`) and the chunk files a shard
-owns (`chunk_keys`, `chunk_files`, for `usi verify`'s missing-chunk check).
+"""A cache's disk usage per array (`disk_usage`, for `usi inspect`) and per view (`bytes_per_view`),
+and the chunk files a shard owns (`chunk_keys`, `chunk_files`, for `usi verify`'s missing-chunk
+check).
 """
 from __future__ import annotations
 
